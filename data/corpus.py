@@ -1,0 +1,257 @@
+"""
+Get the pretraining corpus and write it in the standard layout of the run's base dir:
+
+    <base>/data/pretrain/train/shard_00000.jsonl ...   one {"text": document} per line, <= --shard-mb each
+    <base>/data/pretrain/val/shard_00000.jsonl ...
+    <base>/data/pretrain/meta.json                    what was built (a rerun with the same settings skips)
+
+    python data/corpus.py                                 # cpu preset: TinyStories (downloads ~2.2 GB)
+    python data/corpus.py --preset smoke                  # a ~400 KB slice, for seconds-fast runs
+    python data/corpus.py --preset gpu --num-shards 8     # ClimbMix parquet shards + the validation shard
+    FLATCHAT_DATA_MIRROR=../shared/data python data/corpus.py   # offline: copy from a mirror folder
+    python data/corpus.py --mirror ../shared/data --preset smoke
+
+Sources per preset:
+  cpu    online: TinyStoriesV2-GPT4 train + valid txt (stories separated by <|endoftext|>).
+         mirror: pretrain/tinystories/*.txt + pretrain/offline-prose/*.jsonl (the prose exists offline only).
+  smoke  the cpu sources, cut to --max-chars characters per source file (default 50,000).
+  gpu    online: ClimbMix shards 0..N-1 into train/ and the last shard (06542) into val/, kept as parquet
+         (column "text", the layout allows it; no re-encoding of ~250M chars per shard).
+         mirror: it has no ClimbMix, so the gpu preset falls back to the cpu corpus and says so.
+
+Train/val split (jsonl corpora): identical documents are dropped (exact text), and a document goes to val
+when the sha256 of its text falls in the first --val-frac of the hash space, so the split is deterministic,
+independent of order, and the same text can never be on both sides.
+
+The mirror's TinyStories heads separate stories only by blank lines, like their paragraphs. We start a new
+document at a paragraph that opens with "Once upon a time" / "Once there" (~70% of the stories open so);
+the other stories stay glued to the one before, which only costs a missing document boundary.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from common import base_dir, fetch, mirror, say
+
+TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+CLIMBMIX = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
+CLIMBMIX_VAL = 6542  # the last shard is the validation shard
+PROSE = ["austen", "world_english_bible", "python311_docs", "postgresql15_docs", "shakespeare_sherlock"]
+EOT = "<|endoftext|>"
+
+# -----------------------------------------------------------------------------
+# Readers: each yields documents (str) from one raw file
+
+
+def tinystories_docs(path):
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 20)
+    reader = _docs_between_eot if EOT in head else _docs_from_paragraphs
+    for doc in reader(path):
+        if doc.strip():
+            yield doc.strip()
+
+
+def _docs_between_eot(path):
+    buf = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:  # streams: the online train file is 2.2 GB
+            *ends, rest = line.split(EOT)
+            for piece in ends:
+                yield "".join(buf) + piece
+                buf = []
+            buf.append(rest)
+    yield "".join(buf)
+
+
+def _docs_from_paragraphs(path):
+    paras = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n").split("\n\n")
+    story = []
+    for p in (p.strip() for p in paras):
+        if story and p.startswith(("Once upon a time", "Once there")):
+            yield "\n\n".join(story)
+            story = []
+        if p:
+            story.append(p)
+    yield "\n\n".join(story)
+
+
+def jsonl_docs(path):
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                sys.exit(f"{path}:{i}: not a JSON object with a 'text' field; fix or delete that line")
+            if text.strip():
+                yield text
+
+
+def cut(docs, max_chars):
+    """The first documents of a source, up to about max_chars characters (-1 = all)."""
+    n = 0
+    for doc in docs:
+        if 0 <= max_chars <= n:
+            return
+        n += len(doc)
+        yield doc
+
+
+# -----------------------------------------------------------------------------
+# Writing: dedupe, hash split, jsonl shards
+
+
+def is_val(text, frac):
+    h = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") < frac * 2**64
+
+
+class Shards:
+    """Writes {"text": ...} lines into folder/shard_00000.jsonl, starting a new shard every max_bytes."""
+
+    def __init__(self, folder, max_bytes):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.folder.mkdir(parents=True)
+        self.f, self.n_shards, self.docs, self.chars = None, 0, 0, 0
+
+    def write(self, text):
+        if self.f is None or self.f.tell() >= self.max_bytes:
+            self.close()
+            self.f = open(self.folder / f"shard_{self.n_shards:05d}.jsonl", "w", encoding="utf-8")
+            self.n_shards += 1
+        self.f.write(json.dumps({"text": text}) + "\n")
+        self.docs, self.chars = self.docs + 1, self.chars + len(text)
+
+    def close(self):
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            self.f = None
+
+
+def build_jsonl(sources, out, val_frac, shard_mb, config):
+    """sources: list of (name, iterator of docs). Builds out.tmp/ and renames it to out/ when complete."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train, val = Shards(tmp / "train", shard_mb * 1e6), Shards(tmp / "val", shard_mb * 1e6)
+    seen, per_source, dupes = set(), {}, 0
+    for name, docs in sources:
+        per_source[name] = 0
+        for doc in docs:
+            key = hashlib.sha256(doc.encode("utf-8")).digest()[:12]
+            if key in seen:
+                dupes += 1
+                continue
+            seen.add(key)
+            (val if is_val(doc, val_frac) else train).write(doc)
+            per_source[name] += 1
+    train.close(), val.close()
+    if val.docs == 0 or train.docs == 0:
+        sys.exit(f"the split left train={train.docs} val={val.docs} documents: raise --val-frac or --max-chars")
+    meta = dict(config=config, sources=per_source, duplicates_dropped=dupes,
+                train=dict(docs=train.docs, chars=train.chars, shards=train.n_shards),
+                val=dict(docs=val.docs, chars=val.chars, shards=val.n_shards))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Sources per preset
+
+
+def cpu_sources(raw, max_chars):
+    """(name, docs) pairs for the cpu/smoke corpus; offline also the prose that exists only in the mirror."""
+    offline = mirror() is not None
+    if offline:  # the mirror has the heads of both TinyStories files, under its own names
+        stories = {s: f"pretrain/tinystories/TinyStories-{s}.head.txt" for s in ("train", "valid")}
+    else:
+        stories = {s: None for s in ("train", "valid")}
+    sources = []
+    for split, mpath in stories.items():
+        path = fetch(TINYSTORIES.format(split), raw / f"tinystories_{split}.txt", mirror_path=mpath)
+        if path:
+            sources.append((f"tinystories_{split}", cut(tinystories_docs(path), max_chars)))
+    for name in PROSE if offline else []:
+        path = fetch(None, raw / f"{name}.jsonl", mirror_path=f"pretrain/offline-prose/{name}.jsonl")
+        sources.append((name, cut(jsonl_docs(path), max_chars)))
+    if not offline:
+        say("note: pretrain/offline-prose exists only in the offline mirror; online the cpu corpus is TinyStories")
+    return sources
+
+
+def fetch_climbmix(out, num_shards):
+    """gpu preset online: parquet shards straight into train/ and val/ (fetch skips those already there)."""
+    pairs = [(i, out / "train") for i in range(num_shards)] + [(CLIMBMIX_VAL, out / "val")]
+    for i, folder in pairs:
+        fetch(CLIMBMIX.format(i), folder / f"shard_{i:05d}.parquet")
+    for f in (out / "train").glob("shard_*.parquet"):  # shards of an earlier, larger --num-shards
+        if int(f.stem[6:]) >= num_shards:
+            f.unlink()
+    import pyarrow.parquet as pq  # only here: the one place this script reads parquet
+
+    meta = dict(config=dict(preset="gpu", num_shards=num_shards))
+    for split in ("train", "val"):
+        files = sorted((out / split).glob("*.parquet"))
+        docs = sum(pq.read_metadata(f).num_rows for f in files)
+        meta[split] = dict(docs=docs, bytes=sum(f.stat().st_size for f in files), shards=len(files))
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Run
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Get the pretraining corpus into <base>/data/pretrain/{train,val}/.")
+    parser.add_argument("--preset", choices=["cpu", "gpu", "smoke"], default="cpu",
+                        help="cpu: TinyStories (+ the mirror's prose offline); gpu: ClimbMix shards; smoke: a tiny slice")
+    parser.add_argument("--num-shards", type=int, default=8,
+                        help="gpu preset: number of ClimbMix train shards (~250M chars each)")
+    parser.add_argument("--max-chars", type=int, default=None,
+                        help="characters kept per source file (-1 = all; default: 50,000 for smoke, all otherwise)")
+    parser.add_argument("--val-frac", type=float, default=None,
+                        help="fraction of documents (by text hash) for val (default: 0.01; 0.1 for smoke)")
+    parser.add_argument("--shard-mb", type=float, default=50, help="size of one jsonl shard in MB")
+    parser.add_argument("--mirror", default=None,
+                        help="offline mirror folder laid out like ../shared/data "
+                             "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
+    args = parser.parse_args()
+    if args.mirror:
+        os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
+    smoke = args.preset == "smoke"
+    max_chars = args.max_chars if args.max_chars is not None else (50_000 if smoke else -1)
+    val_frac = args.val_frac if args.val_frac is not None else (0.1 if smoke else 0.01)
+    out, raw = base_dir() / "data" / "pretrain", base_dir() / "data" / "raw" / "pretrain"
+
+    preset = args.preset
+    if preset == "gpu" and mirror() is not None:
+        say("note: the mirror has no ClimbMix shards (online only): the gpu preset uses the cpu corpus instead")
+        preset = "cpu"
+    old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    config = dict(preset=preset, max_chars=max_chars, val_frac=val_frac, shard_mb=args.shard_mb,
+                  offline=mirror() is not None)
+
+    if preset == "gpu":
+        if old.get("config", {}).get("preset") != "gpu":
+            shutil.rmtree(out, ignore_errors=True)  # a jsonl corpus from another preset must not mix in
+        meta = fetch_climbmix(out, args.num_shards)
+    elif old.get("config") == config:
+        say(f"{out} is already built with these settings: nothing to do")
+        meta = old
+    else:
+        meta = build_jsonl(cpu_sources(raw, max_chars), out, val_frac, args.shard_mb, config)
+
+    for split in ("train", "val"):
+        m = meta[split]
+        size = f"{m['chars']:,} chars" if "chars" in m else f"{m['bytes'] / 1e6:,.0f} MB"
+        print(f"{split:5s}: {m['docs']:,} docs, {size}, {m['shards']} shards in {out / split}")
+    if "sources" in meta:
+        print("sources: " + ", ".join(f"{k} {v:,}" for k, v in meta["sources"].items())
+              + f" | duplicates dropped: {meta['duplicates_dropped']}")

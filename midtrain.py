@@ -1,0 +1,238 @@
+"""
+midtrain.py: teach the base model the chat format, its special tokens, the calculator tool and
+multiple choice, by training on a mixture of conversations (loss only on what the assistant says).
+
+    python midtrain.py                                        # CPU or one GPU, inherits the base shape
+    torchrun --standalone --nproc_per_node=8 midtrain.py      # 8 GPUs
+    python midtrain.py --resume                               # continue the latest midtrain checkpoint
+
+Reads checkpoints/pretrain (`python pretrain.py`) and data/chat/*.jsonl (`python data/chat_data.py`);
+writes checkpoints/midtrain/step_N and logs/midtrain.jsonl.
+"""
+
+import argparse
+import math
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch,
+                   JsonlLogger, load_checkpoint, load_model, print0, save_checkpoint)
+from tokenizer import base_dir, read_conversations
+
+# -----------------------------------------------------------------------------
+# Arguments
+parser = argparse.ArgumentParser(description="Midtrain the base model on a conversation mixture.")
+parser.add_argument("--source-step", type=int, default=-1, help="pretrain checkpoint step to start from (-1 = latest)")
+# batch (-1 = inherit from the base checkpoint)
+parser.add_argument("--max-seq-len", type=int, default=-1, help="context length in tokens (-1 = inherit)")
+parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per process (-1 = inherit)")
+parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = inherit)")
+parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = one pass over the mixture)")
+# optimization (base-model learning rates, scaled by --init-lr-frac)
+parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
+parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
+parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
+parser.add_argument("--init-lr-frac", type=float, default=1.0, help="all learning rates x this")
+parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay to 0")
+# data
+parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
+parser.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
+# evaluation, checkpoints
+parser.add_argument("--eval-every", type=int, default=100, help="steps between val loss evaluations (-1 = only at the end)")
+parser.add_argument("--eval-rows", type=int, default=256, help="val rows per evaluation (all processes together)")
+parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
+parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
+parser.add_argument("--resume", action="store_true", help="continue from the latest complete midtrain checkpoint")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# Init, and the model: the base checkpoint (or our own latest one with --resume)
+ddp, rank, local_rank, world, device = compute_init(args.seed)
+master = rank == 0
+source = ("midtrain", None) if args.resume else ("pretrain", None if args.source_step < 0 else args.source_step)
+model, tokenizer, src_meta, optim_state = load_model(source[0], device, step=source[1], load_optim=True)
+optim_state = optim_state if args.resume else None  # a new stage starts with fresh optimizer moments
+config = model.config
+inherited = {}
+for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+    if getattr(args, name) == -1:  # shape flags inherit from the checkpoint we start from
+        inherited[name] = src_meta["args"][name] if name != "total_batch_size" else src_meta["total_batch"]
+        setattr(args, name, inherited[name])
+print0(f"loaded {source[0]} step {src_meta['step']}; inherited {inherited}")
+B, T = args.device_batch_size, args.max_seq_len
+if args.total_batch_size % (B * T * world):
+    raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of {B * T * world} "
+                    "(device batch x seq len x world): change one of them")
+grad_accum = args.total_batch_size // (B * T * world)
+lr_frac = args.init_lr_frac
+optimizer = model.setup_optimizer(args.matrix_lr * lr_frac, args.embedding_lr * lr_frac, args.unembedding_lr * lr_frac)
+if optim_state:
+    optimizer.load_state_dict(optim_state)
+model.train()
+
+# -----------------------------------------------------------------------------
+# Data: the mixture. A source's weight is how many times its rows appear per pass.
+MIXTURE = {
+    "smoltalk": 1,  # general chat (online only)
+    "identity": 8,  # who the assistant is: small set, seen often
+    "mmlu_dev": 2, "mmlu_aux_train": 1, "arc_easy_train": 1, "arc_challenge_train": 1,  # multiple choice
+    "gsm8k_train": 1,  # math with calculator tool calls
+    "spelling": 1,  # letters and counting, with str.count tool calls
+    "dolly": 1,  # short instructions
+}
+
+
+def load_mixture(folder):
+    rows, n_bad = [], 0
+    for name, weight in MIXTURE.items():
+        path = base_dir() / "data" / "chat" / folder / f"{name}.jsonl"
+        if not path.exists():
+            print0(f"  {name:<20} skipped: {path} not found (online-only source, or run `python data/chat_data.py`)")
+            continue
+        convs, bad = read_conversations(path, skip_bad=args.skip_bad)
+        n_bad += bad
+        rows += convs * weight
+        print0(f"  {name:<20} x{weight}  {len(convs):>7,} conversations" + (f" ({bad} bad lines skipped)" if bad else ""))
+    if not rows:
+        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
+    return rows, n_bad
+
+
+print0("mixture:")
+train_convs, n_bad = load_mixture("")
+print0("validation:")
+val_convs, _ = load_mixture("val")
+
+
+def render(conv):
+    """(ids, targets) of one conversation, cut to T+1 tokens: targets are -1 where the mask is 0."""
+    ids, mask = tokenizer.render_conversation(conv, max_tokens=T + 1)
+    return ids, [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+
+
+class Lane:
+    """Conversations (every n_lanes-th of the shuffled mixture, reshuffled each epoch) packed best-fit
+    into rows of T+1 tokens without crossing rows; the rest of a row is padding with target -1."""
+
+    def __init__(self, convs, lane, n_lanes, state=None, buffer_size=16):
+        self.convs, self.lane, self.n_lanes, self.buffer_size = convs, lane, n_lanes, buffer_size
+        self.pos, self.pieces, self._orders = 0, [], {}
+        if state:
+            self.pos = state["pos"]
+            self.pieces = [(p, *render(self._conv(p))) for p in state["pieces"]]
+
+    def _conv(self, pos):
+        epoch, i = divmod(pos * self.n_lanes + self.lane, len(self.convs))
+        if epoch not in self._orders:
+            self._orders = {epoch: random.Random(args.seed + epoch).sample(range(len(self.convs)), len(self.convs))}
+        return self.convs[self._orders[epoch][i]]
+
+    def batch(self):
+        xs, ys = [], []
+        for _ in range(B):
+            ids, tgt = [], []
+            while True:
+                while len(self.pieces) < self.buffer_size:
+                    self.pieces.append((self.pos, *render(self._conv(self.pos))))
+                    self.pos += 1
+                fits = [p for p in self.pieces if len(p[1]) <= T + 1 - len(ids)]
+                if not fits:
+                    break
+                best = max(fits, key=lambda p: len(p[1]))
+                self.pieces.remove(best)
+                tgt += ([-1] if ids else []) + best[2]  # predicting the next conversation's <|bos|>: untrained
+                ids += best[1]
+            pad = T + 1 - len(ids)
+            xs.append(ids[:T] + [tokenizer.bos_id] * max(0, pad - 1))
+            ys.append((tgt + [-1] * pad)[:T])
+        return torch.tensor(xs, device=device), torch.tensor(ys, device=device)
+
+    def state(self):
+        return {"pos": self.pos, "pieces": [p[0] for p in self.pieces]}
+
+
+n_lanes = world * grad_accum
+lane_states = src_meta["lanes"] if args.resume else [None] * n_lanes
+if len(lane_states) != n_lanes:
+    raise UserError(f"--resume needs the batch layout of the checkpoint ({len(lane_states)} lanes, now {n_lanes}): "
+                    "use the same batch sizes and number of processes")
+lanes = [Lane(train_convs, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
+num_steps = args.num_steps
+if num_steps == -1:  # one pass: the mixture's tokens over the tokens per step
+    total_tokens = sum(len(render(c)[0]) for c in train_convs)
+    num_steps = max(1, math.ceil(total_tokens / args.total_batch_size))
+print0(f"{len(train_convs):,} training rows, {n_bad} bad lines skipped; {num_steps} steps of "
+       f"{args.total_batch_size:,} tokens ({B} x {T} x {world} processes x {grad_accum} accumulation)")
+
+
+def val_batches():  # the same val rows every time
+    lane = Lane(val_convs, rank, world)
+    return (lane.batch() for _ in range(max(1, args.eval_rows // (B * world))))
+
+
+# -----------------------------------------------------------------------------
+# Training loop: eval and save at the top of a step; the last iteration only does those
+start_step = src_meta["step"] if args.resume else 0
+logger = JsonlLogger("midtrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
+flops_per_token = model.estimate_flops()
+val_loss = None
+t_start = time.time()
+for step in range(start_step, num_steps + 1):
+    last = step == num_steps
+    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+        model.eval()
+        val_loss = evaluate_loss(model, val_batches())["loss"]
+        print0(f"step {step}/{num_steps} | val loss {val_loss:.4f}")
+        logger.log(step=step, val_loss=val_loss)
+        model.train()
+    if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
+        states = [lane.state() for lane in lanes]
+        if ddp:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, states)
+            states = [s for rank_states in everyone for s in rank_states]
+        meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes=states,
+                    total_batch=args.total_batch_size, num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage="pretrain", step=src_meta["step"]),
+                    metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
+        if master:
+            print0(f"saved {save_checkpoint('midtrain', step, model, optimizer, meta, keep=args.keep)}")
+        if ddp:
+            dist.barrier()
+    if last:
+        break
+
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for lane in lanes:
+        x, y = lane.batch()
+        with amp_ctx(device):
+            loss = model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    warmdown = max(1, round(args.warmdown_ratio * num_steps))
+    lrm = min(1.0, (num_steps - step) / warmdown)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    if ddp:
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (grad_accum * world)
+    if not math.isfinite(train_loss):
+        raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped; the last good checkpoint is intact. "
+                         "Lower --init-lr-frac and rerun")
+    logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr * lr_frac, time.time() - t0,
+                      args.total_batch_size, flops_per_token)
+
+# a few answers from the final model, to see what it learned
+if master:
+    model.eval()
+    for question in ["What is 12 times 34?", "Who are you?", "How many 'r' are in 'strawberry'?"]:
+        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question}]})
+        out, _ = generate_batch(model, ids, max_tokens=64, temperature=0, tokenizer=tokenizer)
+        print0(f"  {question} -> {tokenizer.decode(out[0])!r}")
+print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
+compute_cleanup()

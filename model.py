@@ -1,0 +1,647 @@
+"""
+model.py: everything the stages must agree on, in one file.
+
+    GPTConfig, GPT          the transformer (nanochat style, see the list below)
+    KVCache, generate       streaming generation with a KV cache and the calculator tool
+    MuonAdamW               Muon for the block matrices, AdamW for the rest, one class for 1 or N processes
+    runtime                 device/dtype, torchrun init, print0, JSONL logs, atomic checkpoints
+
+Design choices of the model, one line each:
+- rotary position embeddings (no learned positions), applied to q and k;
+- QK-norm: q and k are RMS-normalised after rotary, which keeps attention logits tame;
+- RMSNorm without learnable parameters, pre-norm, plus a norm after the token embedding;
+- ReLU-squared MLP (4x wide): cheap and slightly better than GELU at this scale;
+- no biases anywhere; untied token embedding and output head;
+- logits soft-capped with 15 * tanh(logits / 15) so they cannot run away;
+- grouped-query attention when n_kv_head < n_head (smaller KV cache);
+- F.scaled_dot_product_attention (flash attention on GPU);
+- vocab padded to a multiple of 64 for fast matmuls (padded logits are cut off);
+- init: output projections zero (each block starts as the identity), a tiny head (std 1e-3).
+"""
+
+import ast
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from tokenizer import Tokenizer, base_dir
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # no learnable scale
+
+
+def apply_rotary(x, cos, sin):  # x: (B, T, H, D)
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, T_cached + T, D)
+        Tq, Tk = q.size(2), k.size(2)
+        gqa = self.n_kv_head != self.n_head
+        if Tq == Tk:  # training, or a prefill into an empty cache: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif Tq == 1:  # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:  # a chunk after a cached prefix: causal within the chunk, full to the prefix
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.padded_vocab = (config.vocab_size + 63) // 64 * 64
+        self.wte = nn.Embedding(self.padded_vocab, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
+        # rotary tables for 10x the training context, so generation may run past it
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._rotary_tables(config.sequence_len * 10, head_dim)
+        self.register_buffer("cos", cos, persistent=False)  # (1, T, 1, D/2)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @staticmethod
+    def _rotary_tables(seq_len, head_dim, base=10000):
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        s = 3**0.5 * self.config.n_embd**-0.5  # uniform with std 1/sqrt(n_embd)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                lin.weight.uniform_(-s, s)
+            block.attn.c_proj.weight.zero_()  # every block starts as the identity
+            block.mlp.c_proj.weight.zero_()
+        self.wte.weight.normal_(0.0, 1.0)
+        self.lm_head.weight.normal_(0.0, 0.001)  # near-uniform first predictions
+
+    def get_device(self):
+        return self.wte.weight.device
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """FLOPs per token for forward + backward: 6 per matmul weight, plus attention scores."""
+        c = self.config
+        matmul_params = self.num_params() - self.wte.weight.numel()
+        attn = 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
+        return 6 * matmul_params + attn
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        t0 = 0 if kv_cache is None else kv_cache.pos
+        assert t0 + T <= self.cos.size(1), f"sequence of {t0 + T} tokens is past the rotary table"
+        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        x = norm(self.wte(idx))  # (B, T, C)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()  # (B, T, V)
+        logits = 15 * torch.tanh(logits / 15)  # soft-cap
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction="none").view(B, T)
+        if loss_reduction == "none":
+            return loss  # (B, T), 0 where the target is -1
+        return loss.sum() / (targets != -1).sum().clamp(min=1)
+
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0):
+        """Muon for the 2-D block matrices, AdamW for embedding and head; Adam lrs scale as 1/sqrt(width)."""
+        scale = (self.config.n_embd / 768) ** -0.5
+        groups = [
+            dict(kind="muon", params=list(self.blocks.parameters()), lr=matrix_lr, momentum=0.95),
+            dict(kind="adamw", params=[self.wte.weight], lr=embedding_lr * scale),
+            dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * scale),
+        ]
+        for g in groups:
+            g["initial_lr"], g["weight_decay"] = g["lr"], weight_decay
+        return MuonAdamW(groups)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
+
+
+def newton_schulz(G, steps=5):
+    """Approximately orthogonalise G (the 'zeroth power' U V^T of its SVD), as in Muon."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if transposed else X).to(G.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    def __init__(self, param_groups):
+        defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
+        super().__init__(param_groups, defaults)
+
+    @torch.no_grad()
+    def all_reduce_grads(self):
+        """Average gradients over ranks in one flat buffer (the same code path for DDP-free training)."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)  # SUM (gloo has no AVG)
+        flat /= dist.get_world_size()
+        for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(piece.view_as(g))
+
+    @torch.no_grad()
+    def step(self):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.all_reduce_grads()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                (self._muon if group["kind"] == "muon" else self._adamw)(p, group, self.state[p])
+
+    def _muon(self, p, group, state):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        g = p.grad.lerp(buf, group["momentum"])  # Nesterov
+        g = newton_schulz(g, group["ns_steps"])
+        p.add_(g, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+
+    def _adamw(self, p, group, state):
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        state["exp_avg"].lerp_(p.grad, 1 - b1)
+        state["exp_avg_sq"].lerp_(p.grad.square(), 1 - b2)
+        t = state["step"].item()
+        denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
+
+
+# -----------------------------------------------------------------------------
+# Generation: KV cache, sampling, the calculator tool
+
+
+class KVCache:
+    """Keys and values of every layer, (L, B, H_kv, T_max, D), filled left to right."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len, self.pos = n_layer, max_len, 0
+        self.k = self.v = None
+
+    def insert(self, layer, k, v):  # k, v: (B, H_kv, T, D)
+        if self.k is None:  # allocated lazily, in the dtype the model computes in
+            B, H, _, D = k.shape
+            self.k = torch.zeros(self.n_layer, B, H, self.max_len, D, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros_like(self.k)
+        t0, t1 = self.pos, self.pos + k.size(2)
+        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
+        if layer == self.n_layer - 1:
+            self.pos = t1
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+    def expand(self, n):
+        """Copy a batch-1 cache (one prefill) into n rows for n samples."""
+        if self.k is not None:
+            self.k, self.v = self.k.expand(-1, n, -1, -1, -1).clone(), self.v.expand(-1, n, -1, -1, -1).clone()
+
+
+_ALLOWED_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+                ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+                ast.Pow: lambda a, b: a**b}
+
+
+def _calc(node):
+    """Evaluate a tiny arithmetic AST; every operation is bounded so it always finishes fast."""
+    if isinstance(node, ast.Expression):
+        return _calc(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _calc(node.operand)
+        return -v if isinstance(node.op, ast.USub) else +v
+    if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_OPS:
+        a, b = _calc(node.left), _calc(node.right)
+        if not all(isinstance(x, (int, float)) for x in (a, b)) or max(abs(a), abs(b)) > 1e15:
+            raise ValueError("only numbers below 1e15")
+        if isinstance(node.op, ast.Pow) and (abs(b) > 64 or abs(a) > 1e6):
+            raise ValueError("power too large")  # 2**10**9 would hang: the time limit by construction
+        return _ALLOWED_OPS[type(node.op)](a, b)
+    # 'strawberry'.count('r'): the one method the spelling tasks use
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and len(node.args) == 1 and not node.keywords):
+        s, sub = _calc(node.func.value), _calc(node.args[0])
+        if isinstance(s, str) and isinstance(sub, str) and len(s) < 1000:
+            return s.count(sub)
+    raise ValueError(f"not allowed: {ast.dump(node)[:40]}")
+
+
+def use_calculator(expr):
+    """The calculator tool: arithmetic on numbers and str.count; None when the expression is not allowed."""
+    expr = expr.replace(",", "").strip()
+    if not expr or len(expr) > 200:
+        return None
+    try:
+        value = _calc(ast.parse(expr, mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else round(value, 6)
+    return str(value)
+
+
+def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, token_bytes=None):
+    """Mean loss over the targets != -1 of (x, y) batches and, given each token's byte length, bits per
+    byte: the summed loss (nats) of the targets over their bytes / ln 2 (vocab-size independent; special
+    tokens have 0 bytes and count in neither sum). Summed over all ranks."""
+    device = model.get_device()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # nats, targets, nats of byte tokens, bytes
+    nbytes_of = torch.as_tensor(token_bytes, device=device) if token_bytes is not None else None
+    for x, y in batches:
+        with amp_ctx(device):
+            loss = model(x, y, loss_reduction="none").double()  # (B, T)
+        b = torch.where(y >= 0, nbytes_of[y.clamp(min=0)], 0) if nbytes_of is not None else (y >= 0).long()
+        sums += torch.stack([loss.sum(), (y >= 0).sum(), (loss * (b > 0)).sum(), b.sum()])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    nats, n, byte_nats, nbytes = sums.tolist()
+    return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
+
+
+class _Row:
+    """Per-sample state: tokens the tool forces next, the python expression being written, done."""
+
+    def __init__(self):
+        self.forced, self.expr, self.in_python, self.done = [], [], False, False
+
+
+@torch.no_grad()
+def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
+             seed=42, tokenizer=None):
+    """Stream tokens: prefill `ids` once, then yield (tokens, masks), one entry per sample, per step.
+
+    With a tokenizer, a row stops after <|assistant_end|> or <|bos|> (the stop token is yielded) and the
+    calculator runs: after <|python_end|> the tool's <|output_start|>result<|output_end|> is forced
+    (mask 0; mask 1 = sampled by the model). Finished rows yield -1 until every row is done.
+    """
+    device = model.get_device()
+    rng = torch.Generator(device=device)
+    rng.manual_seed(seed)
+    sp = {n: tokenizer.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>",
+          "<|python_end|>", "<|output_start|>", "<|output_end|>")} if tokenizer else {}
+    stops = {sp.get("<|assistant_end|>"), sp.get("<|bos|>")} - {None}
+    kv = KVCache(model.config.n_layer, len(ids) + max_tokens)
+    with amp_ctx(device):
+        logits = model(torch.tensor([ids], dtype=torch.long, device=device), kv_cache=kv)[:, -1]
+    kv.expand(num_samples)
+    logits = logits.expand(num_samples, -1)  # (B, V)
+    rows = [_Row() for _ in range(num_samples)]
+    for _ in range(max_tokens):
+        sampled = sample_next(logits, rng, temperature, top_k, top_p).tolist()
+        tokens, masks = [], []
+        for row, tok in zip(rows, sampled):
+            if row.done:
+                tokens.append(-1), masks.append(0)
+                continue
+            forced = bool(row.forced)
+            tok = row.forced.pop(0) if forced else tok
+            tokens.append(tok), masks.append(0 if forced else 1)
+            if tok in stops:
+                row.done = True
+            elif tok == sp.get("<|python_start|>"):
+                row.in_python, row.expr = True, []
+            elif tok == sp.get("<|python_end|>") and row.in_python:
+                row.in_python = False
+                result = use_calculator(tokenizer.decode(row.expr))
+                if result is not None:
+                    row.forced = [sp["<|output_start|>"], *tokenizer.encode(result), sp["<|output_end|>"]]
+            elif row.in_python:
+                row.expr.append(tok)
+        yield tokens, masks
+        if all(r.done for r in rows):
+            return
+        feed = torch.tensor([[t if t >= 0 else 0] for t in tokens], dtype=torch.long, device=device)
+        with amp_ctx(device):
+            logits = model(feed, kv_cache=kv)[:, -1]
+
+
+def generate_batch(model, ids, num_samples=1, **kw):
+    """Collect generate(): per sample its completion ids (stop token included) and their masks."""
+    seqs, masks = [[] for _ in range(num_samples)], [[] for _ in range(num_samples)]
+    for tokens, ms in generate(model, ids, num_samples=num_samples, **kw):
+        for i, (t, m) in enumerate(zip(tokens, ms)):
+            if t >= 0:
+                seqs[i].append(t), masks[i].append(m)
+    return seqs, masks
+
+
+# -----------------------------------------------------------------------------
+# Runtime: devices, torchrun, printing, logs
+
+
+class UserError(Exception):
+    """A mistake the user can fix (missing checkpoint, wrong tokenizer): printed as one line, exit 2."""
+
+
+def _excepthook(kind, value, tb, _default=sys.excepthook):
+    if issubclass(kind, UserError) or kind.__name__ == "DataError":
+        print(f"error: {value}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    _default(kind, value, tb)
+
+
+sys.excepthook = _excepthook
+
+
+def autodetect_device():
+    """FLATCHAT_DEVICE overrides; otherwise cuda, then mps, then cpu."""
+    if os.environ.get("FLATCHAT_DEVICE"):
+        return os.environ["FLATCHAT_DEVICE"]
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def amp_ctx(device):
+    """bf16 autocast on CUDA GPUs that support it (FLATCHAT_DTYPE=fp32|bf16 overrides), else fp32."""
+    device_type = torch.device(device).type
+    want = os.environ.get("FLATCHAT_DTYPE")
+    if want is None:
+        want = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.autocast(device_type, dtype=torch.bfloat16) if want == "bf16" else nullcontext()
+
+
+def compute_init(seed=42):
+    """Set up one process: (ddp, rank, local_rank, world_size, device). Distributed only under torchrun."""
+    device_type = autodetect_device()
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    if ddp:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    torch.manual_seed(seed)
+    return ddp, rank, local_rank, world, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kw, flush=True)
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to logs/<stage>.jsonl (rank 0). A fresh run starts a new file;
+    a resumed run drops the rows past the step it resumes from, so the log reads as one clean run."""
+
+    def __init__(self, stage, resume_step=None, enabled=True, world=1):
+        self.path = base_dir() / "logs" / f"{stage}.jsonl"
+        self.enabled, self.world = enabled, world
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line + "\n")
+                except json.JSONDecodeError:
+                    pass  # a torn last line from a killed run
+        self.path.write_text("".join(keep))
+
+    def log(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+
+    def train_step(self, step, num_steps, loss, lr, dt, tokens, flops_per_token, **extra):
+        """The one line per step every stage prints, and the same numbers as a log row."""
+        tok_per_s = tokens / dt
+        flops = flops_per_token * tok_per_s
+        peak = PEAK_FLOPS.get(torch.cuda.get_device_name() if torch.cuda.is_available() else "", None)
+        speed = f"mfu {100 * flops / (peak * self.world):.0f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
+        more = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
+        print0(f"step {step}/{num_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:,.0f} ms | "
+               f"{tok_per_s:,.0f} tok/s | {speed}{more}")
+        self.log(step=step, loss=loss, lr=lr, dt=dt, tok_per_s=tok_per_s, gflops=flops / 1e9,
+                 **({"mfu": flops / (peak * self.world)} if peak else {}), **extra)
+
+
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+              "NVIDIA A100-SXM4-40GB": 312e12}  # dense bf16 per GPU, for MFU
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: checkpoints/<stage>/step_NNNNNN/{model.pt, optim.pt, meta.json}, written atomically
+
+STAGE_COMMANDS = {"pretrain": "python pretrain.py", "midtrain": "python midtrain.py",
+                  "sft": "python sft.py", "rl": "python rl.py"}
+
+
+def stage_dir(stage):
+    return base_dir() / "checkpoints" / stage
+
+
+def _fsync_write(path, write):
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(stage, step, model, optimizer, meta, keep=None):
+    """Write a complete checkpoint into a temp dir (fsynced, meta.json last), then rename it into place.
+    A crash at any point leaves either the old set of checkpoints or the new one, never a torn one."""
+    root = stage_dir(stage)
+    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+    _fsync_write(tmp / "model.pt", lambda f: torch.save(state, f))
+    if optimizer is not None:
+        _fsync_write(tmp / "optim.pt", lambda f: torch.save(optimizer.state_dict(), f))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    _fsync_write(tmp / "rng.pt", lambda f: torch.save(rng, f))
+    meta = {**meta, "stage": stage, "step": step, "saved_at": time.time()}
+    _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    _fsync_dir(tmp)
+    old = root / f".old_step_{step:06d}_{os.getpid()}"
+    if final.exists():  # re-saving the same step: move the old one aside first
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    if keep:
+        for d in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def latest_step(stage):
+    """The newest complete checkpoint's step (only renamed-into-place dirs count), or None."""
+    steps = [int(d.name[5:]) for d in stage_dir(stage).glob("step_*") if (d / "meta.json").exists()]
+    return max(steps) if steps else None
+
+
+def _torch_load(path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)  # tensors only: never unpickle code
+    except Exception as e:
+        raise UserError(f"{path}: not a loadable flatchat checkpoint file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); delete it and rerun the stage that wrote it")
+
+
+def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
+    """Returns (model_state, optim_state or None, meta, rng) of a checkpoint (the latest by default)."""
+    step = latest_step(stage) if step is None else step
+    d = stage_dir(stage) / f"step_{step:06d}" if step is not None else None
+    if d is None or not (d / "meta.json").exists():
+        what = "no checkpoint" if step is None else f"no checkpoint at step {step}"
+        raise UserError(f"{what} in {stage_dir(stage)}: create it with `{STAGE_COMMANDS[stage]}`")
+    meta = json.loads((d / "meta.json").read_text())
+    model_state = _torch_load(d / "model.pt", device)
+    optim_state = _torch_load(d / "optim.pt", device) if load_optim and (d / "optim.pt").exists() else None
+    rng = _torch_load(d / "rng.pt", "cpu") if (d / "rng.pt").exists() else None
+    return model_state, optim_state, meta, rng
+
+
+def check_tokenizer(meta, tokenizer, where):
+    if meta.get("tokenizer_hash") != tokenizer.hash or meta["model_config"]["vocab_size"] != tokenizer.vocab_size:
+        raise UserError(f"{where} was trained with another tokenizer (hash {str(meta.get('tokenizer_hash'))[:12]}, "
+                        f"vocab {meta['model_config']['vocab_size']}) than {base_dir() / 'tokenizer'} "
+                        f"(hash {tokenizer.hash[:12]}, vocab {tokenizer.vocab_size}): retrain the stages from "
+                        f"`python pretrain.py` on, or restore the tokenizer it was trained with")
+
+
+def load_tokenizer():
+    path = base_dir() / "tokenizer" / "tokenizer.json"
+    if not path.exists():
+        raise UserError(f"no tokenizer at {path}: create it with `python tokenizer.py train`")
+    return Tokenizer.load(path)
+
+
+def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
+    """(model, tokenizer, meta[, optim_state]) from a checkpoint, after checking it fits the tokenizer."""
+    tokenizer = tokenizer or load_tokenizer()
+    model_state, optim_state, meta, _ = load_checkpoint(stage, step, device, load_optim)
+    check_tokenizer(meta, tokenizer, stage_dir(stage) / f"step_{meta['step']:06d}")
+    model = GPT(GPTConfig(**meta["model_config"])).to(device)
+    model.load_state_dict(model_state)
+    model.eval()
+    return (model, tokenizer, meta, optim_state) if load_optim else (model, tokenizer, meta)

@@ -1,0 +1,200 @@
+"""
+sft.py: supervised finetuning on conversations, one conversation per row, loss only on the tokens the
+assistant writes (the render_conversation mask).
+
+    python sft.py                                             # from the latest midtrain checkpoint
+    python sft.py --source pretrain                           # straight from the base model
+    torchrun --standalone --nproc_per_node=8 sft.py           # 8 GPUs
+    python sft.py --resume                                    # continue the latest sft checkpoint
+
+Reads checkpoints/midtrain (`python midtrain.py`) and data/chat/*.jsonl (`python data/chat_data.py`);
+writes checkpoints/sft/step_N and logs/sft.jsonl.
+"""
+
+import argparse
+import math
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch,
+                   JsonlLogger, load_model, print0, save_checkpoint)
+from tokenizer import base_dir, read_conversations
+
+# -----------------------------------------------------------------------------
+# Arguments
+parser = argparse.ArgumentParser(description="Supervised finetuning on conversations.")
+parser.add_argument("--source", default="midtrain", choices=["midtrain", "pretrain"], help="checkpoint stage to start from")
+parser.add_argument("--source-step", type=int, default=-1, help="step of that checkpoint (-1 = latest)")
+# batch
+parser.add_argument("--max-seq-len", type=int, default=-1, help="longest row in tokens; longer conversations are cut (-1 = inherit)")
+parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per forward pass per process")
+parser.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step (all processes)")
+parser.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture (sets the steps)")
+parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
+# optimization
+parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
+parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
+parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
+parser.add_argument("--init-lr-frac", type=float, default=0.02, help="all learning rates x this (finetuning is gentle)")
+# data
+parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
+parser.add_argument("--seed", type=int, default=42, help="seed of the shuffle")
+# evaluation, checkpoints
+parser.add_argument("--eval-every", type=int, default=100, help="steps between val loss evaluations (-1 = only at the end)")
+parser.add_argument("--eval-rows", type=int, default=128, help="val conversations per evaluation (all processes)")
+parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
+parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
+parser.add_argument("--resume", action="store_true", help="continue from the latest complete sft checkpoint")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# Init, and the model: the source checkpoint (or our own latest one with --resume)
+ddp, rank, local_rank, world, device = compute_init(args.seed)
+master = rank == 0
+stage, step_ = ("sft", None) if args.resume else (args.source, None if args.source_step < 0 else args.source_step)
+model, tokenizer, src_meta, optim_state = load_model(stage, device, step=step_, load_optim=True)
+if args.max_seq_len == -1:
+    args.max_seq_len = src_meta["args"]["max_seq_len"]
+    print0(f"inherited max_seq_len={args.max_seq_len} from {stage} step {src_meta['step']}")
+B, T = args.device_batch_size, args.max_seq_len
+if args.examples_per_step % (B * world):
+    raise UserError(f"--examples-per-step {args.examples_per_step} is not a multiple of device batch x world "
+                    f"= {B * world}: change one of them")
+grad_accum = args.examples_per_step // (B * world)
+frac = args.init_lr_frac
+optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac)
+if args.resume:
+    optimizer.load_state_dict(optim_state)
+model.train()
+
+# -----------------------------------------------------------------------------
+# Data: the SFT mixture (a source's weight is how many times its rows appear per epoch)
+MIXTURE = {"smoltalk": 1, "identity": 4, "arc_easy_train": 1, "arc_challenge_train": 1, "mmlu_dev": 1,
+           "gsm8k_train": 1, "spelling": 1, "dolly": 1}
+
+
+def load_mixture(folder):
+    rows, n_bad = [], 0
+    for name, weight in MIXTURE.items():
+        path = base_dir() / "data" / "chat" / folder / f"{name}.jsonl"
+        if path.exists():
+            convs, bad = read_conversations(path, skip_bad=args.skip_bad)
+            rows, n_bad = rows + convs * weight, n_bad + bad
+            print0(f"  {name:<20} x{weight}  {len(convs):>7,} conversations")
+    if not rows:
+        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
+    return rows, n_bad
+
+
+print0("mixture (sources not listed are absent: online-only, or not fetched yet):")
+train_convs, n_bad = load_mixture("")
+val_convs, _ = load_mixture("val")
+
+
+class Lane:
+    """Every n_lanes-th conversation of the shuffled mixture (reshuffled each epoch), one per row.
+    A row whose targets are all -1 (the assistant's part was cut off by --max-seq-len) is skipped."""
+
+    def __init__(self, convs, lane, n_lanes, pos=0):
+        self.convs, self.lane, self.n_lanes, self.pos, self.skipped = convs, lane, n_lanes, pos, 0
+        self.order = {}
+
+    def next_row(self):
+        while True:
+            epoch, i = divmod(self.pos * self.n_lanes + self.lane, len(self.convs))
+            if epoch not in self.order:
+                self.order = {epoch: random.Random(args.seed + epoch).sample(range(len(self.convs)), len(self.convs))}
+            self.pos += 1
+            ids, mask = tokenizer.render_conversation(self.convs[self.order[epoch][i]], max_tokens=T + 1)
+            targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+            if any(t >= 0 for t in targets):
+                return ids[:-1], targets
+            self.skipped += 1
+
+    def batch(self):  # rows padded to the longest one in the batch
+        rows = [self.next_row() for _ in range(B)]
+        L = max(len(x) for x, _ in rows)
+        x = [ids + [tokenizer.bos_id] * (L - len(ids)) for ids, _ in rows]
+        y = [t + [-1] * (L - len(t)) for _, t in rows]
+        return torch.tensor(x, device=device), torch.tensor(y, device=device)
+
+
+n_lanes = world * grad_accum
+positions = src_meta["lanes"] if args.resume else [0] * n_lanes
+if len(positions) != n_lanes:
+    raise UserError(f"--resume needs the batch layout of the checkpoint ({len(positions)} lanes, now {n_lanes}): "
+                    "use the same --device-batch-size, --examples-per-step and number of processes")
+lanes = [Lane(train_convs, rank * grad_accum + m, n_lanes, positions[rank * grad_accum + m]) for m in range(grad_accum)]
+num_steps = args.num_steps if args.num_steps > 0 else max(1, int(args.num_epochs * len(train_convs)) // args.examples_per_step)
+print0(f"{len(train_convs):,} conversations ({n_bad} bad lines skipped), {num_steps} steps of "
+       f"{args.examples_per_step} ({B} x {world} processes x {grad_accum} accumulation)")
+
+
+def val_batches():
+    lane = Lane(val_convs, rank, world)
+    return (lane.batch() for _ in range(max(1, args.eval_rows // (B * world))))
+
+
+# -----------------------------------------------------------------------------
+# Training loop: eval and save at the top of a step; the last iteration only does those
+start_step = src_meta["step"] if args.resume else 0
+logger = JsonlLogger("sft", resume_step=start_step if args.resume else None, enabled=master, world=world)
+flops_per_token = model.estimate_flops()
+val_loss, t_start = None, time.time()
+for step in range(start_step, num_steps + 1):
+    last = step == num_steps
+    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+        model.eval()
+        val_loss = evaluate_loss(model, val_batches())["loss"]
+        print0(f"step {step}/{num_steps} | val loss {val_loss:.4f}")
+        logger.log(step=step, val_loss=val_loss)
+        model.train()
+    if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
+        positions = [lane.pos for lane in lanes]
+        if ddp:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, positions)
+            positions = sum(everyone, [])
+        meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes=positions,
+                    num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage=stage, step=src_meta["step"]),
+                    metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
+        if master:
+            print0(f"saved {save_checkpoint('sft', step, model, optimizer, meta, keep=args.keep)}")
+        if ddp:
+            dist.barrier()
+    if last:
+        break
+
+    t0 = time.time()
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    for lane in lanes:
+        x, y = lane.batch()
+        with amp_ctx(device):
+            loss = model(x, y)  # mean over this micro-batch's assistant tokens
+        (loss / grad_accum).backward()
+        loss_sum, tokens = loss_sum + loss.detach(), tokens + x.numel()
+    lrm = 1.0 - step / num_steps  # linear decay to 0
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    if ddp:
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (grad_accum * world)
+    if not math.isfinite(train_loss):
+        raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped; the last good checkpoint is intact. "
+                         "Lower --init-lr-frac and rerun")
+    logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr * frac, time.time() - t0,
+                      tokens * world, flops_per_token, skipped=sum(lane.skipped for lane in lanes))
+
+if master:
+    model.eval()
+    for question in ["What is 12 times 34?", "Who are you?", "Spell the word 'apple' letter by letter."]:
+        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question}]})
+        out, _ = generate_batch(model, ids, max_tokens=64, temperature=0, tokenizer=tokenizer)
+        print0(f"  {question} -> {tokenizer.decode(out[0])!r}")
+print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
+compute_cleanup()

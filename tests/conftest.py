@@ -1,0 +1,63 @@
+"""Shared test fixtures: the data mirror, a tiny base dir (corpus + tokenizer), running a stage script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))
+
+
+def mirror_texts(max_chars):
+    """Real text from the mirror: TinyStories paragraphs and Austen/Python-docs documents."""
+    texts, n = [], 0
+    stories = (MIRROR / "pretrain/tinystories/TinyStories-train.head.txt").read_text().split("\n\n")
+    prose = []
+    for name in ("austen.jsonl", "python311_docs.jsonl"):
+        with open(MIRROR / "pretrain/offline-prose" / name) as f:
+            prose += [json.loads(next(f))["text"][:4000] for _ in range(20)]
+    for text in [s for pair in zip(stories, prose) for s in pair] + stories[len(prose):]:
+        texts.append(text)
+        n += len(text)
+        if n >= max_chars:
+            break
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory):
+    """A base dir with a small train/val corpus and a 512-token tokenizer trained on it."""
+    from tokenizer import Tokenizer
+    home = tmp_path_factory.mktemp("flatchat_home")
+    texts = mirror_texts(200_000)
+    for split, docs in (("train", texts[10:]), ("val", texts[:10])):
+        d = home / "data" / "pretrain" / split
+        d.mkdir(parents=True)
+        with open(d / "shard_00000.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+    tok = Tokenizer.train(texts, 512)
+    (home / "tokenizer").mkdir()
+    tok.save(home / "tokenizer")
+    return home
+
+
+def run_script(script, *args, home, check=True, env=None, timeout=300, torchrun=0):
+    """Run a stage script as a user would, in a subprocess with FLATCHAT_HOME=home."""
+    env = {**os.environ, "FLATCHAT_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
+    launcher = [sys.executable]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    proc = subprocess.run([*launcher, str(ROOT / script), *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(home, stage):
+    return [json.loads(line) for line in (Path(home) / "logs" / f"{stage}.jsonl").read_text().splitlines()]

@@ -1,0 +1,214 @@
+"""chat.py: the backend (prompt trimming, streaming decode, log tailing), the TUI through Textual's pilot,
+and `chat.py -p` as a user runs it. A real tiny checkpoint is trained in the test (seconds, CPU)."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import chat  # noqa: E402
+import model as M  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+TEXT = ("Once upon a time there was a little cat. The cat liked to play in the sun with her friend the dog. "
+        "What is 12*3? It is 36. Caf\u00e9 au lait, s'il vous pla\u00eet! ") * 20
+CONV = {"messages": [{"role": "user", "content": "what is 12*3?"},
+                     {"role": "assistant", "content": [{"type": "text", "text": "It is "},
+                                                       {"type": "python", "text": "12*3"},
+                                                       {"type": "python_output", "text": "36"},
+                                                       {"type": "text", "text": ". Caf\u00e9 \u2615!"}]}]}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A base dir with a tokenizer and an sft checkpoint that learned CONV by heart (a tool call and
+    multi-byte characters in its reply), sequence_len 64. One torch thread: tiny ops on shared cores."""
+    home, threads = tmp_path_factory.mktemp("chat_home"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLATCHAT_HOME", str(home))
+        tok = Tokenizer.train([TEXT], 300, num_proc=1)
+        tok.save(home / "tokenizer")
+        torch.manual_seed(0)
+        config = M.GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+        model = M.GPT(config)
+        model.init_weights()
+        ids, mask = tok.render_conversation(CONV)
+        x = torch.tensor([ids[:-1]])
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(60):
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        M.save_checkpoint("sft", 1, model, None, dict(model_config=vars(config), tokenizer_hash=tok.hash))
+    yield home
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def loaded(home, monkeypatch):
+    monkeypatch.setenv("FLATCHAT_HOME", str(home))
+    return chat.load(device="cpu")
+
+
+def reply_text(loaded, messages, **kw):
+    stage, model, tok, _ = loaded
+    return "".join(piece for piece, _ in chat.stream_reply(model, tok, messages, stage != "pretrain", **kw))
+
+
+# -----------------------------------------------------------------------------
+# Backend
+
+
+def test_newest_stage_is_picked_and_reply_shows_the_tool_call(loaded):
+    assert loaded[0] == "sft" and loaded[3]["step"] == 1
+    text = reply_text(loaded, [{"role": "user", "content": "what is 12*3?"}], temperature=0.0)
+    assert text == "It is [calc: 12*3 = 36]. Caf\u00e9 \u2615!"
+
+
+def test_reply_decoder_never_splits_a_character_and_keeps_parts(loaded):
+    tok = loaded[2]
+    reply = chat.Reply(tok)
+    pieces = [reply.add(b) for b in "\u2615".encode()]  # one byte token at a time
+    assert pieces == ["", "", "\u2615"]
+    for t in [tok.encode_special("<|python_start|>"), *tok.encode("2+2"), tok.encode_special("<|python_end|>"),
+              tok.encode_special("<|output_start|>"), *tok.encode("4"), tok.encode_special("<|output_end|>"),
+              *tok.encode(" ok"), tok.encode_special("<|assistant_end|>")]:
+        reply.add(t)
+    assert reply.done and reply.text == "\u2615[calc: 2+2 = 4] ok"
+    assert reply.message()["content"] == [{"type": "text", "text": "\u2615"}, {"type": "python", "text": "2+2"},
+                                          {"type": "python_output", "text": "4"}, {"type": "text", "text": " ok"}]
+
+
+def test_trimming_keeps_bos_turn_boundaries_and_room_for_the_reply(loaded):
+    tok = loaded[2]
+    messages = []
+    for i in range(6):
+        messages += [{"role": "user", "content": f"question {i} about the cat"},
+                     {"role": "assistant", "content": f"answer {i}: the dog"}]
+    messages.append({"role": "user", "content": "last one?"})
+    ids = chat.build_prompt(tok, messages, context=64, room=32)
+    assert len(ids) <= 32 and ids[0] == tok.bos_id
+    suffixes = [tok.render_for_completion({"messages": messages[k:]}) for k in range(0, len(messages), 2)]
+    assert ids in suffixes  # whole turns dropped from the front, nothing cut inside one
+    assert ids == next(s for s in suffixes if len(s) <= 32)  # and only as many as needed
+    # a single user turn longer than the context keeps its end, which primes the reply
+    ids = chat.build_prompt(tok, [{"role": "user", "content": TEXT}], context=64, room=32)
+    full = tok.render_for_completion({"messages": [{"role": "user", "content": TEXT}]})
+    assert len(ids) == 32 and ids[:2] == full[:2] and ids[2:] == full[-30:]
+    assert ids[-1] == tok.encode_special("<|assistant_start|>")
+
+
+def test_tail_jsonl_reads_complete_lines_only(tmp_path):
+    path = tmp_path / "pretrain.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')
+    rows, offset, restarted = chat.tail_jsonl(path, 0)
+    assert [r["step"] for r in rows] == [1] and not restarted
+    with open(path, "a") as f:
+        f.write('ss": 4.0}\n')
+    rows, offset, restarted = chat.tail_jsonl(path, offset)
+    assert [r["step"] for r in rows] == [2] and not restarted
+    path.write_text('{"step": 1, "loss": 6.0}\n')  # a fresh run rewrote the log
+    rows, offset, restarted = chat.tail_jsonl(path, offset)
+    assert restarted and rows == [{"step": 1, "loss": 6.0}]
+
+
+# -----------------------------------------------------------------------------
+# The TUI through Textual's pilot
+
+
+def run_app(loaded, steps, **kw):
+    async def go():
+        app = chat.ChatApp(*loaded, **kw)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await steps(app, pilot)
+    asyncio.run(go())
+
+
+async def send(app, pilot, text):
+    await pilot.press(*text, "enter")
+    await pilot.pause()
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    return [str(w.content) for w in app.query(".assistant")]
+
+
+def test_tui_streams_the_models_reply_into_the_chat_pane(loaded):
+    expected = [reply_text(loaded, [{"role": "user", "content": "hi"}], seed=42)]
+
+    async def steps(app, pilot):
+        shown = await send(app, pilot, "hi")
+        assert shown == expected and [str(w.content) for w in app.query(".user")] == ["hi"]
+        assert app.messages[0] == {"role": "user", "content": "hi"} and len(app.messages) == 2
+        assert "tok/s" in str(app.query_one("#status").content)
+        await pilot.press("ctrl+n")  # a new conversation empties the history and the pane
+        assert app.messages == [] and not app.query(".assistant")
+    run_app(loaded, steps)
+
+
+def test_tui_long_conversation_is_trimmed_not_crashed(loaded):
+    async def steps(app, pilot):
+        for i in range(12):  # ~500 tokens of history against a 64-token context
+            app.messages += [{"role": "user", "content": f"tell me about the little cat number {i} in the sun"},
+                             {"role": "assistant", "content": f"The cat {i} liked to play with her friend the dog."}]
+        assert len(app.tok.render_for_completion({"messages": app.messages + [{"role": "user", "content": "x"}]})) > 500
+        shown = await send(app, pilot, "again")
+        assert len(shown) == 1 and len(app.messages) == 26
+        assert 0 < app.prompt_len <= 32 and "context" in str(app.query_one("#status").content)
+    run_app(loaded, steps)
+
+
+def test_training_view_shows_rows_appended_after_start(loaded, home):
+    log = home / "logs" / "pretrain.jsonl"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text(json.dumps({"step": 1, "loss": 5.5, "lr": 0.02, "dt": 0.5, "tok_per_s": 900.0}) + "\n")
+
+    async def steps(app, pilot):
+        await pilot.press("ctrl+l")
+        assert app.query_one("TabbedContent").active == "training"
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": 7, "loss": 3.25, "lr": 0.01, "dt": 0.5, "tok_per_s": 1234.0,
+                                "num_steps": 10}) + "\n")
+            f.write(json.dumps({"step": 7, "val_bpb": 1.875}) + "\n" + '{"step": 8, "lo')
+        await pilot.pause(1.2)
+        title, spark, evals = app.logs["pretrain"]["widgets"]
+        assert str(title.content) == "pretrain  step 7/10 | loss 3.2500 | lr 1.00e-02 | 1,234 tok/s | eta 0m01s"
+        assert list(spark.data) == [5.5, 3.25] and "val_bpb 1.875" in str(evals.content)
+    run_app(loaded, steps)
+    log.unlink()
+
+
+# -----------------------------------------------------------------------------
+# The command line, as a user runs it
+
+
+def run_chat(home, *args):
+    env = {**os.environ, "FLATCHAT_HOME": str(home), "FLATCHAT_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_prompt_mode_prints_the_reply(home, loaded):
+    proc = run_chat(home, "-p", "what is 12*3?", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "It is [calc: 12*3 = 36]. Caf\u00e9 \u2615!\n"
+
+
+def test_no_checkpoint_exits_2_with_the_command_that_creates_it(tmp_path, home):
+    proc = run_chat(tmp_path, "-p", "hi")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "python tokenizer.py train" in proc.stderr
+    (tmp_path / "tokenizer").symlink_to(home / "tokenizer")
+    proc = run_chat(tmp_path, "-p", "hi")
+    assert proc.returncode == 2 and "python pretrain.py" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,293 @@
+"""evaluate.py: CORE scoring, few-shot prompts, centering, bits per byte, GSM8K and letter scoring.
+
+A character-level tokenizer and a model stub that prefers one given continuation make the right
+answers known in advance; bits per byte uses a real model.py GPT whose head predicts uniformly.
+"""
+
+import csv
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import evaluate as E
+from conftest import MIRROR, run_script
+from model import GPT, GPTConfig, save_checkpoint
+from tokenizer import Tokenizer
+
+
+class CharTokenizer:
+    """One token per byte (0-255), then <|bos|> = 256; specials have 0 bytes."""
+    bos_id = 256
+    vocab_size = 257
+    token_bytes = [1] * 256 + [0]
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def render_for_completion(self, conv):
+        return [self.bos_id] + self.encode(conv["messages"][0]["content"]) + self.encode("\n>")
+
+
+class PreferModel(torch.nn.Module):
+    """Logits that strongly prefer writing `text`: at each position, the next character of the longest
+    prefix of `text` that the context ends with (a causal model, like the real one)."""
+
+    def __init__(self, text, sequence_len=4096):
+        super().__init__()
+        self.text, self.config = text.encode(), SimpleNamespace(sequence_len=sequence_len)
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, idx):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, 257)
+        for b in range(B):
+            row = bytes(t for t in idx[b].tolist() if t < 256)
+            ctx = b""
+            for t, tok in enumerate(idx[b].tolist()):
+                ctx = ctx + bytes([tok]) if tok < 256 else b""
+                k = max(k for k in range(len(self.text)) if ctx.endswith(self.text[:k]))
+                logits[b, t, self.text[k]] = 10.0
+        return logits
+
+
+TOK = CharTokenizer()
+
+
+# -----------------------------------------------------------------------------
+# CORE
+
+
+def test_render_prompts_with_few_shot_examples():
+    shots = [{"query": "Q: 1+1?", "choices": ["2", "3"], "gold": 0}, {"query": "Q: 2+2?", "choices": ["5", "4"], "gold": 1}]
+    item = {"query": "Q: 3+3?", "choices": ["6", "7"], "gold": 0}
+    assert E.render_prompts("multiple_choice", item, shots, "\nAnswer: ") == [
+        "Q: 1+1?\nAnswer: 2\n\nQ: 2+2?\nAnswer: 4\n\nQ: 3+3?\nAnswer: 6",
+        "Q: 1+1?\nAnswer: 2\n\nQ: 2+2?\nAnswer: 4\n\nQ: 3+3?\nAnswer: 7"]
+    schema = {"context_options": ["The cat", "The dog"], "continuation": "barked.", "gold": 1}
+    assert E.render_prompts("schema", schema, [schema], " ") == [
+        "The dog barked.\n\nThe cat barked.", "The dog barked.\n\nThe dog barked."]
+    lm = {"context": "Capital of France: ", "continuation": "Paris"}
+    assert E.render_prompts("language_modeling", lm, [lm], " ") == [
+        "Capital of France: Paris\n\nCapital of France:", "Capital of France: Paris\n\nCapital of France: Paris"]
+
+
+def test_continuation_spans():
+    assert E.continuation_spans("multiple_choice", [[9, 1, 2, 3], [9, 1, 5], [9, 1, 2, 7, 7]]) == [(2, 4), (2, 3), (2, 5)]
+    assert E.continuation_spans("schema", [[9, 1, 4, 5], [9, 2, 2, 4, 5]]) == [(2, 4), (3, 5)]
+    assert E.continuation_spans("language_modeling", [[9, 1], [9, 1, 2, 3]]) == [(2, 4)]
+
+
+@pytest.mark.parametrize("kind,item,gold_right", [
+    ("multiple_choice", {"query": "The capital of France is", "choices": ["London", "Paris", "Rome"]}, 1),
+    ("schema", {"context_options": ["Rex, the dog", "Tom, the cat"], "continuation": "barked at Paris"}, 0),
+    ("language_modeling", {"context": "The capital of France is", "continuation": "Paris"}, None),
+])
+def test_score_item_prefers_the_known_answer(kind, item, gold_right):
+    model = PreferModel("the dog barked at Paris" if kind == "schema" else " Paris")
+    prompts = E.render_prompts(kind, item, [], " ")
+    if kind == "language_modeling":
+        assert E.score_item(model, TOK, kind, prompts, 0) == 1
+        wrong = E.render_prompts(kind, dict(item, continuation="Rome"), [], " ")
+        assert E.score_item(model, TOK, kind, wrong, 0) == 0
+        return
+    assert E.score_item(model, TOK, kind, prompts, gold_right) == 1
+    assert E.score_item(model, TOK, kind, prompts, 1 - gold_right) == 0
+
+
+def test_long_prompts_are_cropped_from_the_left():
+    item = {"query": "blah " * 200 + "The capital of France is", "choices": ["London", "Paris"]}
+    model = PreferModel(" Paris", sequence_len=64)
+    seen = []
+    forward = model.forward
+    model.forward = lambda idx: seen.append(idx.shape[1]) or forward(idx)
+    assert E.score_item(model, TOK, "multiple_choice", E.render_prompts("multiple_choice", item, [], " "), 1) == 1
+    assert seen == [64]
+
+
+def test_few_shot_examples_are_deterministic_and_exclude_the_item():
+    data = [{"context": f"q{i}", "continuation": f"a{i}"} for i in range(30)]
+    for idx in (0, 7, 29):
+        picks = random.Random(1234 + idx).sample(range(len(data) - 1), 10)
+        shots = [data[j + (j >= idx)] for j in picks]
+        # the same draw as sampling the list of the other items (DCLM / nanochat)
+        assert shots == [data[i] for i in random.Random(1234 + idx).sample([i for i in range(30) if i != idx], 10)]
+        assert data[idx] not in shots
+
+
+def test_centered():
+    assert E.centered(0.25, 25) == 0
+    assert E.centered(1.0, 50) == 1
+    assert E.centered(0.5, 25) == pytest.approx(1 / 3)
+    assert E.centered(0.3, 0) == pytest.approx(0.3)
+
+
+def test_core_tasks_of_the_bundle():
+    tasks = {t["label"]: t for t in E.load_core_tasks(MIRROR / "eval_bundle")}
+    assert len(tasks) == 22
+    assert tasks["jeopardy"]["continuation_delimiter"] == "\nAnswer: " and tasks["jeopardy"]["num_fewshot"] == [10]
+    assert tasks["winograd"]["icl_task_type"] == "schema" and tasks["winograd"]["baseline"] == 50
+    assert tasks["bigbench_language_identification"]["baseline"] == 9.1
+
+
+def test_run_core_on_tiny_tasks(tmp_path):
+    """Three hand-made tasks, one of each kind, with a missing fourth: CORE over 3 of 4."""
+    (tmp_path / "eval_data").mkdir()
+    tasks = [("mc", "multiple_choice", 50, [{"query": f"Q{i}: capital?", "choices": ["Rome", "Paris"], "gold": 1} for i in range(6)]),
+             ("sch", "schema", 50, [{"context_options": ["A cat", "We saw"], "continuation": " Paris", "gold": i % 2} for i in range(6)]),
+             ("lm", "language_modeling", 0, [{"context": f"C{i} is", "continuation": "Paris" if i < 3 else "Rome"} for i in range(6)]),
+             ("gone", "language_modeling", 0, None)]
+    yaml = ["icl_tasks:"]
+    csv = ["Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description"]
+    for label, kind, base, rows in tasks:
+        yaml += ["-", f"  label: {label}", f"  dataset_uri: {label}.jsonl", "  num_fewshot: [2]", f"  icl_task_type: {kind}"]
+        csv.append(f"{label},x,x,2,6,{base},,x")
+        if rows:
+            (tmp_path / "eval_data" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "core.yaml").write_text("\n".join(yaml) + "\n")
+    (tmp_path / "eval_meta_data.csv").write_text("\n".join(csv) + "\n")
+    out = E.run_core(PreferModel(" Paris"), TOK, tmp_path, max_items=100)
+    assert (out["core_k"], out["core_total"]) == (3, 4)
+    accs = {k: v["acc"] for k, v in out["core_tasks"].items()}
+    # the schema gold alternates: " Paris" after "We saw" is what the model prefers (gold 1)
+    assert accs == {"mc": 1.0, "sch": 0.5, "lm": 0.5}
+    assert out["core"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+
+
+# -----------------------------------------------------------------------------
+# Bits per byte
+
+
+def test_bpb_of_a_uniform_model():
+    V, T = 300, 32
+    model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    torch.nn.init.zeros_(model.lm_head.weight)  # logits all 0: uniform over the vocab
+    g = torch.Generator().manual_seed(0)
+    token_bytes = torch.randint(1, 5, (V,), generator=g).tolist()
+    token_bytes[0] = 0  # a special token
+    rows = torch.randint(0, V, (6, T + 1), generator=g).tolist()
+    targets = [t for r in rows for t in r[1:] if token_bytes[t] > 0]
+    mean_bytes = sum(token_bytes[t] for t in targets) / len(targets)
+    assert E.bits_per_byte(model, rows, token_bytes, batch_size=4) == pytest.approx(math.log2(V) / mean_bytes, rel=1e-4)
+
+
+def test_val_rows_start_with_bos_and_cover_each_token_once(tmp_path):
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("hello world", "abc" * 20)))
+
+    rows = E.val_rows(TOK, [tmp_path / "val.jsonl"], 8, 10_000)
+    assert all(len(r) == 9 and r[0] == TOK.bos_id for r in rows)
+    stream = [t for r in rows for t in r[1:]]
+    assert bytes(t for t in stream[:11]).decode() == "hello world" and stream[11] == TOK.bos_id
+
+
+# -----------------------------------------------------------------------------
+# Chat tasks: GSM8K answers, letters, pass@k
+
+
+def test_gsm8k_answer_extraction():
+    assert E.last_number("She pays 3 * 4 = 12 dollars, so the answer is 1,234.") == "1234"
+    assert E.last_number("-5 degrees, then 7.25") == "7.25"
+    assert E.last_number("no digits here") is None
+    assert E.same_number("72.0", "72") and not E.same_number(None, "72") and not E.same_number("71", "72")
+    with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(50)]
+    assert E.gsm8k_reference(rows[0]["answer"]) == "18"  # "... #### 18"
+    for r in rows:
+        ref = E.gsm8k_reference(r["answer"])
+        assert ref.lstrip("-").isdigit()
+        assert E.same_number(E.last_number(r["answer"]), ref)  # the worked solution ends with its answer
+
+
+def test_letter_scoring():
+    logits = torch.zeros(300)
+    letters = E.letter_ids(TOK, 4)
+    assert letters == [ord(c) for c in "ABCD"]
+    logits[ord("C")], logits[ord("E")], logits[ord("x")] = 2.0, 9.0, 9.0  # only A-D count
+    assert E.letter_correct(logits, letters, 2) == 1 and E.letter_correct(logits, letters, 0) == 0
+
+
+def test_run_letters_batched():
+    items = [{"question": f"What is {i}?", "choices": ["w", "x", "y", "z"], "gold": i % 4} for i in range(10)]
+    model = PreferModel("C")  # always answers C
+    assert E.run_letters(model, TOK, items, batch_size=3) == pytest.approx(2 / 10)  # gold 2 at i = 2, 6
+
+
+def test_pass_at_k():
+    assert E.pass_at_k(10, 0, 1) == 0 and E.pass_at_k(10, 10, 5) == 1
+    assert E.pass_at_k(5, 1, 1) == pytest.approx(0.2)
+    assert E.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+
+
+def test_chatcore():
+    score, k = E.chatcore({"arc_easy": 0.25, "mmlu": 1.0, "gsm8k": 0.5})
+    assert k == 3 and score == pytest.approx((0 + 1 + 0.5) / 3)
+
+
+# -----------------------------------------------------------------------------
+# The script end to end: a random tiny model as BASE and SFT, a few items per task, the report card
+
+
+def write_eval_data(home):
+    """data/eval/ as the data scripts write it, a few items per task, from the mirror."""
+    d = home / "data" / "eval"
+    d.mkdir(parents=True)
+    os.symlink(MIRROR / "eval_bundle", d / "core")
+    for name in ("arc_easy", "arc_challenge"):
+        with open(MIRROR / "eval_bundle" / "eval_data" / "world_knowledge" / f"{name}.jsonl") as f:
+            rows = [json.loads(next(f)) for _ in range(3)]
+        rows = [dict(question=r["query"].removeprefix("Question: "), choices=r["choices"], gold=r["gold"]) for r in rows]
+        (d / f"{name}_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(MIRROR / "mmlu" / "data" / "test" / "anatomy_test.csv") as f:
+        rows = [dict(question=r["question"], choices=[r[f"choice{i}"] for i in range(4)], gold=int(r["answer"]),
+                     subject="anatomy") for r, _ in zip(csv.DictReader(f), range(3))]
+    (d / "mmlu_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(2)]
+    rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}],
+             "answer": E.gsm8k_reference(r["answer"])} for r in rows]
+    (d / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(MIRROR / "human-eval" / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        (d / "humaneval.jsonl").write_text(next(f) + next(f))
+
+
+def test_evaluate_script_and_report_card(tiny_home, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    monkeypatch.setenv("FLATCHAT_HOME", str(home))
+    tok = Tokenizer.load(home / "tokenizer")
+    cfg = GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    for stage in ("pretrain", "sft"):
+        save_checkpoint(stage, 3, model, None, dict(model_config=vars(cfg), tokenizer_hash=tok.hash))
+    (home / "logs").mkdir()
+    (home / "logs" / "pretrain.jsonl").write_text(
+        '{"step": 0, "loss": 6.0, "time": 1000.0}\n{"step": 3, "val_bpb": 2.5, "time": 1100.0}\n'
+        '{"step": 3, "loss": 5.25, "time": 1120.0}\n')
+    write_eval_data(home)
+    run_script("evaluate.py", "--stage", "pretrain", "--max-per-task", "2", "--bpb-tokens", "2000", home=home)
+    out = run_script("evaluate.py", "--stage", "sft", "--max-per-task", "2", "--max-new-tokens", "8", home=home).stdout
+    assert "humaneval | pass@1 0.0000" in out  # a random model writes no working code
+    base = json.loads((home / "report" / "metrics_pretrain.json").read_text())
+    assert base["core_k"] == 18 and base["step"] == 3 and 0 < base["bpb"] < 20
+    report = (home / "report.md").read_text()
+    assert "CORE over 18 of 22 tasks" in report and "| pretrain | 3 | 2.0 min | 5.2500 | 2.5000 |" in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert set(E.ROWS.values()) <= set(rows) and rows["ARC-E"].split("|")[2].strip() == "-"  # not run on BASE
+    assert rows["MMLU"].split("|")[4].strip() != "-"  # measured on SFT
+    (home / "report.md").unlink()
+    run_script("evaluate.py", "--report", home=home)
+    assert (home / "report.md").read_text().split("\n", 3)[3] == report.split("\n", 3)[3]  # same but the date

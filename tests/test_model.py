@@ -1,0 +1,237 @@
+"""model.py: the transformer, KV-cache generation, the calculator, the optimizer, checkpoints."""
+
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import model as M
+from model import GPT, GPTConfig, KVCache, generate, generate_batch, use_calculator
+
+CFG = GPTConfig(sequence_len=128, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def trained_tiny_model(steps=30, seed=0):
+    """A tiny GQA model trained a little on a repeating pattern, so greedy decoding is not degenerate."""
+    torch.manual_seed(seed)
+    m = GPT(CFG)
+    m.init_weights()
+    opt = m.setup_optimizer()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, CFG.vocab_size, (4, 65), generator=g)
+    for _ in range(steps):
+        m(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+        m.zero_grad(set_to_none=True)
+    return m.eval()
+
+
+def test_forward_shapes_and_padded_vocab():
+    m = GPT(CFG)
+    m.init_weights()
+    assert m.padded_vocab == 320 and m.lm_head.weight.shape == (320, 64)
+    x = torch.randint(0, 300, (2, 16))
+    assert m(x).shape == (2, 16, 300)
+    per_token = m(x, x, loss_reduction="none")
+    assert per_token.shape == (2, 16)
+    y = x.clone()
+    y[:, :8] = -1  # ignored targets neither count nor contribute
+    assert torch.allclose(m(x, y), per_token[:, 8:].mean())
+    # zero-init projections: every block starts as the identity, first predictions are near uniform
+    assert abs(m(x, x).item() - torch.log(torch.tensor(300.0)).item()) < 0.05
+
+
+def test_kv_cache_greedy_equals_no_cache_for_64_steps():
+    m = trained_tiny_model()
+    ids = [5, 17, 42, 9, 100, 3]
+    cached = [t[0] for t, _ in generate(m, ids, max_tokens=64, temperature=0)]
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(64):
+            seq.append(m(torch.tensor([seq]))[0, -1].argmax().item())
+    assert len(cached) == 64 and cached == seq[len(ids):]
+    assert len(set(cached)) > 3  # a real, non-constant continuation
+
+
+def test_several_samples_from_one_prefill_equal_independent_prefills():
+    m = trained_tiny_model()
+    ids = [5, 17, 42, 9]
+    # rows of an expanded batch-1 cache, each fed different tokens, match separate full forwards
+    kv = KVCache(CFG.n_layer, 64)
+    with torch.no_grad():
+        m(torch.tensor([ids]), kv_cache=kv)
+        kv.expand(3)
+        rows = torch.randint(0, 300, (3, 8), generator=torch.Generator().manual_seed(1))
+        for t in range(8):
+            step_logits = m(rows[:, t:t + 1], kv_cache=kv)[:, -1]
+            for i in range(3):
+                full = m(torch.tensor([ids + rows[i, :t + 1].tolist()]))[0, -1]
+                assert torch.allclose(step_logits[i], full, atol=1e-4)
+    # and greedy samples from one prefill all equal the single-sample result
+    one, _ = generate_batch(m, ids, num_samples=1, max_tokens=20, temperature=0)
+    many, _ = generate_batch(m, ids, num_samples=4, max_tokens=20, temperature=0)
+    assert all(s == one[0] for s in many)
+    # sampled rows differ from each other and are reproducible from the seed
+    a, _ = generate_batch(m, ids, num_samples=4, max_tokens=20, temperature=1.0, seed=7)
+    b, _ = generate_batch(m, ids, num_samples=4, max_tokens=20, temperature=1.0, seed=7)
+    assert a == b and len({tuple(s) for s in a}) > 1
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]]).repeat(200, 1)
+    rng = torch.Generator().manual_seed(0)
+    assert set(M.sample_next(logits, rng, 1.0, top_k=2).tolist()) == {0, 1}
+    assert set(M.sample_next(logits, rng, 1.0, top_p=0.5).tolist()) == {0}  # p(0) = 0.71 >= 0.5
+    assert set(M.sample_next(logits, rng, 1.0, top_p=0.9).tolist()) == {0, 1}
+
+
+def test_calculator_is_safe_and_bounded():
+    assert use_calculator("12*3") == "36" and use_calculator("48/2") == "24"
+    assert use_calculator("1,000 + 5") == "1005" and use_calculator("7/4") == "1.75"
+    assert use_calculator("'strawberry'.count('r')") == "3"
+    for bad in ("2**10**9", "__import__('os').system('true')", "open('x')", "1/0", "x+1", "9"*300):
+        t0 = time.time()
+        assert use_calculator(bad) is None
+        assert time.time() - t0 < 0.5
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits a fixed script of tokens regardless of input (to drive the tool logic of generate)."""
+
+    def __init__(self, script, prompt_len):
+        super().__init__()
+        self.config = GPTConfig(n_layer=1, vocab_size=600)
+        self.script, self.prompt_len = script, prompt_len
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def get_device(self):
+        return self.dummy.device
+
+    def forward(self, idx, kv_cache=None):
+        kv_cache.pos += idx.size(1)
+        n = kv_cache.pos - self.prompt_len  # tokens generated so far
+        logits = torch.zeros(idx.size(0), idx.size(1), 600)
+        logits[:, -1, self.script[min(n, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def test_calculator_tool_output_is_forced_and_masked(tiny_home):
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(tiny_home / "tokenizer")
+    sp = tok.encode_special
+    expr, result = tok.encode("12*3"), tok.encode("36")
+    forced = [sp("<|output_start|>"), *result, sp("<|output_end|>")]
+    script = [sp("<|python_start|>"), *expr, sp("<|python_end|>"), *[0] * len(forced), *tok.encode(" done"),
+              sp("<|assistant_end|>")]
+    prompt = [tok.bos_id, sp("<|user_start|>")]
+    seqs, masks = generate_batch(ScriptedModel(script, len(prompt)), prompt, max_tokens=50, temperature=0,
+                                 tokenizer=tok)
+    n = 2 + len(expr)
+    assert seqs[0][:n] == script[:n] and seqs[0][n:n + len(forced)] == forced
+    assert masks[0] == [1] * n + [0] * len(forced) + [1] * (len(script) - n - len(forced))
+    assert seqs[0][-1] == sp("<|assistant_end|>")  # stopped there, stop token included
+
+
+def test_newton_schulz_orthogonalises():
+    G = torch.randn(64, 32)
+    s = torch.linalg.svdvals(M.newton_schulz(G))
+    assert s.min() > 0.5 and s.max() < 1.3  # all singular values pulled towards 1
+
+
+def test_optimizer_state_round_trips():
+    m = trained_tiny_model(steps=3)
+    opt = m.setup_optimizer()
+    m(torch.randint(0, 300, (2, 8)), torch.randint(0, 300, (2, 8))).backward()
+    opt.step()
+    opt2 = m.setup_optimizer()
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    assert [g["kind"] for g in opt2.param_groups] == ["muon", "adamw", "adamw"]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_tiny(home, monkeypatch, step=1, tokenizer_hash="abc"):
+    monkeypatch.setenv("FLATCHAT_HOME", str(home))
+    m = trained_tiny_model(steps=1)
+    meta = dict(model_config=vars(CFG), tokenizer_hash=tokenizer_hash)
+    return m, M.save_checkpoint("pretrain", step, m, m.setup_optimizer(), meta)
+
+
+def test_checkpoint_round_trip_and_latest(tmp_path, monkeypatch):
+    m, path = save_tiny(tmp_path, monkeypatch, step=3)
+    save_tiny(tmp_path, monkeypatch, step=10)
+    (tmp_path / "checkpoints/pretrain/.tmp_step_000020_1").mkdir()  # a torn save never counts
+    assert M.latest_step("pretrain") == 10
+    state, optim, meta, rng = M.load_checkpoint("pretrain", step=3, load_optim=True)
+    assert meta["step"] == 3 and optim is not None and "cpu" in rng
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+
+
+def test_pickle_disguised_as_checkpoint_is_rejected(tmp_path, monkeypatch):
+    _, path = save_tiny(tmp_path, monkeypatch)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    (path / "model.pt").write_bytes(pickle.dumps({"wte.weight": Evil()}))
+    with pytest.raises(M.UserError, match="not a loadable flatchat checkpoint"):
+        M.load_checkpoint("pretrain")
+    assert not marker.exists()
+
+
+def test_wrong_tokenizer_or_missing_checkpoint_refuses_to_load(tiny_home, tmp_path, monkeypatch):
+    save_tiny(tmp_path, monkeypatch, tokenizer_hash="not-this-one")
+    (tmp_path / "tokenizer").symlink_to(tiny_home / "tokenizer")
+    with pytest.raises(M.UserError, match="another tokenizer"):
+        M.load_model("pretrain", "cpu")
+    with pytest.raises(M.UserError, match="create it with `python sft.py`"):
+        M.load_model("sft", "cpu")
+
+
+SAVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import model as M
+m = M.GPT(M.GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+print("ready", flush=True)
+step = {start}
+while True:
+    step += 1
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(step)  # the content says which step wrote it
+    M.save_checkpoint("pretrain", step, m, None, dict(model_config={{}}), keep=2)
+"""
+
+
+def test_sigkill_during_save_never_leaves_a_broken_latest(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATCHAT_HOME", str(tmp_path))
+    rng, loaded = random.Random(0), 0
+    env = {**os.environ, "FLATCHAT_HOME": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for trial in range(20):
+        start = (trial + 1) * 1000
+        p = subprocess.Popen([sys.executable, "-c", SAVER.format(root=root, start=start)], env=env,
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.15))
+        p.kill()
+        p.wait()
+        step = M.latest_step("pretrain")
+        if step is None:
+            continue  # killed before the first save completed
+        state, _, meta, _ = M.load_checkpoint("pretrain", step)
+        assert meta["step"] == step and all((v == step).all() for v in state.values())
+        loaded += step > start  # this trial's own saves, not an older trial's
+    assert loaded >= 10  # the kills really landed while checkpoints were being written

@@ -1,0 +1,90 @@
+"""pretrain.py end to end on a tiny model: loss falls, exact resume after SIGKILL, torchrun == 1 process."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, read_log, run_script
+
+TINY = ["--depth", 2, "--max-seq-len", 64, "--device-batch-size", 4, "--total-batch-size", 512,
+        "--eval-tokens", 2048, "--eval-every", 4, "--sample-every", -1]
+
+
+def fresh_home(tiny_home, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir(parents=True)
+    for d in ("data", "tokenizer"):
+        (home / d).symlink_to(tiny_home / d)
+    return home
+
+
+def train_losses(home):
+    return [r["loss"] for r in read_log(home, "pretrain") if "loss" in r]
+
+
+def test_smoke_training_loss_falls_and_samples(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path)
+    out = run_script("pretrain.py", *TINY, "--num-steps", 30, "--matrix-lr", 0.05, "--embedding-lr", 0.3,
+                     "--sample-every", 30, home=home).stdout
+    losses = train_losses(home)
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 1.0
+    bpbs = [r["val_bpb"] for r in read_log(home, "pretrain") if "val_bpb" in r]
+    assert bpbs[-1] < bpbs[0]
+    assert "sample: Once upon a time," in out and "| tok/s" not in out and " tok/s | " in out
+    assert (home / "checkpoints/pretrain/step_000030/meta.json").exists()
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tiny_home, tmp_path):
+    straight = fresh_home(tiny_home, tmp_path / "a")
+    run_script("pretrain.py", *TINY, "--num-steps", 12, "--save-every", 6, home=straight)
+    killed = fresh_home(tiny_home, tmp_path / "b")
+    env = {**os.environ, "FLATCHAT_HOME": str(killed), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"),
+                          *map(str, TINY + ["--num-steps", 12, "--save-every", 6])], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt = killed / "checkpoints/pretrain/step_000006"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ckpt.exists() and not (killed / "checkpoints/pretrain/step_000012").exists()
+    run_script("pretrain.py", *TINY, "--num-steps", 12, "--save-every", 6, "--resume", home=killed)
+    assert train_losses(killed) == train_losses(straight) and len(train_losses(straight)) == 12
+    a = torch.load(straight / "checkpoints/pretrain/step_000012/model.pt", weights_only=True)
+    b = torch.load(killed / "checkpoints/pretrain/step_000012/model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_match_one_process(tiny_home, tmp_path):
+    one = fresh_home(tiny_home, tmp_path / "one")
+    two = fresh_home(tiny_home, tmp_path / "two")
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script("pretrain.py", *TINY, "--num-steps", 5, home=one, env=env)  # 2 accumulation steps
+    run_script("pretrain.py", *TINY, "--num-steps", 5, home=two, env=env, torchrun=2)  # 2 ranks x 1
+    l1, l2 = train_losses(one), train_losses(two)
+    assert len(l1) == len(l2) == 5
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4, (l1, l2)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path)
+    run_script("pretrain.py", *TINY, "--num-steps", 2, home=home)
+    proc = run_script("pretrain.py", *TINY, "--num-steps", 4, "--resume", "--embedding-lr", "1e30",
+                      "--unembedding-lr", "1e30", home=home, check=False)
+    assert proc.returncode != 0 and "loss is nan" in proc.stderr.lower() + proc.stdout.lower()
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (home / "checkpoints/pretrain").iterdir()) == ["step_000002"]
+
+
+def test_missing_corpus_is_one_clear_line(tmp_path, tiny_home):
+    home = tmp_path / "empty"
+    (home / "tokenizer").mkdir(parents=True)
+    shutil.copy(tiny_home / "tokenizer/tokenizer.json", home / "tokenizer")
+    proc = run_script("pretrain.py", *TINY, home=home, check=False)
+    assert proc.returncode == 2 and "python data/corpus.py" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,572 @@
+"""
+flatchat tokenizer: byte-level BPE with a GPT-4 style pre-split, the chat format, and corpus readers.
+
+    python tokenizer.py train --vocab-size 8192    # trains on $FLATCHAT_HOME/data/pretrain/train/*
+    python tokenizer.py eval                       # bytes per token on the corpus and on fixed snippets
+
+    tok = Tokenizer.load(base_dir() / "tokenizer"); ids = tok.encode("Hello"); tok.decode(ids)
+
+Ids 0..255 are raw bytes, then one id per merge in training order, then the special tokens.
+The encoder gives exactly the ids of a tiktoken Encoding built from the same merges (tested), and
+the saved file is plain JSON (pattern, merges, special tokens): loading it cannot run code.
+"""
+import argparse
+import collections
+import contextlib
+import hashlib
+import heapq
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from functools import lru_cache, partial
+from pathlib import Path
+
+import regex
+
+# -----------------------------------------------------------------------------
+# constants and the base directory of a run
+
+# GPT-4's split pattern, but numbers in groups of 1-2 digits (as nanochat): fewer tokens wasted on digits
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+VERSION = 1
+
+
+class DataError(ValueError):
+    """A problem with an input file that the user can fix; stage scripts turn it into sys.exit(str(e))."""
+
+
+def base_dir():
+    """Where a run keeps everything it makes: $FLATCHAT_HOME, else ~/.cache/flatchat."""
+    return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat")
+
+# -----------------------------------------------------------------------------
+# pre-split: text -> chunks (BPE never merges across chunk boundaries)
+# The `regex` package knows \p{L} (letters) and \p{N} (numbers); the stdlib `re` does not, but runs this
+# pattern ~2.4x faster. So for text of BMP characters (all but emoji and rare scripts) we run a twin of
+# the pattern in `re` with the classes spelled out, taken from `regex` itself, so both agree by
+# construction (the tests compare them). Astral characters would make `re` try its class ranges one
+# by one, and lone surrogates are not text: such input takes the `regex` path, after each lone
+# surrogate becomes U+FFFD (exactly what tiktoken does).
+
+_SLOW = re.compile("[\ud800-\udfff\U00010000-\U0010ffff]")  # lone surrogates or astral characters
+
+
+@lru_cache(maxsize=None)
+def _compiled(pattern):
+    """(regex version, `re` twin for BMP text or None) of a split pattern."""
+    if pattern != SPLIT_PATTERN:
+        return regex.compile(pattern), None
+    bmp = "".join(map(chr, range(0x10000)))
+    def cls(p):  # the BMP characters matching p, as ranges for a [...] class
+        cps = [ord(c) for c in regex.findall(p, bmp)]
+        starts = [c for c in cps if c - 1 not in set_cps] if (set_cps := set(cps)) else []
+        ends = [c for c in cps if c + 1 not in set_cps]
+        return "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in zip(starts, ends))
+    L, N, S = cls(r"\p{L}"), cls(r"\p{N}"), cls(r"\s")
+    i = {c: cls(f"(?i:{c})") for c in "sdmtlvre"}  # case-insensitive letters ('s' also matches U+017F)
+    twin = (f"'(?:[{i['s']}{i['d']}{i['m']}{i['t']}]|[{i['l']}][{i['l']}]|[{i['v']}][{i['e']}]|[{i['r']}][{i['e']}])"
+            f"|[^\\r\\n{L}{N}]?+[{L}]+|[{N}]{{1,2}}| ?[^{S}{L}{N}]++[\\r\\n]*|[{S}]*[\\r\\n]|[{S}]+(?![^{S}])|[{S}]+")
+    return regex.compile(pattern), re.compile(twin)
+
+
+def split(text, pattern=SPLIT_PATTERN):
+    """The chunks of text under the split pattern."""
+    slow, fast = _compiled(pattern)
+    if fast is not None and (text.isascii() or not _SLOW.search(text)):
+        return fast.findall(text)
+    if _SLOW.search(text):
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogate -> U+FFFD
+    return slow.findall(text)
+
+# -----------------------------------------------------------------------------
+# training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
+
+
+def _count(texts, pattern=SPLIT_PATTERN):
+    counts = collections.Counter()
+    for text in texts:
+        counts.update(split(text, pattern))
+    return counts, sum(map(len, texts))
+
+
+def _batches(texts, size):
+    batch, n = [], 0
+    for text in texts:
+        batch.append(text)
+        n += len(text)
+        if n >= size:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_chars=1 << 21):
+    """Counter {chunk: count} over all texts, in batches of ~2M characters spread over num_proc processes."""
+    batches = _batches(texts, batch_chars)
+    head = list(itertools.islice(batches, 2))  # a single batch is not worth starting processes for
+    todo, work = itertools.chain(head, batches), partial(_count, pattern=pattern)
+    counts, nchars, t0 = collections.Counter(), 0, time.time()
+    with mp.Pool(num_proc) if num_proc > 1 and len(head) > 1 else contextlib.nullcontext() as pool:
+        for c, n in pool.imap(work, todo) if pool else map(work, todo):
+            counts.update(c)
+            nchars += n
+            if verbose:
+                print(f"\rsplit + count: {nchars / 1e6:,.1f}M chars read, {len(counts):,} unique chunks, "
+                      f"{time.time() - t0:.1f} s", end="", flush=True)
+    if verbose:
+        print()
+    return counts
+
+
+def bpe_merges(counts, num_merges, verbose=False):
+    """The merges [(left, right), ...] learned from {chunk: count}. Each step merges the pair with the
+    highest count (ties: the smallest (left, right)), in every chunk, left to right. A pair whose bytes
+    equal an existing token's (say ' t'+'he' after ' '+'the') is skipped for good: tiktoken, like our
+    encoder, names tokens by their bytes, so two tokens with the same bytes could not both be reached."""
+    words = [list(chunk.encode("utf-8")) for chunk in counts]  # each unique chunk as a list of ids
+    freqs = list(counts.values())
+    stats, where = collections.defaultdict(int), collections.defaultdict(set)  # pair -> count, word indices
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            stats[pair] += f
+            where[pair].add(i)
+    # max-heap of (-count, pair); entries go stale as counts drop and are refreshed when popped
+    heap = [(-c, p) for p, c in stats.items()]
+    heapq.heapify(heap)
+    vocab = [bytes([i]) for i in range(256)]
+    known, merges, skipped, t0 = set(vocab), [], [], time.time()
+    while len(merges) < num_merges and heap:
+        c, pair = heapq.heappop(heap)
+        if -c != stats[pair]:  # stale: push back with the current count
+            if stats[pair]:
+                heapq.heappush(heap, (-stats[pair], pair))
+            continue
+        a, b = pair
+        if vocab[a] + vocab[b] in known:
+            skipped.append(pair)
+            continue
+        z = len(vocab)
+        vocab.append(vocab[a] + vocab[b])
+        known.add(vocab[z])
+        merges.append(pair)
+        for p, d in _merge(words, freqs, where, where.pop(pair), a, b, z).items():
+            stats[p] += d
+            if z in p and stats[p]:  # pairs with the new token are new: they enter the heap
+                heapq.heappush(heap, (-stats[p], p))
+        del stats[pair]
+        if verbose and (len(merges) % 1000 == 0 or len(merges) == num_merges):
+            print(f"merge {len(merges):,}/{num_merges:,} | {vocab[z]!r} x{-c:,} | {len(skipped)} skipped as "
+                  f"duplicates | {time.time() - t0:.1f} s")
+    return merges
+
+
+def _merge(words, freqs, where, todo, a, b, z):
+    """Replace a, b by z in the words listed in todo; return the changes of the pair counts.
+    Only the pairs around each merged spot change: (p, a) and (b, q) leave, (p, z) and (z, q) arrive."""
+    delta = collections.defaultdict(int)
+    for i in todo:
+        w, f = words[i], freqs[i]
+        n, j, new = len(w), 0, []
+        while j < n:
+            if w[j] != a or j + 1 == n or w[j + 1] != b:
+                new.append(w[j])
+                j += 1
+                continue
+            if new:  # left neighbour; if it was just merged itself the old pair was (b, a)
+                p = new[-1]
+                delta[(b if p == z else p, a)] -= f
+                delta[(p, z)] += f
+                where[(p, z)].add(i)
+            if j + 2 < n and not (w[j + 2] == a and j + 3 < n and w[j + 3] == b):  # right neighbour
+                q = w[j + 2]                                           # (unless it merges next)
+                delta[(b, q)] -= f
+                delta[(z, q)] += f
+                where[(z, q)].add(i)
+            new.append(z)
+            j += 2
+        words[i] = new
+    return delta
+
+# -----------------------------------------------------------------------------
+# the tokenizer: encode (with a chunk cache), decode, save / load
+
+
+class _Cache(dict):
+    """chunk -> ids; a miss computes the ids with bpe (most chunks repeat, so this is the fast path)."""
+
+    def __init__(self, bpe, limit=1 << 20):
+        self.bpe, self.limit = bpe, limit
+
+    def __missing__(self, chunk):
+        if len(self) >= self.limit:  # bound the memory on endless streams of new chunks
+            self.clear()
+        ids = self[chunk] = self.bpe(chunk)
+        return ids
+
+
+class Tokenizer:
+    def __init__(self, merges, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
+        self.merges, self.pattern = [tuple(m) for m in merges], pattern
+        self.special_tokens = list(special_tokens)
+        self._bytes = [bytes([i]) for i in range(256)]  # id -> token bytes
+        for a, b in self.merges:
+            if not (0 <= a < len(self._bytes) and 0 <= b < len(self._bytes)):
+                raise ValueError(f"merge {len(self._bytes) - 256} uses an unknown id: {[a, b]}")
+            self._bytes.append(self._bytes[a] + self._bytes[b])
+        self._ids = {t: i for i, t in enumerate(self._bytes)}  # token bytes -> id
+        if len(self._ids) != len(self._bytes):
+            raise ValueError("two merges make the same bytes")
+        n = len(self._bytes)
+        self._special = {s: n + i for i, s in enumerate(self.special_tokens)}
+        # (left, right) -> id, for every way of writing every token as two tokens: merging any such
+        # pair at the rank of its result is what tiktoken does (it looks up pairs by their bytes)
+        self._ranks = {}
+        for z, t in enumerate(self._bytes[256:], 256):
+            for k in range(1, len(t)):
+                if t[:k] in self._ids and t[k:] in self._ids:
+                    self._ranks[(self._ids[t[:k]], self._ids[t[k:]])] = z
+        self._decode = self._bytes + [s.encode("utf-8") for s in self.special_tokens]
+        self._cache = _Cache(self._bpe)
+        self.vocab_size = n + len(self.special_tokens)
+        self.bos_id = self._special["<|bos|>"]
+        self.token_bytes = [len(t) for t in self._bytes] + [0] * len(self.special_tokens)  # for bits per byte
+
+    @classmethod
+    def train(cls, texts, vocab_size, pattern=SPLIT_PATTERN, num_proc=2, verbose=False):
+        """Train on an iterable of strings; vocab_size counts the 256 bytes, the merges and the specials."""
+        num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+        if num_merges < 0:
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        counts = count_chunks(texts, pattern, num_proc, verbose)
+        return cls(bpe_merges(counts, num_merges, verbose), pattern)
+
+    def _bpe(self, chunk):
+        """Ids of one chunk, exactly as tiktoken: the whole chunk if it is a token, else merge the adjacent
+        pair with the lowest resulting id (the leftmost of equals) until no pair merges."""
+        t = chunk.encode("utf-8")
+        if t in self._ids:
+            return (self._ids[t],)
+        ids, ranks = list(t), self._ranks
+        while len(ids) > 1:
+            best, at = None, 0
+            for i, pair in enumerate(zip(ids, ids[1:])):
+                r = ranks.get(pair)
+                if r is not None and (best is None or r < best):
+                    best, at = r, i
+            if best is None:
+                break
+            ids[at:at + 2] = [best]
+        return tuple(ids)
+
+    def encode(self, text):
+        """Ids of ordinary text. Special-token strings in it (say "<|bos|>") are encoded as plain text."""
+        return list(itertools.chain.from_iterable(map(self._cache.__getitem__, split(text, self.pattern))))
+
+    def encode_batch(self, texts, num_proc=0):
+        """encode() of each text, over num_proc processes (0: both cores when the batch is big enough)."""
+        texts = list(texts)
+        if num_proc == 0:
+            num_proc = min(2, os.cpu_count() or 1) if sum(map(len, texts)) > 1 << 22 else 1
+        if num_proc <= 1 or len(texts) < 2:
+            return [self.encode(t) for t in texts]
+        with mp.Pool(num_proc, _init_worker, (self._state(),)) as pool:
+            return pool.map(_encode_worker, texts, chunksize=max(1, len(texts) // (16 * num_proc)))
+
+    def encode_special(self, name):
+        if name not in self._special:
+            raise KeyError(f"unknown special token {name!r}; the special tokens are {self.special_tokens}")
+        return self._special[name]
+
+    def decode_bytes(self, ids):
+        return b"".join(map(self._decode.__getitem__, ids))
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _state(self):
+        return {"version": VERSION, "pattern": self.pattern, "merges": [list(m) for m in self.merges],
+                "special_tokens": self.special_tokens, "token_bytes": self.token_bytes}
+
+    def _json(self):  # canonical: the saved file is exactly these bytes
+        return json.dumps(self._state(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @property
+    def hash(self):
+        """sha256 of the saved file; checkpoints record it so a model never meets the wrong tokenizer."""
+        return hashlib.sha256(self._json()).hexdigest()
+
+    def save(self, path):
+        """Write path/tokenizer.json (or path itself if it ends in .json), atomically; returns the file."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(self._json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Load a tokenizer.json (path is the file or its directory)."""
+        path = Path(path)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"{path}: no tokenizer here; train one with `python tokenizer.py train`")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict) or d.get("version") != VERSION:
+                raise ValueError(f"not a version {VERSION} tokenizer file")
+            if not (isinstance(d["pattern"], str) and all(isinstance(s, str) for s in d["special_tokens"])
+                    and isinstance(d["merges"], list) and all(len(m) == 2 and all(type(x) is int for x in m) for m in d["merges"])):
+                raise ValueError("pattern, merges or special_tokens have the wrong type")
+            tok = cls(d["merges"], d["pattern"], d["special_tokens"])
+            if d.get("token_bytes", tok.token_bytes) != tok.token_bytes:
+                raise ValueError("token_bytes do not match the merges")
+        except (ValueError, KeyError, TypeError, regex.error) as e:
+            raise DataError(f"{path}: not a valid tokenizer file ({e}); retrain with `python tokenizer.py train`") from None
+        return tok
+
+    def __reduce__(self):  # pickled (for worker processes) as its JSON state, never as code
+        return _from_state, (self._state(),)
+
+
+def _from_state(d):
+    return Tokenizer(d["merges"], d["pattern"], d["special_tokens"])
+
+
+_worker = None
+
+
+def _init_worker(state):
+    global _worker
+    _worker = _from_state(state)
+
+
+def _encode_worker(text):
+    return _worker.encode(text)
+
+# -----------------------------------------------------------------------------
+# the chat format: the one definition every later stage uses
+# <|bos|> <|user_start|>text<|user_end|> <|assistant_start|>text<|assistant_end|> ...
+# An assistant turn may hold tool calls: <|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>.
+# The loss mask is 1 exactly on what the assistant writes (text, tool calls, <|assistant_end|>), and 0 on
+# what it reads: <|bos|>, user turns, <|assistant_start|> and tool outputs.
+
+PART_TYPES = ("text", "python", "python_output")
+
+
+def check_conversation(conversation):
+    """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the
+    first user turn. Raises ValueError saying what is wrong."""
+    msgs = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError('expected {"messages": [...]} with at least one message')
+    system = msgs[0].get("content") if isinstance(msgs[0], dict) and msgs[0].get("role") == "system" else None
+    turns = []
+    for i, m in enumerate(msgs[1:] if system is not None else msgs, 1 if system is not None else 0):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        want = "assistant" if len(turns) % 2 else "user"
+        if role != want:
+            raise ValueError(f"message {i} has role {role!r} where {want!r} was expected "
+                             "(roles alternate user/assistant, after an optional system message)")
+        ok_parts = isinstance(content, list) and role == "assistant" and all(
+            isinstance(p, dict) and p.get("type") in PART_TYPES and isinstance(p.get("text"), str) for p in content)
+        if not (isinstance(content, str) or ok_parts):
+            raise ValueError(f"message {i} ({role}): content must be a string"
+                             + (' or a list of {"type": "text"|"python"|"python_output", "text": str}'
+                                if role == "assistant" else ""))
+        turns.append((role, content))
+    if system is not None:
+        if not isinstance(system, str) or not turns:
+            raise ValueError("the system message must be a string and be followed by a user message")
+        turns[0] = ("user", system + "\n\n" + turns[0][1])
+    return turns
+
+
+def _render(tok, conversation, max_tokens=2048):
+    ids, mask = [], []
+    def add(toks, m):
+        ids.extend(toks)
+        mask.extend([m] * len(toks))
+    sp = tok.encode_special
+    add([tok.bos_id], 0)
+    for role, content in check_conversation(conversation):
+        if role == "user":
+            add([sp("<|user_start|>"), *tok.encode(content), sp("<|user_end|>")], 0)
+            continue
+        add([sp("<|assistant_start|>")], 0)
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            text = tok.encode(part["text"])
+            if part["type"] == "text":
+                add(text, 1)
+            elif part["type"] == "python":
+                add([sp("<|python_start|>"), *text, sp("<|python_end|>")], 1)
+            else:  # the tool's output: read, not written, by the assistant
+                add([sp("<|output_start|>"), *text, sp("<|output_end|>")], 0)
+        add([sp("<|assistant_end|>")], 1)
+    return ids[:max_tokens], mask[:max_tokens]
+
+
+def _render_for_completion(tok, conversation):
+    check_conversation(conversation)
+    msgs = conversation["messages"]
+    if msgs[-1]["role"] == "assistant":  # the reply to generate
+        msgs = msgs[:-1]
+    ids, _ = _render(tok, {"messages": msgs}, max_tokens=sys.maxsize)
+    return ids + [tok.encode_special("<|assistant_start|>")]
+
+
+Tokenizer.render_conversation = _render
+Tokenizer.render_conversation.__doc__ = "(ids, mask) of a conversation, cut to max_tokens; mask 1 = assistant wrote it."
+Tokenizer.render_for_completion = _render_for_completion
+Tokenizer.render_for_completion.__doc__ = "Ids priming the assistant's reply (a final assistant message is dropped)."
+
+
+def render_mc(question, choices):
+    """The user prompt of a multiple-choice question; the assistant answers with the letter alone."""
+    options = "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(choices))
+    return f"{question}\n\n{options}\n\nAnswer with the letter."
+
+
+def read_conversations(path, skip_bad=False):
+    """(conversations, n_bad) from a JSONL file of {"messages": [...]}. A bad line raises DataError naming
+    path:line, unless skip_bad, which skips and counts it."""
+    convs, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                conv = json.loads(line)
+                check_conversation(conv)
+            except ValueError as e:
+                if not skip_bad:
+                    what = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    raise DataError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
+                bad += 1
+                continue
+            convs.append(conv)
+    return convs, bad
+
+# -----------------------------------------------------------------------------
+# corpus readers: documents from .jsonl ("text"), .parquet (column "text") or .txt files
+
+
+def iter_documents(path):
+    """The documents of one corpus file. A .txt file holds documents separated by lines reading
+    <|endoftext|> (as TinyStories) or, if its first MB has no such line, by blank lines."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    text = json.loads(line)["text"] if line.strip() else ""
+                except (ValueError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):
+                    raise DataError(f'{path}:{n}: expected a JSON object with a "text" string')
+                if text:
+                    yield text
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # only needed for parquet corpora
+        pf = pq.ParquetFile(path)
+        for i in range(pf.num_row_groups):
+            yield from pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+    elif path.suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            eot = re.search(r"^<\|endoftext\|>\s*$", f.read(1 << 20), re.M) is not None
+            f.seek(0)
+            doc = []
+            for line in itertools.chain(f, [""]):  # "" flushes the last document
+                if line == "" or (line.strip() == "<|endoftext|>" if eot else not line.strip()):
+                    if "".join(doc).strip():
+                        yield "".join(doc).strip()
+                    doc = []
+                else:
+                    doc.append(line)
+    else:
+        raise DataError(f"{path}: unknown corpus format (expected .jsonl, .parquet or .txt)")
+
+# -----------------------------------------------------------------------------
+# command line: train | eval
+
+SNIPPETS = {
+    "prose": "The old lighthouse keeper climbed the stairs each evening, counting the steps as his father had "
+             "taught him, and watched the ships pass in the fading light.",
+    "code": "def fib(n: int) -> int:\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "math": "If 3x + 7 = 25, then x = 6; the area is pi * r**2 = 3.14159 * 12.5**2 = 490.87 (to 2 d.p.).",
+    "non-English": "Der schnelle braune Fuchs springt über den faulen Hund. 東京は日本の首都です。 "
+                   "Быстрая коричневая лиса прыгает через ленивую собаку.",
+}
+
+
+def corpus_files(split="train"):
+    files = sorted(p for p in (base_dir() / "data" / "pretrain" / split).glob("*")
+                   if p.suffix in (".jsonl", ".parquet", ".txt"))
+    if not files and split == "train":
+        sys.exit(f"no corpus in {base_dir() / 'data' / 'pretrain' / split}: create it with `python data/corpus.py`")
+    return files
+
+
+def corpus_texts(files, max_chars=-1, doc_cap=-1):
+    """The documents of files, each cut to doc_cap characters, until max_chars are read (-1 = no limit)."""
+    n = 0
+    for path in files:
+        for doc in iter_documents(path):
+            doc = doc[:doc_cap] if doc_cap > 0 else doc
+            yield doc
+            n += len(doc)
+            if 0 < max_chars <= n:
+                return
+
+
+def _eval(args):
+    tok = Tokenizer.load(base_dir() / "tokenizer")
+    files = corpus_files("train") + corpus_files("val")
+    sample = list(corpus_texts(files[:1], 2_000_000))  # smaller vocabularies to compare with, trained on the fly
+    toks = {f"ours {tok.vocab_size}": tok}
+    for v in (tok.vocab_size // 4, tok.vocab_size // 16):
+        if v >= 512:
+            print(f"training a {v} vocabulary on {sum(map(len, sample)):,} chars for comparison")
+            toks[f"bpe {v}"] = Tokenizer.train(sample, v)
+    texts = dict(SNIPPETS)
+    for f in files:
+        texts[f"{f.parent.name}/{f.name}"] = list(corpus_texts([f], args.max_chars))
+    print(f"{'bytes per token':30s}" + "".join(f"{name:>14s}" for name in toks))
+    for name, text in texts.items():
+        docs = [text] if isinstance(text, str) else text
+        nbytes = sum(len(d.encode("utf-8", "replace")) for d in docs)
+        ntoks = [sum(map(len, t.encode_batch(docs))) for t in toks.values()]
+        print(f"{name[:30]:30s}" + "".join(f"{nbytes / max(n, 1):14.2f}" for n in ntoks))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Train or evaluate the flatchat tokenizer.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train on $FLATCHAT_HOME/data/pretrain/train/*")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in all: 256 bytes + merges + 9 specials")
+    p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop reading after this many chars (-1 = all)")
+    p.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many chars per document (-1 = all)")
+    p.add_argument("--num-proc", type=int, default=2, help="processes for splitting and counting")
+    p = sub.add_parser("eval", help="bytes/token on the corpus and fixed snippets, versus smaller vocabularies")
+    p.add_argument("--max-chars", type=int, default=5_000_000, help="chars read per corpus file (-1 = all)")
+    args = parser.parse_args()
+    try:
+        if args.cmd == "train":
+            t0 = time.time()
+            texts = corpus_texts(corpus_files("train"), args.max_chars, args.doc_cap)
+            tok = Tokenizer.train(texts, args.vocab_size, num_proc=args.num_proc, verbose=True)
+            path = tok.save(base_dir() / "tokenizer")
+            print(f"saved {path} (vocab {tok.vocab_size:,}, hash {tok.hash[:12]}) in {time.time() - t0:.1f} s")
+        else:
+            _eval(args)
+    except DataError as e:
+        sys.exit(str(e))
