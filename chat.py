@@ -6,16 +6,18 @@ chat.py: talk to a flatchat checkpoint in the terminal, and watch training runs 
     python chat.py -p "What is 12*3?"         # one reply on stdout, no TUI (for scripts and pipes)
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
-Keys in the TUI. Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t and
-ctrl+o cycle the temperature and top-k, ctrl+s switches to the next stage that has a checkpoint.
-ctrl+l toggles the Training tab: a loss curve per stage, the latest step, lr, tok/s, eta and eval results,
-tailed from logs/*.jsonl while a run in another terminal appends to them. ctrl+q quits.
+Keys. Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o cycle
+the temperature / top-k, ctrl+s switches to the next stage that has a checkpoint. ctrl+l toggles the Training
+tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval results, tailed from logs/*.jsonl while
+a run in another terminal appends to them. ctrl+q quits.
 A base (pretrain) checkpoint knows no chat format: each message is continued as plain text.
 """
 
 import argparse
 import codecs
+import contextlib
 import json
+import math
 import sys
 import threading
 import time
@@ -35,16 +37,11 @@ from tokenizer import SPECIAL_TOKENS, base_dir
 STAGES = list(STAGE_COMMANDS)  # pipeline order: pretrain, midtrain, sft, rl; the last one present wins
 
 
-def available_stages():
-    return [s for s in STAGES if latest_step(s) is not None]
-
-
 def load(stage=None, step=None, device="cpu"):
     """(stage, model, tokenizer, meta) of a checkpoint, by default the newest stage's latest step.
     With no checkpoint at all, pretrain's UserError names the command that creates the first one."""
-    stage = stage or (available_stages() or ["pretrain"])[-1]
-    model, tok, meta = load_model(stage, device, step)
-    return stage, model, tok, meta
+    stage = stage or ([s for s in STAGES if latest_step(s) is not None] or ["pretrain"])[-1]
+    return stage, *load_model(stage, device, step)
 
 
 def build_prompt(tok, messages, context, room, chat=True):
@@ -66,15 +63,16 @@ def build_prompt(tok, messages, context, room, chat=True):
 
 
 class Reply:
-    """Generated ids -> display text as they arrive, and -> message parts for the history.
-    Bytes go through an incremental UTF-8 decoder, so a character split over tokens is never garbled.
-    A calculator call shows as `[calc: 12*3 = 36]`."""
+    """Generated ids -> display text as they arrive, and -> message parts for the history. Bytes go through
+    an incremental UTF-8 decoder, so a character split over tokens is never garbled. A calculator call
+    shows as `[calc: 12*3 = 36]`."""
 
     MARKS = {"<|python_start|>": ("python", "[calc: "), "<|python_end|>": ("python_end", ""),
              "<|output_start|>": ("python_output", " = "), "<|output_end|>": ("text", "]")}
 
-    def __init__(self, tok):
+    def __init__(self, tok, prompt_len=0):
         self.tok, self.kind, self.text, self.parts, self.n, self.done = tok, "text", "", [], 0, False
+        self.prompt_len, self.t0, self.t_first = prompt_len, time.time(), None
         self.marks = {tok.encode_special(name): v for name, v in self.MARKS.items()}
         self.stops = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
         self.specials = {tok.encode_special(name) for name in SPECIAL_TOKENS}
@@ -82,8 +80,7 @@ class Reply:
 
     def add(self, t):
         """Feed one token id; returns the text it adds ("" while a character is still incomplete)."""
-        self.n += 1
-        out = ""
+        self.n, self.t_first, out = self.n + 1, self.t_first or time.time(), ""
         if self.kind == "python_end" and self.marks.get(t, ("",))[0] != "python_output":
             out, self.kind = "]", "text"  # the calculator had no answer: close the bracket
         if t in self.stops:
@@ -101,12 +98,15 @@ class Reply:
         return self._part(self.utf8.decode(b"", final=True))
 
     def _part(self, s):
+        if s and (not self.parts or self.parts[-1]["type"] != self.kind):
+            self.parts.append({"type": self.kind, "text": ""})
         if s:
-            kind = "text" if self.kind == "python_end" else self.kind
-            if not self.parts or self.parts[-1]["type"] != kind:
-                self.parts.append({"type": kind, "text": ""})
             self.parts[-1]["text"] += s
         return s
+
+    def stats(self):
+        speed = (self.n - 1) / max(time.time() - self.t_first, 1e-6) if self.n > 1 else 0.0
+        return f"first token {self.t_first - self.t0:.2f} s | {speed:.1f} tok/s" if self.n else ""
 
     def message(self):
         plain = all(p["type"] == "text" for p in self.parts)
@@ -118,8 +118,7 @@ def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.
     The prompt is trimmed to leave room for the reply, and the reply stops at the end of the context."""
     context = model.config.sequence_len
     ids = build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
-    reply = Reply(tok)
-    reply.prompt_len = len(ids)
+    reply = Reply(tok, len(ids))
     for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))),
                               temperature=temperature, top_k=top_k or None, seed=seed, tokenizer=tok):
         yield reply.add(tokens[0]), reply
@@ -132,44 +131,32 @@ def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.
 def tail_jsonl(path, offset):
     """New complete rows of a JSONL log since byte `offset`: (rows, new offset, restarted). A torn last
     line (the writer is mid-append) waits for the next call; a rewritten file (a fresh run) starts over."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(offset - 1, 0))
-            data = f.read()
-    except FileNotFoundError:
-        return [], 0, offset > 0
-    restarted = offset > 0 and data[:1] != b"\n"  # shorter, or other bytes where our last line ended
-    if restarted:
-        offset, data = 0, open(path, "rb").read()
-    elif offset > 0:
-        data = data[1:]
+    with open(path, "rb") as f:
+        f.seek(max(offset - 1, 0))
+        data = f.read()
+    if offset > 0 and data[:1] != b"\n":  # not where our last line ended: the file was rewritten
+        return *tail_jsonl(path, 0)[:2], True
+    data = data[1:] if offset > 0 else data
     end = data.rfind(b"\n") + 1
     rows = []
     for line in data[:end].splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line torn by a killed writer: skip it
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line torn by a killed writer: the next rows still count
-    return [r for r in rows if isinstance(r, dict) and "step" in r], offset + end, restarted
+    return [r for r in rows if isinstance(r, dict) and "step" in r], offset + end, False
 
 
-def fmt_secs(s):
-    return f"{s / 3600:.1f}h" if s >= 3600 else f"{int(s) // 60}m{int(s) % 60:02d}s"
-
-
-def fmt_train_row(row):
-    """`step 120/2000 | loss 3.4120 | lr 1.20e-03 | 52,000 tok/s | eta 3m20s`; eta only with num_steps."""
+def fmt_row(row):
+    """A training row as `step 120/2000 | loss 3.4120 | lr 1.20e-03 | 52,000 tok/s | eta 3m20s` (eta when the
+    row has num_steps), an eval row as `eval @ step 100: val_bpb 1.234 | ...`."""
+    if "loss" not in row:
+        return f"eval @ step {row['step']}: " + " | ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k not in ("step", "time"))
     total = row.get("num_steps")
     line = f"step {row['step']}" + (f"/{total}" if total else "") + f" | loss {row['loss']:.4f}"
     line += f" | lr {row['lr']:.2e}" if "lr" in row else ""
     line += f" | {row['tok_per_s']:,.0f} tok/s" if "tok_per_s" in row else ""
-    return line + (f" | eta {fmt_secs((total - row['step']) * row.get('dt', 0))}" if total else "")
-
-
-def fmt_eval_row(row):
-    metrics = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-               if k not in ("step", "time")]
-    return f"eval @ step {row['step']}: " + " | ".join(metrics)
+    eta = (total - row["step"]) * row.get("dt", 0) if total else None
+    return line + (f" | eta {int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None else "")
 
 
 # -----------------------------------------------------------------------------
@@ -188,16 +175,14 @@ class ChatApp(App):
     .note { color: $text-muted; margin-top: 1; }
     #status { height: 1; background: $boost; padding: 0 1; }
     .stage { height: auto; margin-bottom: 1; }
-    .title { text-style: bold; }
     .stage Sparkline { height: 4; }
     """
-    BINDINGS = [Binding("escape", "stop", "stop"),
-                Binding("ctrl+n", "new_chat", "new chat", priority=True),
-                Binding("ctrl+t", "temperature", "temperature", priority=True),
-                Binding("ctrl+o", "top_k", "top-k", priority=True),
+    BINDINGS = [Binding("escape", "stop", "stop"), Binding("ctrl+n", "new_chat", "new chat", priority=True),
+                Binding("ctrl+t", "cycle('temperature')", "temperature", priority=True),
+                Binding("ctrl+o", "cycle('top_k')", "top-k", priority=True),
                 Binding("ctrl+s", "next_stage", "stage", priority=True),
                 Binding("ctrl+l", "toggle_view", "chat/training", priority=True)]
-    TEMPERATURES, TOP_KS = [0.0, 0.3, 0.6, 0.9, 1.2], [1, 5, 20, 50, 200, 0]
+    CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0]}  # what ^t, ^o cycle
 
     def __init__(self, stage, model, tok, meta, device="cpu", max_tokens=256, temperature=0.6, top_k=50, seed=42):
         super().__init__()
@@ -205,7 +190,7 @@ class ChatApp(App):
         self.max_tokens, self.temperature, self.top_k, self.seed = max_tokens, temperature, top_k, seed
         self.messages, self.replies, self.speed, self.prompt_len, self.chat_id = [], 0, "", 0, 0
         self.busy, self.stop_event = False, threading.Event()
-        self.log_dir, self.logs = base_dir() / "logs", {}  # stage -> {offset, losses, widgets}
+        self.log_dir, self.logs = base_dir() / "logs", {}  # stage -> its offset, losses, evals, widgets
 
     def compose(self):
         with TabbedContent(initial="chat"):
@@ -219,25 +204,24 @@ class ChatApp(App):
 
     def on_mount(self):
         self.show_status()
-        self.query_one(Input).focus()
+        self.query_one("#input").focus()
         self.poll_logs()
         self.set_interval(0.5, self.poll_logs)
 
     def show_status(self):
-        mode = "completion" if self.stage == "pretrain" else "chat"
-        parts = [f"{self.stage} step {self.meta['step']} ({mode})", f"temperature {self.temperature}",
-                 f"top-k {self.top_k or 'off'}", f"context {self.prompt_len}/{self.model.config.sequence_len}",
-                 self.speed, "generating (esc stops)" if self.busy else ""]
+        parts = [f"{self.stage} step {self.meta['step']} ({'completion' if self.stage == 'pretrain' else 'chat'})",
+                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}",
+                 f"context {self.prompt_len}/{self.model.config.sequence_len}", self.speed,
+                 "generating (esc stops)" if self.busy else ""]
         self.query_one("#status", Static).update(" | ".join(p for p in parts if p))
 
     def add_message(self, text, kind):
         box = self.query_one("#messages", VerticalScroll)
-        widget = Static(text, classes=kind, markup=False)
-        box.mount(widget)
+        box.mount(widget := Static(text, classes=kind, markup=False))
         box.scroll_end(animate=False)
         return widget
 
-    # --- chat: a worker thread streams the reply, the UI takes the text every ~50 ms
+    # --- chat: a worker thread streams the reply, the UI takes the text every ~50 ms, not per token
 
     def on_input_submitted(self, event):
         text = event.value.strip()
@@ -246,17 +230,16 @@ class ChatApp(App):
         event.input.value = ""
         self.messages.append({"role": "user", "content": text})
         self.add_message(text, "user")
-        out = self.add_message("", "assistant")
         self.busy = True
         self.stop_event.clear()
+        out = self.add_message("", "assistant")
         self.respond(out, list(self.messages), self.seed + self.replies, self.chat_id)  # reply n: seed + n
         self.replies += 1
         self.show_status()
 
     @work(thread=True, exclusive=True, group="generate")
     def respond(self, out, messages, seed, chat_id):
-        t0 = last = time.time()
-        reply = None
+        last, reply = time.time(), None
         try:
             for _, reply in stream_reply(self.model, self.tok, messages, self.stage != "pretrain",
                                          self.max_tokens, self.temperature, self.top_k, seed):
@@ -264,16 +247,16 @@ class ChatApp(App):
                     break
                 if time.time() - last > 0.05:
                     last = time.time()
-                    self.call_from_thread(self.show_reply, out, reply, t0, None)
+                    self.call_from_thread(self.show_reply, out, reply, None)
         except Exception as e:  # a bug must not take the conversation down with it
             self.call_from_thread(self.add_message, f"error: {type(e).__name__}: {e}", "note")
-        self.call_from_thread(self.show_reply, out, reply, t0, chat_id)
+        self.call_from_thread(self.show_reply, out, reply, chat_id)
 
-    def show_reply(self, out, reply, t0, chat_id):
+    def show_reply(self, out, reply, chat_id):
         """Show the reply so far (chat_id None) or the finished one, kept in its conversation's history."""
         if reply is not None:
             out.update(reply.text + (" ▌" if chat_id is None else ""))
-            self.speed, self.prompt_len = f"{reply.n / max(time.time() - t0, 1e-6):.1f} tok/s", reply.prompt_len
+            self.speed, self.prompt_len = reply.stats(), reply.prompt_len
         if chat_id is not None:
             if chat_id == self.chat_id:  # not after ctrl+n started another conversation
                 self.messages.append(reply.message() if reply else {"role": "assistant", "content": ""})
@@ -286,21 +269,16 @@ class ChatApp(App):
 
     def action_new_chat(self):
         self.stop_event.set()
-        self.messages, self.chat_id = [], self.chat_id + 1
+        self.messages, self.chat_id, self.prompt_len, self.speed = [], self.chat_id + 1, 0, ""
         self.query_one("#messages", VerticalScroll).remove_children()
-        self.prompt_len, self.speed = 0, ""
         self.show_status()
 
-    def action_temperature(self):
-        self.temperature = cycle(self.TEMPERATURES, self.temperature)
-        self.show_status()
-
-    def action_top_k(self):
-        self.top_k = cycle(self.TOP_KS, self.top_k)
+    def action_cycle(self, name):
+        setattr(self, name, cycle(self.CHOICES[name], getattr(self, name)))
         self.show_status()
 
     def action_next_stage(self):
-        stages = available_stages()
+        stages = [s for s in STAGES if latest_step(s) is not None]
         if self.busy or not stages:
             return
         self.busy = True
@@ -312,16 +290,13 @@ class ChatApp(App):
         try:
             loaded = load(stage, None, self.device)
         except UserError as e:
-            loaded = e
-        self.call_from_thread(self.use_model, loaded)
+            return self.call_from_thread(self.use_model, None, f"error: {e}")
+        self.call_from_thread(self.use_model, loaded, f"--- now {stage} step {loaded[3]['step']} ---")
 
-    def use_model(self, loaded):
-        if isinstance(loaded, UserError):
-            self.add_message(f"error: {loaded}", "note")
-        else:
-            self.stage, self.model, self.tok, self.meta = loaded
-            self.add_message(f"--- now {self.stage} step {self.meta['step']} ---", "note")
+    def use_model(self, loaded, note):
+        self.stage, self.model, self.tok, self.meta = loaded or (self.stage, self.model, self.tok, self.meta)
         self.busy = False
+        self.add_message(note, "note")
         self.show_status()
 
     def action_toggle_view(self):
@@ -335,15 +310,23 @@ class ChatApp(App):
         order = lambda p: (STAGES.index(p.stem) if p.stem in STAGES else len(STAGES), p.stem)
         for path in sorted(self.log_dir.glob("*.jsonl"), key=order):
             log = self.logs.get(path.stem) or self.add_log(path.stem)
-            rows, log["offset"], restarted = tail_jsonl(path, log["offset"])
+            try:
+                rows, log["offset"], restarted = tail_jsonl(path, log["offset"])
+            except OSError:  # deleted between glob and open
+                continue
             if restarted:
                 log["losses"], log["evals"] = [], []
             for row in rows:
-                if isinstance(row.get("loss"), (int, float)):
+                try:
+                    line = fmt_row(row)
+                except (TypeError, ValueError, KeyError):  # a row of unexpected types: shown raw
+                    line = json.dumps(row)
+                if "loss" not in row:
+                    log["evals"].append(line)
+                    continue
+                log["line"] = line
+                if isinstance(row["loss"], (int, float)) and math.isfinite(row["loss"]):
                     log["losses"].append(row["loss"])
-                    log["line"] = fmt_train_row(row)
-                else:
-                    log["evals"].append(fmt_eval_row(row))
             if rows or restarted:
                 title, spark, evals = log["widgets"]
                 title.update(f"{path.stem}  {log['line']}")
@@ -351,7 +334,7 @@ class ChatApp(App):
                 evals.update("\n".join(log["evals"][-8:]))
 
     def add_log(self, stage):
-        widgets = (Static(stage, classes="title", markup=False), Sparkline([]), Static("", markup=False))
+        widgets = (Static(stage, markup=False), Sparkline([]), Static("", markup=False))
         self.query_one("#stages").mount(Vertical(*widgets, classes="stage"))
         self.query_one("#nologs").display = False
         self.logs[stage] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
@@ -359,7 +342,7 @@ class ChatApp(App):
 
 
 # -----------------------------------------------------------------------------
-# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), run
+# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then -p or the TUI
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Chat with a flatchat checkpoint (Textual TUI) or answer one prompt.")
@@ -368,6 +351,7 @@ if __name__ == "__main__":
                         help="checkpoint stage (default: the newest that exists, rl > sft > midtrain > pretrain)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the stage's latest)")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: autodetect)")
+    parser.add_argument("--stats", action="store_true", help="with -p: print first-token latency and tok/s to stderr")
     # sampling
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens in a reply (the context caps it too)")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
@@ -380,11 +364,13 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if args.prompt is not None:
-        for piece, _ in stream_reply(model, tok, [{"role": "user", "content": args.prompt}], stage != "pretrain",
-                                     args.max_tokens, args.temperature, args.top_k, args.seed):
-            print(piece, end="", flush=True)
-        print()
-    else:
+    if args.prompt is None:
         ChatApp(stage, model, tok, meta, model.get_device(), args.max_tokens, args.temperature, args.top_k,
                 args.seed).run()
+        sys.exit(0)
+    for piece, reply in stream_reply(model, tok, [{"role": "user", "content": args.prompt}], stage != "pretrain",
+                                     args.max_tokens, args.temperature, args.top_k, args.seed):
+        print(piece, end="", flush=True)
+    print()
+    if args.stats:
+        print(f"{stage} step {meta['step']} | {reply.n} tokens | {reply.stats()}", file=sys.stderr)

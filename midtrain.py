@@ -11,6 +11,7 @@ writes checkpoints/midtrain/step_N and logs/midtrain.jsonl.
 """
 
 import argparse
+import json
 import math
 import random
 import time
@@ -18,8 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch,
-                   JsonlLogger, load_checkpoint, load_model, print0, save_checkpoint)
+from model import (UserError, compute_cleanup, compute_init, evaluate_loss, generate_batch,
+                   JsonlLogger, load_model, print0, save_checkpoint, step_backward)
 from tokenizer import base_dir, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -38,6 +39,7 @@ parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW l
 parser.add_argument("--init-lr-frac", type=float, default=1.0, help="all learning rates x this")
 parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay to 0")
 # data
+parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file, to see what the loop trains on")
 parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
 parser.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
 # evaluation, checkpoints
@@ -119,9 +121,9 @@ class Lane:
 
     def __init__(self, convs, lane, n_lanes, state=None, buffer_size=16):
         self.convs, self.lane, self.n_lanes, self.buffer_size = convs, lane, n_lanes, buffer_size
-        self.pos, self.pieces, self._orders = 0, [], {}
+        self.pos, self.pieces, self._orders, self.skipped = 0, [], {}, 0
         if state:
-            self.pos = state["pos"]
+            self.pos, self.skipped = state["pos"], state["skipped"]
             self.pieces = [(p, *render(self._conv(p))) for p in state["pieces"]]
 
     def _conv(self, pos):
@@ -130,14 +132,22 @@ class Lane:
             self._orders = {epoch: random.Random(args.seed + epoch).sample(range(len(self.convs)), len(self.convs))}
         return self.convs[self._orders[epoch][i]]
 
+    def _pull(self):  # the next conversation with at least one target (not all cut off by T)
+        for _ in range(len(self.convs)):
+            ids, tgt = render(self._conv(self.pos))
+            self.pos += 1
+            if any(t >= 0 for t in tgt):
+                return self.pieces.append((self.pos - 1, ids, tgt))
+            self.skipped += 1
+        raise UserError(f"no conversation keeps an assistant token within --max-seq-len {T}: raise it")
+
     def batch(self):
         xs, ys = [], []
         for _ in range(B):
             ids, tgt = [], []
             while True:
                 while len(self.pieces) < self.buffer_size:
-                    self.pieces.append((self.pos, *render(self._conv(self.pos))))
-                    self.pos += 1
+                    self._pull()
                 fits = [p for p in self.pieces if len(p[1]) <= T + 1 - len(ids)]
                 if not fits:
                     break
@@ -151,7 +161,7 @@ class Lane:
         return torch.tensor(xs, device=device), torch.tensor(ys, device=device)
 
     def state(self):
-        return {"pos": self.pos, "pieces": [p[0] for p in self.pieces]}
+        return {"pos": self.pos, "pieces": [p[0] for p in self.pieces], "skipped": self.skipped}
 
 
 n_lanes = world * grad_accum
@@ -178,11 +188,11 @@ def val_batches():  # the same val rows every time
 start_step = src_meta["step"] if args.resume else 0
 logger = JsonlLogger("midtrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
 flops_per_token = model.estimate_flops()
-val_loss = None
+val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # the eval of the resumed step ran before its save
 t_start = time.time()
 for step in range(start_step, num_steps + 1):
     last = step == num_steps
-    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+    if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
         model.eval()
         val_loss = evaluate_loss(model, val_batches())["loss"]
         print0(f"step {step}/{num_steps} | val loss {val_loss:.4f}")
@@ -205,27 +215,22 @@ for step in range(start_step, num_steps + 1):
         break
 
     t0 = time.time()
-    loss_sum = torch.zeros((), device=device)
-    for lane in lanes:
-        x, y = lane.batch()
-        with amp_ctx(device):
-            loss = model(x, y)
-        (loss / grad_accum).backward()
-        loss_sum += loss.detach()
+    batches = [lane.batch() for lane in lanes]
+    if args.dump_batches:
+        with open(args.dump_batches, "a") as f:
+            f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
+    train_loss = step_backward(model, batches)
     warmdown = max(1, round(args.warmdown_ratio * num_steps))
     lrm = min(1.0, (num_steps - step) / warmdown)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    if ddp:
-        dist.all_reduce(loss_sum)
-    train_loss = loss_sum.item() / (grad_accum * world)
     if not math.isfinite(train_loss):
         raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped; the last good checkpoint is intact. "
                          "Lower --init-lr-frac and rerun")
     logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr * lr_frac, time.time() - t0,
-                      args.total_batch_size, flops_per_token)
+                      args.total_batch_size, flops_per_token, skipped=sum(lane.skipped for lane in lanes))
 
 # a few answers from the final model, to see what it learned
 if master:

@@ -27,8 +27,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -366,6 +365,26 @@ def evaluate_loss(model, batches, token_bytes=None):
     return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
 
 
+def step_backward(model, batches):
+    """Backward the mean loss over every target token of one optimizer step: all micro-batches of all
+    ranks weigh each token the same (a micro-batch without targets adds zero, never a nan). Returns
+    that mean loss, the same float on every rank."""
+    device = model.get_device()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    n = sum((y >= 0).sum() for _, y in batches).double()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(n)
+    for x, y in batches:
+        with amp_ctx(device):
+            loss = model(x, y, loss_reduction="none").sum() / n.clamp(min=1)
+        (loss * world).backward()  # x world: the optimizer averages gradients over ranks
+        total += loss.detach()
+    if world > 1:
+        dist.all_reduce(total)
+    return total.item()
+
+
 class _Row:
     """Per-sample state: tokens the tool forces next, the python expression being written, done."""
 
@@ -529,7 +548,7 @@ class JsonlLogger:
         more = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
         print0(f"step {step}/{num_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:,.0f} ms | "
                f"{tok_per_s:,.0f} tok/s | {speed}{more}")
-        self.log(step=step, loss=loss, lr=lr, dt=dt, tok_per_s=tok_per_s, gflops=flops / 1e9,
+        self.log(step=step, num_steps=num_steps, loss=loss, lr=lr, dt=dt, tok_per_s=tok_per_s, gflops=flops / 1e9,
                  **({"mfu": flops / (peak * self.world)} if peak else {}), **extra)
 
 
@@ -588,15 +607,27 @@ def save_checkpoint(stage, step, model, optimizer, meta, keep=None):
     _fsync_dir(root)
     shutil.rmtree(old, ignore_errors=True)
     if keep:
-        for d in sorted(root.glob("step_*"))[:-keep]:
+        for _, _, d in _complete(stage)[:-keep]:
             shutil.rmtree(d, ignore_errors=True)
     return final
 
 
+def _complete(stage):
+    """Complete checkpoints (renamed into place, meta.json inside), oldest save first: [(saved_at, step, dir)]."""
+    found = []
+    for d in stage_dir(stage).glob("step_*"):
+        try:
+            found.append((json.loads((d / "meta.json").read_text())["saved_at"], int(d.name[5:]), d))
+        except (OSError, ValueError, KeyError):
+            pass  # not complete, or not ours
+    return sorted(found)
+
+
 def latest_step(stage):
-    """The newest complete checkpoint's step (only renamed-into-place dirs count), or None."""
-    steps = [int(d.name[5:]) for d in stage_dir(stage).glob("step_*") if (d / "meta.json").exists()]
-    return max(steps) if steps else None
+    """The step of the most recently saved complete checkpoint (a fresh shorter run wins over an older
+    longer one), or None."""
+    found = _complete(stage)
+    return found[-1][1] if found else None
 
 
 def _torch_load(path, device):

@@ -12,15 +12,13 @@ tokenizer (`python tokenizer.py train`); writes checkpoints/pretrain/step_N and 
 
 import argparse
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from model import (GPT, GPTConfig, UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss,
-                   generate_batch, JsonlLogger, load_checkpoint, load_tokenizer, print0, save_checkpoint)
+from model import (GPT, GPTConfig, UserError, compute_cleanup, compute_init, evaluate_loss,
+                   generate_batch, JsonlLogger, step_backward, load_checkpoint, load_tokenizer, print0, save_checkpoint)
 from tokenizer import base_dir, iter_documents
 
 # -----------------------------------------------------------------------------
@@ -229,11 +227,11 @@ def muon_momentum(step):  # 0.85 -> 0.95 over the first 300 steps
 # Training loop: eval, sample and save at the top of a step; the last iteration only does those
 logger = JsonlLogger("pretrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
 prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "If 5 apples cost 10 dollars,"]
-val_bpb, min_val_bpb = None, float("inf")
+val_bpb, min_val_bpb = (resume_meta["metrics"]["val_bpb"], resume_meta["metrics"]["min_val_bpb"]) if resume_meta else (None, float("inf"))
 t_start = time.time()
 for step in range(start_step, num_steps + 1):
     last = step == num_steps
-    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+    if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
         model.eval()
         val_bpb = evaluate_loss(model, val_batches(), tokenizer.token_bytes)["bpb"]
         min_val_bpb = min(min_val_bpb, val_bpb)
@@ -261,13 +259,7 @@ for step in range(start_step, num_steps + 1):
 
     # one optimizer step over grad_accum micro-batches
     t0 = time.time()
-    loss_sum = torch.zeros((), device=device)
-    for m, lane in enumerate(lanes):
-        x, y = lane.batch(B, T)
-        with amp_ctx(device):
-            loss = model(x, y)
-        (loss / grad_accum).backward()
-        loss_sum += loss.detach()
+    train_loss = step_backward(model, [lane.batch(B, T) for lane in lanes])
     lrm = lr_multiplier(step)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
@@ -275,9 +267,6 @@ for step in range(start_step, num_steps + 1):
             group["momentum"] = muon_momentum(step)
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    if ddp:
-        dist.all_reduce(loss_sum)
-    train_loss = loss_sum.item() / (grad_accum * world)
     dt = time.time() - t0
     if not math.isfinite(train_loss):
         raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped without saving; the last good "

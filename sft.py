@@ -12,6 +12,7 @@ writes checkpoints/sft/step_N and logs/sft.jsonl.
 """
 
 import argparse
+import json
 import math
 import random
 import time
@@ -19,8 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch,
-                   JsonlLogger, load_model, print0, save_checkpoint)
+from model import (UserError, compute_cleanup, compute_init, evaluate_loss, generate_batch,
+                   JsonlLogger, load_model, print0, save_checkpoint, step_backward)
 from tokenizer import base_dir, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -40,6 +41,7 @@ parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of
 parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
 parser.add_argument("--init-lr-frac", type=float, default=0.02, help="all learning rates x this (finetuning is gentle)")
 # data
+parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file, to see what the loop trains on")
 parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
 parser.add_argument("--seed", type=int, default=42, help="seed of the shuffle")
 # evaluation, checkpoints
@@ -98,8 +100,9 @@ class Lane:
     """Every n_lanes-th conversation of the shuffled mixture (reshuffled each epoch), one per row.
     A row whose targets are all -1 (the assistant's part was cut off by --max-seq-len) is skipped."""
 
-    def __init__(self, convs, lane, n_lanes, pos=0):
-        self.convs, self.lane, self.n_lanes, self.pos, self.skipped = convs, lane, n_lanes, pos, 0
+    def __init__(self, convs, lane, n_lanes, state=None):
+        self.convs, self.lane, self.n_lanes = convs, lane, n_lanes
+        self.pos, self.skipped = (state["pos"], state["skipped"]) if state else (0, 0)
         self.order = {}
 
     def next_row(self):
@@ -123,11 +126,11 @@ class Lane:
 
 
 n_lanes = world * grad_accum
-positions = src_meta["lanes"] if args.resume else [0] * n_lanes
-if len(positions) != n_lanes:
-    raise UserError(f"--resume needs the batch layout of the checkpoint ({len(positions)} lanes, now {n_lanes}): "
+lane_states = src_meta["lanes"] if args.resume else [None] * n_lanes
+if len(lane_states) != n_lanes:
+    raise UserError(f"--resume needs the batch layout of the checkpoint ({len(lane_states)} lanes, now {n_lanes}): "
                     "use the same --device-batch-size, --examples-per-step and number of processes")
-lanes = [Lane(train_convs, rank * grad_accum + m, n_lanes, positions[rank * grad_accum + m]) for m in range(grad_accum)]
+lanes = [Lane(train_convs, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
 num_steps = args.num_steps if args.num_steps > 0 else max(1, int(args.num_epochs * len(train_convs)) // args.examples_per_step)
 print0(f"{len(train_convs):,} conversations ({n_bad} bad lines skipped), {num_steps} steps of "
        f"{args.examples_per_step} ({B} x {world} processes x {grad_accum} accumulation)")
@@ -143,22 +146,23 @@ def val_batches():
 start_step = src_meta["step"] if args.resume else 0
 logger = JsonlLogger("sft", resume_step=start_step if args.resume else None, enabled=master, world=world)
 flops_per_token = model.estimate_flops()
-val_loss, t_start = None, time.time()
+val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # the eval of the resumed step ran before its save
+t_start = time.time()
 for step in range(start_step, num_steps + 1):
     last = step == num_steps
-    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+    if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
         model.eval()
         val_loss = evaluate_loss(model, val_batches())["loss"]
         print0(f"step {step}/{num_steps} | val loss {val_loss:.4f}")
         logger.log(step=step, val_loss=val_loss)
         model.train()
     if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-        positions = [lane.pos for lane in lanes]
+        states = [dict(pos=lane.pos, skipped=lane.skipped) for lane in lanes]
         if ddp:
             everyone = [None] * world
-            dist.all_gather_object(everyone, positions)
-            positions = sum(everyone, [])
-        meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes=positions,
+            dist.all_gather_object(everyone, states)
+            states = sum(everyone, [])
+        meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes=states,
                     num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage=stage, step=src_meta["step"]),
                     metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
         if master:
@@ -169,26 +173,21 @@ for step in range(start_step, num_steps + 1):
         break
 
     t0 = time.time()
-    loss_sum, tokens = torch.zeros((), device=device), 0
-    for lane in lanes:
-        x, y = lane.batch()
-        with amp_ctx(device):
-            loss = model(x, y)  # mean over this micro-batch's assistant tokens
-        (loss / grad_accum).backward()
-        loss_sum, tokens = loss_sum + loss.detach(), tokens + x.numel()
+    batches = [lane.batch() for lane in lanes]
+    if args.dump_batches:
+        with open(args.dump_batches, "a") as f:
+            f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
+    train_loss = step_backward(model, batches)
     lrm = 1.0 - step / num_steps  # linear decay to 0
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    if ddp:
-        dist.all_reduce(loss_sum)
-    train_loss = loss_sum.item() / (grad_accum * world)
     if not math.isfinite(train_loss):
         raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped; the last good checkpoint is intact. "
                          "Lower --init-lr-frac and rerun")
     logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr * frac, time.time() - t0,
-                      tokens * world, flops_per_token, skipped=sum(lane.skipped for lane in lanes))
+                      sum(x.numel() for x, _ in batches) * world, flops_per_token, skipped=sum(lane.skipped for lane in lanes))
 
 if master:
     model.eval()

@@ -25,6 +25,7 @@ import time
 from functools import lru_cache, partial
 from pathlib import Path
 
+import numpy as np
 import regex
 
 # -----------------------------------------------------------------------------
@@ -125,74 +126,91 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_
     return counts
 
 
+def _pair_stats(words, freqs):
+    """{pair: count} and {pair: [word indices]} of the byte pairs of all words, counted at once by numpy."""
+    lens = np.fromiter(map(len, words), np.int64, len(words))
+    data = np.frombuffer("".join(words).encode("latin-1"), np.uint8).astype(np.int64)
+    word = np.repeat(np.arange(len(words)), lens)[:-1]  # the word of each position
+    ok = np.ones(len(data), bool)
+    ok[np.cumsum(lens) - 1] = False  # no pair starts at the last byte of a word
+    keys, word = (data[:-1] * 256 + data[1:])[ok[:-1]], word[ok[:-1]]
+    counts = np.bincount(keys, np.asarray(freqs, np.float64)[word], 65536).astype(np.int64)
+    kw = np.sort(keys * len(words) + word)  # (pair, word) sorted by pair then word
+    kw = kw[np.diff(kw, prepend=-1) != 0]  # each (pair, word) once (np.unique is slower)
+    k, w = kw // len(words), kw % len(words)
+    starts = np.flatnonzero(np.diff(k, prepend=-1))  # where each pair's run of words starts
+    stats, where = {}, collections.defaultdict(list)
+    for key, ws in zip(k[starts].tolist(), np.split(w, starts[1:])):
+        stats[chr(key >> 8) + chr(key & 255)] = int(counts[key])
+        where[chr(key >> 8) + chr(key & 255)] = ws.tolist()
+    return stats, where
+
+
 def bpe_merges(counts, num_merges, verbose=False):
     """The merges [(left, right), ...] learned from {chunk: count}. Each step merges the pair with the
     highest count (ties: the smallest (left, right)), in every chunk, left to right. A pair whose bytes
     equal an existing token's (say ' t'+'he' after ' '+'the') is skipped for good: tiktoken, like our
     encoder, names tokens by their bytes, so two tokens with the same bytes could not both be reached."""
-    words = [list(chunk.encode("utf-8")) for chunk in counts]  # each unique chunk as a list of ids
+    # A word is a str with one character per token (chr(id)), so a pair is a 2-character str, ordered
+    # like (left, right), and merging it everywhere in a word is one str.replace (left to right).
+    words = [chunk.encode("utf-8").decode("latin-1") for chunk in counts]
     freqs = list(counts.values())
-    stats, where = collections.defaultdict(int), collections.defaultdict(set)  # pair -> count, word indices
-    for i, (w, f) in enumerate(zip(words, freqs)):
-        for pair in zip(w, w[1:]):
-            stats[pair] += f
-            where[pair].add(i)
-    # max-heap of (-count, pair); entries go stale as counts drop and are refreshed when popped
-    heap = [(-c, p) for p, c in stats.items()]
-    heapq.heapify(heap)
+    stats, where = _pair_stats(words, freqs)  # pair -> count; pair -> words that (may) hold it
+    heap = [(-c, p) for p, c in stats.items()]  # max-heap of counts; entries go stale as counts drop,
+    heapq.heapify(heap)                         # and are refreshed when popped
     vocab = [bytes([i]) for i in range(256)]
-    known, merges, skipped, t0 = set(vocab), [], [], time.time()
+    known, merges, skipped, t0 = set(vocab), [], 0, time.time()
     while len(merges) < num_merges and heap:
         c, pair = heapq.heappop(heap)
-        if -c != stats[pair]:  # stale: push back with the current count
+        if -c != stats[pair]:  # stale: back in with the current count
             if stats[pair]:
                 heapq.heappush(heap, (-stats[pair], pair))
             continue
-        a, b = pair
+        a, b = map(ord, pair)
         if vocab[a] + vocab[b] in known:
-            skipped.append(pair)
+            skipped += 1
             continue
-        z = len(vocab)
+        merges.append((a, b))
         vocab.append(vocab[a] + vocab[b])
-        known.add(vocab[z])
-        merges.append(pair)
-        for p, d in _merge(words, freqs, where, where.pop(pair), a, b, z).items():
-            stats[p] += d
-            if z in p and stats[p]:  # pairs with the new token are new: they enter the heap
-                heapq.heappush(heap, (-stats[p], p))
-        del stats[pair]
+        known.add(vocab[-1])
+        born = _merge(words, freqs, stats, where, pair, chr(len(vocab) - 1))
+        stats.update(born)
+        for p, n in born.items():  # pairs with the new token: they enter the heap
+            heapq.heappush(heap, (-n, p))
+        stats[pair] = 0
         if verbose and (len(merges) % 1000 == 0 or len(merges) == num_merges):
-            print(f"merge {len(merges):,}/{num_merges:,} | {vocab[z]!r} x{-c:,} | {len(skipped)} skipped as "
+            print(f"merge {len(merges):,}/{num_merges:,} | {vocab[-1]!r} x{-c:,} | {skipped} skipped as "
                   f"duplicates | {time.time() - t0:.1f} s")
     return merges
 
 
-def _merge(words, freqs, where, todo, a, b, z):
-    """Replace a, b by z in the words listed in todo; return the changes of the pair counts.
-    Only the pairs around each merged spot change: (p, a) and (b, q) leave, (p, z) and (z, q) arrive."""
-    delta = collections.defaultdict(int)
-    for i in todo:
-        w, f = words[i], freqs[i]
-        n, j, new = len(w), 0, []
-        while j < n:
-            if w[j] != a or j + 1 == n or w[j + 1] != b:
-                new.append(w[j])
-                j += 1
-                continue
-            if new:  # left neighbour; if it was just merged itself the old pair was (b, a)
-                p = new[-1]
-                delta[(b if p == z else p, a)] -= f
-                delta[(p, z)] += f
-                where[(p, z)].add(i)
-            if j + 2 < n and not (w[j + 2] == a and j + 3 < n and w[j + 3] == b):  # right neighbour
-                q = w[j + 2]                                           # (unless it merges next)
-                delta[(b, q)] -= f
-                delta[(z, q)] += f
-                where[(z, q)].add(i)
-            new.append(z)
-            j += 2
-        words[i] = new
-    return delta
+def _merge(words, freqs, stats, where, pair, z):
+    """Write z for pair in the words that hold it; update the counts of the pairs around each merged
+    spot ((x, a) and (b, y) lose, (x, z) and (z, y) are born); return the born pairs' counts."""
+    a, b = pair
+    born = {}
+    get = born.get
+    for i in where.pop(pair):
+        w = words[i]
+        if pair not in w:  # merged away since it was listed
+            continue
+        f = freqs[i]
+        w = words[i] = w.replace(pair, z)
+        k = w.find(z)
+        while k >= 0:
+            if k:
+                x = w[k - 1]
+                stats[(b if x == z else x) + a] -= f  # x == z: the pair (b, a) between two merges
+                born[x + z] = get(x + z, 0) + f
+                where[x + z].append(i)
+            if k + 1 < len(w) and w[k + 1] != z:  # a z to the right counts this pair as its left
+                y = w[k + 1]
+                stats[b + y] -= f
+                born[z + y] = get(z + y, 0) + f
+                where[z + y].append(i)
+            k = w.find(z, k + 1)
+    return born
+
 
 # -----------------------------------------------------------------------------
 # the tokenizer: encode (with a chunk cache), decode, save / load

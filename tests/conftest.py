@@ -2,14 +2,17 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR", ROOT.parent / "shared" / "data"))
+os.environ["FLATCHAT_DATA_MIRROR"] = str(MIRROR)  # data scripts run by the tests never touch the network
 sys.path.insert(0, str(ROOT))
 
 
@@ -61,3 +64,25 @@ def run_script(script, *args, home, check=True, env=None, timeout=300, torchrun=
 
 def read_log(home, stage):
     return [json.loads(line) for line in (Path(home) / "logs" / f"{stage}.jsonl").read_text().splitlines()]
+
+
+def run_killed(script, *args, home, checkpoint):
+    """Start a stage, SIGKILL it as soon as `checkpoint` (a dir) exists, and return the dir."""
+    env = {**os.environ, "FLATCHAT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert checkpoint.exists(), f"{script} ended without writing {checkpoint}"
+    return checkpoint
+
+
+def fresh_home(tiny_home, path, share=("data", "tokenizer")):
+    """A new base dir sharing the (read-only) data and tokenizer of tiny_home."""
+    path.mkdir(parents=True)
+    for d in share:
+        (path / d).symlink_to(tiny_home / d)
+    return path

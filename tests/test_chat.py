@@ -6,17 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import chat  # noqa: E402
-import model as M  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import chat
+import model as M
+from conftest import ROOT
+from tokenizer import Tokenizer
 
 TEXT = ("Once upon a time there was a little cat. The cat liked to play in the sun with her friend the dog. "
         "What is 12*3? It is 36. Caf\u00e9 au lait, s'il vous pla\u00eet! ") * 20
@@ -50,7 +48,8 @@ def home(tmp_path_factory):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        M.save_checkpoint("sft", 1, model, None, dict(model_config=vars(config), tokenizer_hash=tok.hash))
+        for stage, step in (("pretrain", 3), ("sft", 1)):  # the same weights: ctrl+s has a stage to go to
+            M.save_checkpoint(stage, step, model, None, dict(model_config=vars(config), tokenizer_hash=tok.hash))
     yield home
     torch.set_num_threads(threads)
 
@@ -107,6 +106,9 @@ def test_trimming_keeps_bos_turn_boundaries_and_room_for_the_reply(loaded):
     full = tok.render_for_completion({"messages": [{"role": "user", "content": TEXT}]})
     assert len(ids) == 32 and ids[:2] == full[:2] and ids[2:] == full[-30:]
     assert ids[-1] == tok.encode_special("<|assistant_start|>")
+    # a base model continues the text: <|bos|> and its end
+    ids = chat.build_prompt(tok, [{"role": "user", "content": TEXT}], context=64, room=32, chat=False)
+    assert ids == [tok.bos_id] + tok.encode(TEXT)[-31:]
 
 
 def test_tail_jsonl_reads_complete_lines_only(tmp_path):
@@ -153,6 +155,32 @@ def test_tui_streams_the_models_reply_into_the_chat_pane(loaded):
         assert "tok/s" in str(app.query_one("#status").content)
         await pilot.press("ctrl+n")  # a new conversation empties the history and the pane
         assert app.messages == [] and not app.query(".assistant")
+    run_app(loaded, steps)
+
+
+def test_tui_keys_stop_generation_cycle_sampling_and_switch_stage(loaded, monkeypatch):
+    def slow_stream(model, tok, messages, *args):  # a reply that would take 10 s
+        reply = chat.Reply(tok)
+        for t in tok.encode("la " * 100):
+            time.sleep(0.1)
+            yield reply.add(t), reply
+
+    async def steps(app, pilot):
+        monkeypatch.setattr(chat, "stream_reply", slow_stream)
+        await pilot.press("h", "i", "enter")
+        await pilot.pause(0.5)
+        assert app.busy and "generating" in str(app.query_one("#status").content)
+        await pilot.press("escape")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not app.busy and 0 < len(app.messages[1]["content"]) < 300  # stopped part way, kept
+        await pilot.press("ctrl+t", "ctrl+o")
+        assert (app.temperature, app.top_k) == (0.9, 200)
+        assert "temperature 0.9 | top-k 200" in str(app.query_one("#status").content)
+        await pilot.press("ctrl+s")  # sft -> pretrain (completion mode), loaded in a worker
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.stage == "pretrain" and "pretrain step 3 (completion)" in str(app.query_one("#status").content)
     run_app(loaded, steps)
 
 
@@ -212,3 +240,11 @@ def test_no_checkpoint_exits_2_with_the_command_that_creates_it(tmp_path, home):
     proc = run_chat(tmp_path, "-p", "hi")
     assert proc.returncode == 2 and "python pretrain.py" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_of_another_tokenizer_is_refused(tmp_path, home, monkeypatch):
+    monkeypatch.setenv("FLATCHAT_HOME", str(tmp_path))
+    Tokenizer.train([TEXT], 280, num_proc=1).save(tmp_path / "tokenizer")
+    (tmp_path / "checkpoints").symlink_to(home / "checkpoints")
+    with pytest.raises(M.UserError, match="another tokenizer"):
+        chat.load(device="cpu")

@@ -53,7 +53,6 @@ class PreferModel(torch.nn.Module):
         B, T = idx.shape
         logits = torch.zeros(B, T, 257)
         for b in range(B):
-            row = bytes(t for t in idx[b].tolist() if t < 256)
             ctx = b""
             for t, tok in enumerate(idx[b].tolist()):
                 ctx = ctx + bytes([tok]) if tok < 256 else b""
@@ -224,6 +223,37 @@ def test_run_letters_batched():
     assert E.run_letters(model, TOK, items, batch_size=3) == pytest.approx(2 / 10)  # gold 2 at i = 2, 6
 
 
+def fake_generator(replies):
+    """A stand-in for model.generate_batch: the reply for the prompt's user message, cycling over samples."""
+    def generate_batch(model, ids, num_samples=1, **kw):
+        options = replies[TOK.decode(ids).removesuffix("\n>")]
+        return [TOK.encode(options[i % len(options)]) + [TOK.bos_id] for i in range(num_samples)], None
+    return generate_batch
+
+
+def test_run_gsm8k_scores_the_final_number(monkeypatch):
+    with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(4)]
+    items = [{"messages": [{"role": "user", "content": r["question"]}], "answer": E.gsm8k_reference(r["answer"])}
+             for r in rows]
+    # the worked solutions for the first two questions, a wrong final number for the other two
+    replies = {r["question"]: [r["answer"].replace("####", "so the answer is") if i < 2 else "It is 123456."]
+               for i, r in enumerate(rows)}
+    monkeypatch.setattr(E, "generate_batch", fake_generator(replies))
+    assert E.run_gsm8k(PreferModel("x"), TOK, items, max_tokens=64) == 0.5
+
+
+def test_run_humaneval_pass_at_k(monkeypatch):
+    with gzip.open(MIRROR / "human-eval" / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        tasks = [json.loads(next(f)) for _ in range(2)]
+    # task 0: 1 good sample of 3; task 1: none good
+    replies = {tasks[0]["prompt"]: ["", tasks[0]["canonical_solution"], "    return None\n"],
+               tasks[1]["prompt"]: ["    pass\n"]}
+    monkeypatch.setattr(E, "generate_batch", fake_generator(replies))
+    p1, p3 = E.run_humaneval(PreferModel("x"), TOK, tasks, max_tokens=64, samples=3)
+    assert p1 == pytest.approx((1 / 3 + 0) / 2) and p3 == pytest.approx(0.5)
+
+
 def test_pass_at_k():
     assert E.pass_at_k(10, 0, 1) == 0 and E.pass_at_k(10, 10, 5) == 1
     assert E.pass_at_k(5, 1, 1) == pytest.approx(0.2)
@@ -284,10 +314,11 @@ def test_evaluate_script_and_report_card(tiny_home, tmp_path, monkeypatch):
     base = json.loads((home / "report" / "metrics_pretrain.json").read_text())
     assert base["core_k"] == 18 and base["step"] == 3 and 0 < base["bpb"] < 20
     report = (home / "report.md").read_text()
-    assert "CORE over 18 of 22 tasks" in report and "| pretrain | 3 | 2.0 min | 5.2500 | 2.5000 |" in report
+    assert "CORE over 18 of 22 tasks" in report and "| pretrain | 3 | 2.0 min | 5.2500 | 2.5000 bpb |" in report
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
     assert set(E.ROWS.values()) <= set(rows) and rows["ARC-E"].split("|")[2].strip() == "-"  # not run on BASE
     assert rows["MMLU"].split("|")[4].strip() != "-"  # measured on SFT
     (home / "report.md").unlink()
     run_script("evaluate.py", "--report", home=home)
-    assert (home / "report.md").read_text().split("\n", 3)[3] == report.split("\n", 3)[3]  # same but the date
+    same = lambda text: [l for l in text.splitlines() if not l.startswith(("generated", "- repo size"))]
+    assert same((home / "report.md").read_text()) == same(report)  # the card rebuilt from its parts
