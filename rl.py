@@ -68,6 +68,7 @@ def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1
     """num_samples answers to the user question of conv from one prefill (KV cache shared, calculator on):
     (prompt ids, completions, masks (1 = sampled, 0 = forced by the tool), rewards, decoded replies)."""
     prompt = tokenizer.render_for_completion(conv)  # the reference solution, if any, is dropped
+    max_tokens = min(max_tokens, model.cos.size(1) - len(prompt))  # not past the rotary table (10x the context)
     seqs, masks = generate_batch(model, prompt, num_samples=num_samples, max_tokens=max_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed, tokenizer=tokenizer)
     replies = [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]  # no specials
@@ -148,9 +149,9 @@ if __name__ == "__main__":
     stage, step_ = ("rl", None) if args.resume else ("sft", None if args.source_step < 0 else args.source_step)
     model, tokenizer, src_meta, *optim_state = load_model(stage, device, step=step_, load_optim=args.resume)
     print0(f"loaded {stage} step {src_meta['step']}")
-    if args.examples_per_step % world:
-        raise UserError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world} processes: "
-                        "change one of them")
+    if args.examples_per_step <= 0 or args.examples_per_step % world:
+        raise UserError(f"--examples-per-step {args.examples_per_step} must be a positive multiple of the {world} "
+                        "processes: change one of them")
     Q = args.examples_per_step // world  # questions per process per step
     frac = args.init_lr_frac
     optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac)

@@ -37,10 +37,8 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 VERSION = 1
 
-
 class DataError(ValueError):
     """A problem with an input file that the user can fix; stage scripts turn it into sys.exit(str(e))."""
-
 
 def base_dir():
     """Where a run keeps everything it makes: $FLATCHAT_HOME, else ~/.cache/flatchat."""
@@ -57,7 +55,6 @@ def base_dir():
 
 _SLOW = re.compile("[\ud800-\udfff\U00010000-\U0010ffff]")  # lone surrogates or astral characters
 
-
 @lru_cache(maxsize=None)
 def _compiled(pattern):
     """(regex version, `re` twin for BMP text or None) of a split pattern."""
@@ -65,16 +62,14 @@ def _compiled(pattern):
         return regex.compile(pattern), None
     bmp = "".join(map(chr, range(0x10000)))
     def cls(p):  # the BMP characters matching p, as ranges for a [...] class
-        cps = [ord(c) for c in regex.findall(p, bmp)]
-        starts = [c for c in cps if c - 1 not in set_cps] if (set_cps := set(cps)) else []
-        ends = [c for c in cps if c + 1 not in set_cps]
+        cps = set(map(ord, regex.findall(p, bmp)))
+        starts, ends = sorted(c for c in cps if c - 1 not in cps), sorted(c for c in cps if c + 1 not in cps)
         return "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in zip(starts, ends))
     L, N, S = cls(r"\p{L}"), cls(r"\p{N}"), cls(r"\s")
     i = {c: cls(f"(?i:{c})") for c in "sdmtlvre"}  # case-insensitive letters ('s' also matches U+017F)
     twin = (f"'(?:[{i['s']}{i['d']}{i['m']}{i['t']}]|[{i['l']}][{i['l']}]|[{i['v']}][{i['e']}]|[{i['r']}][{i['e']}])"
             f"|[^\\r\\n{L}{N}]?+[{L}]+|[{N}]{{1,2}}| ?[^{S}{L}{N}]++[\\r\\n]*|[{S}]*[\\r\\n]|[{S}]+(?![^{S}])|[{S}]+")
     return regex.compile(pattern), re.compile(twin)
-
 
 def split(text, pattern=SPLIT_PATTERN):
     """The chunks of text under the split pattern."""
@@ -88,13 +83,18 @@ def split(text, pattern=SPLIT_PATTERN):
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
 
-
 def _count(texts, pattern=SPLIT_PATTERN):
-    counts = collections.Counter()
-    for text in texts:
-        counts.update(split(text, pattern))
+    """(Counter of the chunks, number of characters) of a batch of texts."""
+    counts, fast = collections.Counter(), _compiled(pattern)[1]
+    if fast is not None:  # the `re` twin on all texts, then a check of the few distinct chunks
+        for text in texts:
+            counts.update(fast.findall(text))
+        if any(_SLOW.search(c) for c in counts if not c.isascii()):
+            counts = collections.Counter()  # astral characters or lone surrogates: split with regex
+    if not counts:
+        for text in texts:
+            counts.update(split(text, pattern))
     return counts, sum(map(len, texts))
-
 
 def _batches(texts, size):
     batch, n = [], 0
@@ -106,7 +106,6 @@ def _batches(texts, size):
             batch, n = [], 0
     if batch:
         yield batch
-
 
 def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_chars=1 << 21):
     """Counter {chunk: count} over all texts, in batches of ~2M characters spread over num_proc processes."""
@@ -125,26 +124,23 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_
         print()
     return counts
 
-
 def _pair_stats(words, freqs):
     """{pair: count} and {pair: [word indices]} of the byte pairs of all words, counted at once by numpy."""
     lens = np.fromiter(map(len, words), np.int64, len(words))
     data = np.frombuffer("".join(words).encode("latin-1"), np.uint8).astype(np.int64)
-    word = np.repeat(np.arange(len(words)), lens)[:-1]  # the word of each position
     ok = np.ones(len(data), bool)
     ok[np.cumsum(lens) - 1] = False  # no pair starts at the last byte of a word
-    keys, word = (data[:-1] * 256 + data[1:])[ok[:-1]], word[ok[:-1]]
+    keys = (data[:-1] * 256 + data[1:])[ok[:-1]]
+    word = np.repeat(np.arange(len(words)), lens)[:-1][ok[:-1]]  # the word each pair is in
     counts = np.bincount(keys, np.asarray(freqs, np.float64)[word], 65536).astype(np.int64)
-    kw = np.sort(keys * len(words) + word)  # (pair, word) sorted by pair then word
-    kw = kw[np.diff(kw, prepend=-1) != 0]  # each (pair, word) once (np.unique is slower)
-    k, w = kw // len(words), kw % len(words)
-    starts = np.flatnonzero(np.diff(k, prepend=-1))  # where each pair's run of words starts
+    order = np.argsort(keys, kind="stable")  # group by pair (a word may come twice: harmless)
+    keys, word = keys[order], word[order]
+    starts = np.flatnonzero(np.diff(keys, prepend=-1))  # where each pair's group starts
     stats, where = {}, collections.defaultdict(list)
-    for key, ws in zip(k[starts].tolist(), np.split(w, starts[1:])):
+    for key, ws in zip(keys[starts].tolist(), np.split(word, starts[1:])):
         stats[chr(key >> 8) + chr(key & 255)] = int(counts[key])
         where[chr(key >> 8) + chr(key & 255)] = ws.tolist()
     return stats, where
-
 
 def bpe_merges(counts, num_merges, verbose=False):
     """The merges [(left, right), ...] learned from {chunk: count}. Each step merges the pair with the
@@ -156,17 +152,21 @@ def bpe_merges(counts, num_merges, verbose=False):
     words = [chunk.encode("utf-8").decode("latin-1") for chunk in counts]
     freqs = list(counts.values())
     stats, where = _pair_stats(words, freqs)  # pair -> count; pair -> words that (may) hold it
-    heap = [(-c, p) for p, c in stats.items()]  # max-heap of counts; entries go stale as counts drop,
-    heapq.heapify(heap)                         # and are refreshed when popped
+    # A max-heap of counts with ints packing (-count, left, right): they compare faster than tuples.
+    # Entries go stale as counts drop, and are refreshed when popped.
+    key = lambda p, c: (-c << 42) + (ord(p[0]) << 21) + ord(p[1])
+    heap = [key(p, c) for p, c in stats.items()]
+    heapq.heapify(heap)
     vocab = [bytes([i]) for i in range(256)]
     known, merges, skipped, t0 = set(vocab), [], 0, time.time()
     while len(merges) < num_merges and heap:
-        c, pair = heapq.heappop(heap)
-        if -c != stats[pair]:  # stale: back in with the current count
+        k = heapq.heappop(heap)
+        c, a, b = -(k >> 42), (k >> 21) & 0x1FFFFF, k & 0x1FFFFF
+        pair = chr(a) + chr(b)
+        if c != stats[pair]:  # stale: back in with the current count
             if stats[pair]:
-                heapq.heappush(heap, (-stats[pair], pair))
+                heapq.heappush(heap, key(pair, stats[pair]))
             continue
-        a, b = map(ord, pair)
         if vocab[a] + vocab[b] in known:
             skipped += 1
             continue
@@ -176,13 +176,12 @@ def bpe_merges(counts, num_merges, verbose=False):
         born = _merge(words, freqs, stats, where, pair, chr(len(vocab) - 1))
         stats.update(born)
         for p, n in born.items():  # pairs with the new token: they enter the heap
-            heapq.heappush(heap, (-n, p))
+            heapq.heappush(heap, key(p, n))
         stats[pair] = 0
         if verbose and (len(merges) % 1000 == 0 or len(merges) == num_merges):
-            print(f"merge {len(merges):,}/{num_merges:,} | {vocab[-1]!r} x{-c:,} | {skipped} skipped as "
+            print(f"merge {len(merges):,}/{num_merges:,} | {vocab[-1]!r} x{c:,} | {skipped} skipped as "
                   f"duplicates | {time.time() - t0:.1f} s")
     return merges
-
 
 def _merge(words, freqs, stats, where, pair, z):
     """Write z for pair in the words that hold it; update the counts of the pairs around each merged
@@ -196,38 +195,48 @@ def _merge(words, freqs, stats, where, pair, z):
             continue
         f = freqs[i]
         w = words[i] = w.replace(pair, z)
-        k = w.find(z)
+        k, n = w.find(z), len(w) - 1
         while k >= 0:
             if k:
                 x = w[k - 1]
                 stats[(b if x == z else x) + a] -= f  # x == z: the pair (b, a) between two merges
-                born[x + z] = get(x + z, 0) + f
-                where[x + z].append(i)
-            if k + 1 < len(w) and w[k + 1] != z:  # a z to the right counts this pair as its left
+                p = x + z
+                born[p] = get(p, 0) + f
+                where[p].append(i)
+            if k < n:
                 y = w[k + 1]
-                stats[b + y] -= f
-                born[z + y] = get(z + y, 0) + f
-                where[z + y].append(i)
+                if y != z:  # a z on the right counts the pair between them as its left
+                    stats[b + y] -= f
+                    p = z + y
+                    born[p] = get(p, 0) + f
+                    where[p].append(i)
             k = w.find(z, k + 1)
     return born
 
-
 # -----------------------------------------------------------------------------
-# the tokenizer: encode (with a chunk cache), decode, save / load
+# the tokenizer: encode (with a chunk cache), decode, save / load, and the chat format:
+# <|bos|> <|user_start|>text<|user_end|> <|assistant_start|>text<|assistant_end|> ...
+# An assistant turn may hold tool calls: <|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>.
+# The loss mask is 1 exactly on what the assistant writes (text, tool calls, <|assistant_end|>), and 0 on
+# what it reads: <|bos|>, user turns, <|assistant_start|> and tool outputs.
 
+class _Unsafe(Exception):
+    """A chunk with an astral character or a lone surrogate, which the `re` twin may split wrongly."""
 
 class _Cache(dict):
-    """chunk -> ids; a miss computes the ids with bpe (most chunks repeat, so this is the fast path)."""
+    """chunk -> ids, a miss runs bpe (most chunks repeat). It refuses astral characters and lone
+    surrogates (see split), so a text holding any goes the regex way."""
 
-    def __init__(self, bpe, limit=1 << 20):
-        self.bpe, self.limit = bpe, limit
+    def __init__(self, bpe):
+        self.bpe = bpe
 
     def __missing__(self, chunk):
-        if len(self) >= self.limit:  # bound the memory on endless streams of new chunks
+        if not chunk.isascii() and _SLOW.search(chunk):
+            raise _Unsafe
+        if len(self) >= 1 << 20:  # bound the memory on endless streams of new chunks
             self.clear()
         ids = self[chunk] = self.bpe(chunk)
         return ids
-
 
 class Tokenizer:
     def __init__(self, merges, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
@@ -241,18 +250,17 @@ class Tokenizer:
         self._ids = {t: i for i, t in enumerate(self._bytes)}  # token bytes -> id
         if len(self._ids) != len(self._bytes):
             raise ValueError("two merges make the same bytes")
-        n = len(self._bytes)
-        self._special = {s: n + i for i, s in enumerate(self.special_tokens)}
         # (left, right) -> id, for every way of writing every token as two tokens: merging any such
-        # pair at the rank of its result is what tiktoken does (it looks up pairs by their bytes)
+        # pair at the rank of its result is what tiktoken does (it looks pairs up by their bytes)
         self._ranks = {}
         for z, t in enumerate(self._bytes[256:], 256):
             for k in range(1, len(t)):
                 if t[:k] in self._ids and t[k:] in self._ids:
                     self._ranks[(self._ids[t[:k]], self._ids[t[k:]])] = z
+        self._special = {s: len(self._bytes) + i for i, s in enumerate(self.special_tokens)}
         self._decode = self._bytes + [s.encode("utf-8") for s in self.special_tokens]
         self._cache = _Cache(self._bpe)
-        self.vocab_size = n + len(self.special_tokens)
+        self.vocab_size = len(self._decode)
         self.bos_id = self._special["<|bos|>"]
         self.token_bytes = [len(t) for t in self._bytes] + [0] * len(self.special_tokens)  # for bits per byte
 
@@ -271,21 +279,29 @@ class Tokenizer:
         t = chunk.encode("utf-8")
         if t in self._ids:
             return (self._ids[t],)
-        ids, ranks = list(t), self._ranks
-        while len(ids) > 1:
-            best, at = None, 0
-            for i, pair in enumerate(zip(ids, ids[1:])):
-                r = ranks.get(pair)
-                if r is not None and (best is None or r < best):
-                    best, at = r, i
-            if best is None:
-                break
-            ids[at:at + 2] = [best]
+        get, none = self._ranks.get, len(self._bytes)  # none: an id no pair merges to
+        ranks = [get(pair, none) for pair in zip(t, t[1:])]  # ranks[i]: what ids[i], ids[i+1] make
+        ids = list(t)
+        while ranks and (z := min(ranks)) != none:
+            i = ranks.index(z)
+            ids[i] = z
+            del ids[i + 1], ranks[i]  # only the pairs next to the merged one change
+            if i > 0:
+                ranks[i - 1] = get((ids[i - 1], z), none)
+            if i < len(ranks):
+                ranks[i] = get((z, ids[i + 1]), none)
         return tuple(ids)
 
     def encode(self, text):
         """Ids of ordinary text. Special-token strings in it (say "<|bos|>") are encoded as plain text."""
-        return list(itertools.chain.from_iterable(map(self._cache.__getitem__, split(text, self.pattern))))
+        fast = _compiled(self.pattern)[1]
+        if fast is not None:
+            try:  # split with the `re` twin, look the chunks up in the cache: the usual, fast path
+                return list(itertools.chain.from_iterable(map(self._cache.__getitem__, fast.findall(text))))
+            except _Unsafe:  # an astral character or a lone surrogate: split with regex after all
+                pass
+        get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]
+        return list(itertools.chain.from_iterable(map(get, split(text, self.pattern))))
 
     def encode_batch(self, texts, num_proc=0):
         """encode() of each text, over num_proc processes (0: both cores when the batch is big enough)."""
@@ -294,7 +310,7 @@ class Tokenizer:
             num_proc = min(2, os.cpu_count() or 1) if sum(map(len, texts)) > 1 << 22 else 1
         if num_proc <= 1 or len(texts) < 2:
             return [self.encode(t) for t in texts]
-        with mp.Pool(num_proc, _init_worker, (self._state(),)) as pool:
+        with mp.Pool(num_proc, _set_worker, (self,)) as pool:
             return pool.map(_encode_worker, texts, chunksize=max(1, len(texts) // (16 * num_proc)))
 
     def encode_special(self, name):
@@ -308,12 +324,41 @@ class Tokenizer:
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def _state(self):
-        return {"version": VERSION, "pattern": self.pattern, "merges": [list(m) for m in self.merges],
-                "special_tokens": self.special_tokens, "token_bytes": self.token_bytes}
+    def render_conversation(self, conversation, max_tokens=2048):
+        """(ids, mask) of a conversation, both cut to max_tokens; mask[i] = 1 if the assistant wrote ids[i]."""
+        ids, mask, sp = [], [], self.encode_special
+        def add(toks, m):
+            ids.extend(toks)
+            mask.extend([m] * len(toks))
+        add([self.bos_id], 0)
+        for role, content in check_conversation(conversation):
+            if role == "user":
+                add([sp("<|user_start|>"), *self.encode(content), sp("<|user_end|>")], 0)
+                continue
+            add([sp("<|assistant_start|>")], 0)
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                text = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(text, 1)
+                elif part["type"] == "python":
+                    add([sp("<|python_start|>"), *text, sp("<|python_end|>")], 1)
+                else:  # the tool's output: read, not written, by the assistant
+                    add([sp("<|output_start|>"), *text, sp("<|output_end|>")], 0)
+            add([sp("<|assistant_end|>")], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """Ids that prime the assistant's reply; a final assistant message (the answer) is dropped."""
+        check_conversation(conversation)
+        msgs = conversation["messages"]
+        msgs = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+        ids, _ = self.render_conversation({"messages": msgs}, max_tokens=sys.maxsize)
+        return ids + [self.encode_special("<|assistant_start|>")]
 
     def _json(self):  # canonical: the saved file is exactly these bytes
-        return json.dumps(self._state(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        state = {"version": VERSION, "pattern": self.pattern, "merges": self.merges,
+                 "special_tokens": self.special_tokens, "token_bytes": self.token_bytes}
+        return json.dumps(state, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     @property
     def hash(self):
@@ -322,11 +367,9 @@ class Tokenizer:
 
     def save(self, path):
         """Write path/tokenizer.json (or path itself if it ends in .json), atomically; returns the file."""
-        path = Path(path)
-        if path.suffix != ".json":
-            path = path / "tokenizer.json"
+        path = Path(path) if str(path).endswith(".json") else Path(path) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         tmp.write_bytes(self._json())
         os.replace(tmp, path)
         return path
@@ -334,73 +377,56 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         """Load a tokenizer.json (path is the file or its directory)."""
-        path = Path(path)
-        path = path / "tokenizer.json" if path.is_dir() else path
+        path = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
         if not path.is_file():
             raise DataError(f"{path}: no tokenizer here; train one with `python tokenizer.py train`")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(d, dict) or d.get("version") != VERSION:
                 raise ValueError(f"not a version {VERSION} tokenizer file")
-            if not (isinstance(d["pattern"], str) and all(isinstance(s, str) for s in d["special_tokens"])
-                    and isinstance(d["merges"], list) and all(len(m) == 2 and all(type(x) is int for x in m) for m in d["merges"])):
+            merges, pattern, specials = d["merges"], d["pattern"], d["special_tokens"]
+            if not (isinstance(pattern, str) and isinstance(merges, list) and isinstance(specials, list)
+                    and all(type(m) is list and len(m) == 2 and {type(x) for x in m} == {int} for m in merges)
+                    and all(isinstance(s, str) for s in specials)):
                 raise ValueError("pattern, merges or special_tokens have the wrong type")
-            tok = cls(d["merges"], d["pattern"], d["special_tokens"])
+            tok = cls(merges, pattern, specials)
             if d.get("token_bytes", tok.token_bytes) != tok.token_bytes:
                 raise ValueError("token_bytes do not match the merges")
+            _compiled(pattern)
         except (ValueError, KeyError, TypeError, regex.error) as e:
-            raise DataError(f"{path}: not a valid tokenizer file ({e}); retrain with `python tokenizer.py train`") from None
+            raise DataError(f"{path}: not a valid tokenizer file ({e}); retrain: python tokenizer.py train") from None
         return tok
 
-    def __reduce__(self):  # pickled (for worker processes) as its JSON state, never as code
-        return _from_state, (self._state(),)
+    def __reduce__(self):  # pickled (for worker processes) as its plain data, never as code
+        return Tokenizer, (self.merges, self.pattern, self.special_tokens)
 
-
-def _from_state(d):
-    return Tokenizer(d["merges"], d["pattern"], d["special_tokens"])
-
-
-_worker = None
-
-
-def _init_worker(state):
+def _set_worker(tok):  # each encode_batch process holds one tokenizer
     global _worker
-    _worker = _from_state(state)
-
+    _worker = tok
 
 def _encode_worker(text):
     return _worker.encode(text)
-
-# -----------------------------------------------------------------------------
-# the chat format: the one definition every later stage uses
-# <|bos|> <|user_start|>text<|user_end|> <|assistant_start|>text<|assistant_end|> ...
-# An assistant turn may hold tool calls: <|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>.
-# The loss mask is 1 exactly on what the assistant writes (text, tool calls, <|assistant_end|>), and 0 on
-# what it reads: <|bos|>, user turns, <|assistant_start|> and tool outputs.
-
-PART_TYPES = ("text", "python", "python_output")
-
 
 def check_conversation(conversation):
     """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the
     first user turn. Raises ValueError saying what is wrong."""
     msgs = conversation.get("messages") if isinstance(conversation, dict) else None
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError('expected {"messages": [...]} with at least one message')
-    system = msgs[0].get("content") if isinstance(msgs[0], dict) and msgs[0].get("role") == "system" else None
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
+    system = msgs[0].get("content") if msgs[0].get("role") == "system" else None
     turns = []
     for i, m in enumerate(msgs[1:] if system is not None else msgs, 1 if system is not None else 0):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        role, content = m.get("role"), m.get("content")
         want = "assistant" if len(turns) % 2 else "user"
         if role != want:
             raise ValueError(f"message {i} has role {role!r} where {want!r} was expected "
                              "(roles alternate user/assistant, after an optional system message)")
-        ok_parts = isinstance(content, list) and role == "assistant" and all(
-            isinstance(p, dict) and p.get("type") in PART_TYPES and isinstance(p.get("text"), str) for p in content)
-        if not (isinstance(content, str) or ok_parts):
-            raise ValueError(f"message {i} ({role}): content must be a string"
-                             + (' or a list of {"type": "text"|"python"|"python_output", "text": str}'
-                                if role == "assistant" else ""))
+        parts_ok = role == "assistant" and isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") in ("text", "python", "python_output")
+            and isinstance(p.get("text"), str) for p in content)
+        if not (isinstance(content, str) or parts_ok):
+            raise ValueError(f"message {i} ({role}): content must be a string" + (
+                ' or a list of {"type": "text"|"python"|"python_output", "text": str}' if role == "assistant" else ""))
         turns.append((role, content))
     if system is not None:
         if not isinstance(system, str) or not turns:
@@ -408,51 +434,10 @@ def check_conversation(conversation):
         turns[0] = ("user", system + "\n\n" + turns[0][1])
     return turns
 
-
-def _render(tok, conversation, max_tokens=2048):
-    ids, mask = [], []
-    def add(toks, m):
-        ids.extend(toks)
-        mask.extend([m] * len(toks))
-    sp = tok.encode_special
-    add([tok.bos_id], 0)
-    for role, content in check_conversation(conversation):
-        if role == "user":
-            add([sp("<|user_start|>"), *tok.encode(content), sp("<|user_end|>")], 0)
-            continue
-        add([sp("<|assistant_start|>")], 0)
-        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            text = tok.encode(part["text"])
-            if part["type"] == "text":
-                add(text, 1)
-            elif part["type"] == "python":
-                add([sp("<|python_start|>"), *text, sp("<|python_end|>")], 1)
-            else:  # the tool's output: read, not written, by the assistant
-                add([sp("<|output_start|>"), *text, sp("<|output_end|>")], 0)
-        add([sp("<|assistant_end|>")], 1)
-    return ids[:max_tokens], mask[:max_tokens]
-
-
-def _render_for_completion(tok, conversation):
-    check_conversation(conversation)
-    msgs = conversation["messages"]
-    if msgs[-1]["role"] == "assistant":  # the reply to generate
-        msgs = msgs[:-1]
-    ids, _ = _render(tok, {"messages": msgs}, max_tokens=sys.maxsize)
-    return ids + [tok.encode_special("<|assistant_start|>")]
-
-
-Tokenizer.render_conversation = _render
-Tokenizer.render_conversation.__doc__ = "(ids, mask) of a conversation, cut to max_tokens; mask 1 = assistant wrote it."
-Tokenizer.render_for_completion = _render_for_completion
-Tokenizer.render_for_completion.__doc__ = "Ids priming the assistant's reply (a final assistant message is dropped)."
-
-
 def render_mc(question, choices):
     """The user prompt of a multiple-choice question; the assistant answers with the letter alone."""
     options = "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(choices))
     return f"{question}\n\n{options}\n\nAnswer with the letter."
-
 
 def read_conversations(path, skip_bad=False):
     """(conversations, n_bad) from a JSONL file of {"messages": [...]}. A bad line raises DataError naming
@@ -465,18 +450,16 @@ def read_conversations(path, skip_bad=False):
             try:
                 conv = json.loads(line)
                 check_conversation(conv)
+                convs.append(conv)
             except ValueError as e:
                 if not skip_bad:
                     what = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
                     raise DataError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
                 bad += 1
-                continue
-            convs.append(conv)
     return convs, bad
 
 # -----------------------------------------------------------------------------
 # corpus readers: documents from .jsonl ("text"), .parquet (column "text") or .txt files
-
 
 def iter_documents(path):
     """The documents of one corpus file. A .txt file holds documents separated by lines reading
@@ -513,26 +496,12 @@ def iter_documents(path):
     else:
         raise DataError(f"{path}: unknown corpus format (expected .jsonl, .parquet or .txt)")
 
-# -----------------------------------------------------------------------------
-# command line: train | eval
-
-SNIPPETS = {
-    "prose": "The old lighthouse keeper climbed the stairs each evening, counting the steps as his father had "
-             "taught him, and watched the ships pass in the fading light.",
-    "code": "def fib(n: int) -> int:\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-    "math": "If 3x + 7 = 25, then x = 6; the area is pi * r**2 = 3.14159 * 12.5**2 = 490.87 (to 2 d.p.).",
-    "non-English": "Der schnelle braune Fuchs springt über den faulen Hund. 東京は日本の首都です。 "
-                   "Быстрая коричневая лиса прыгает через ленивую собаку.",
-}
-
-
 def corpus_files(split="train"):
     files = sorted(p for p in (base_dir() / "data" / "pretrain" / split).glob("*")
                    if p.suffix in (".jsonl", ".parquet", ".txt"))
     if not files and split == "train":
         sys.exit(f"no corpus in {base_dir() / 'data' / 'pretrain' / split}: create it with `python data/corpus.py`")
     return files
-
 
 def corpus_texts(files, max_chars=-1, doc_cap=-1):
     """The documents of files, each cut to doc_cap characters, until max_chars are read (-1 = no limit)."""
@@ -545,26 +514,33 @@ def corpus_texts(files, max_chars=-1, doc_cap=-1):
             if 0 < max_chars <= n:
                 return
 
+# -----------------------------------------------------------------------------
+# command line: train | eval
 
-def _eval(args):
+SNIPPETS = {
+    "prose": "The old lighthouse keeper climbed the stairs each evening, counting the steps as he had been taught.",
+    "code": "def fib(n: int) -> int:\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "math": "If 3x + 7 = 25, then x = 6; the area is pi * r**2 = 3.14159 * 12.5**2 = 490.87 (to 2 d.p.).",
+    "non-English": "Der schnelle Fuchs springt über den Hund. 東京は日本の首都です。 Быстрая лиса прыгает.",
+}
+
+def evaluate(max_chars):
+    """Print bytes per token of our tokenizer and of smaller ones trained here, on snippets and corpus files."""
     tok = Tokenizer.load(base_dir() / "tokenizer")
     files = corpus_files("train") + corpus_files("val")
-    sample = list(corpus_texts(files[:1], 2_000_000))  # smaller vocabularies to compare with, trained on the fly
+    sample = list(corpus_texts(files[:1], 2_000_000))
     toks = {f"ours {tok.vocab_size}": tok}
     for v in (tok.vocab_size // 4, tok.vocab_size // 16):
         if v >= 512:
-            print(f"training a {v} vocabulary on {sum(map(len, sample)):,} chars for comparison")
+            print(f"training a {v:,} vocabulary on {sum(map(len, sample)):,} chars for comparison")
             toks[f"bpe {v}"] = Tokenizer.train(sample, v)
-    texts = dict(SNIPPETS)
-    for f in files:
-        texts[f"{f.parent.name}/{f.name}"] = list(corpus_texts([f], args.max_chars))
+    texts = {name: [s] for name, s in SNIPPETS.items()}
+    texts.update({f"{f.parent.name}/{f.name}": list(corpus_texts([f], max_chars)) for f in files})
     print(f"{'bytes per token':30s}" + "".join(f"{name:>14s}" for name in toks))
-    for name, text in texts.items():
-        docs = [text] if isinstance(text, str) else text
+    for name, docs in texts.items():
         nbytes = sum(len(d.encode("utf-8", "replace")) for d in docs)
         ntoks = [sum(map(len, t.encode_batch(docs))) for t in toks.values()]
         print(f"{name[:30]:30s}" + "".join(f"{nbytes / max(n, 1):14.2f}" for n in ntoks))
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train or evaluate the flatchat tokenizer.")
@@ -573,7 +549,7 @@ if __name__ == "__main__":
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens in all: 256 bytes + merges + 9 specials")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop reading after this many chars (-1 = all)")
     p.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many chars per document (-1 = all)")
-    p.add_argument("--num-proc", type=int, default=2, help="processes for splitting and counting")
+    p.add_argument("--num-proc", type=int, default=2, help="processes that split and count (1 = no workers)")
     p = sub.add_parser("eval", help="bytes/token on the corpus and fixed snippets, versus smaller vocabularies")
     p.add_argument("--max-chars", type=int, default=5_000_000, help="chars read per corpus file (-1 = all)")
     args = parser.parse_args()
@@ -585,6 +561,6 @@ if __name__ == "__main__":
             path = tok.save(base_dir() / "tokenizer")
             print(f"saved {path} (vocab {tok.vocab_size:,}, hash {tok.hash[:12]}) in {time.time() - t0:.1f} s")
         else:
-            _eval(args)
+            evaluate(args.max_chars)
     except DataError as e:
         sys.exit(str(e))

@@ -1,5 +1,5 @@
 """rl.py: the reward, the loss masks and advantages (in-process, on a tiny model), and the stage end to end
-(subprocess): zero-advantage groups skip the update, exact resume after SIGKILL."""
+(subprocess): zero-advantage groups skip the update, exact resume after SIGKILL, torchrun == 1 process."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_log, run_script
+from conftest import MIRROR, ROOT, read_log, run_script
 from model import GPT, GPTConfig, norm, save_checkpoint
 from tokenizer import Tokenizer
 import rl
@@ -73,12 +73,10 @@ def rl_home(tmp_path_factory):
     for name, rows in (("chat/gsm8k_train.jsonl", TRAIN), ("eval/gsm8k_test.jsonl", TEST)):
         (home / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         (home / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.environ["FLATCHAT_HOME"] = str(home)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLATCHAT_HOME", str(home))
         save_checkpoint("sft", 1, model, None, dict(model_config=vars(cfg), tokenizer_hash=tok.hash,
                                                     args=dict(max_seq_len=64), source=dict(stage="midtrain", step=1)))
-    finally:
-        del os.environ["FLATCHAT_HOME"]
     return home, tok
 
 
@@ -94,6 +92,10 @@ def fresh_home(rl_home, path, train=None):
     return path
 
 
+# -----------------------------------------------------------------------------
+# The reward
+
+
 def test_reward_on_fixtures():
     assert rl.reference(TRAIN[0]) == "3" and rl.reference(TEST[3]) == "3"
     assert rl.reference({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x\n#### 1,000"}]}) == "1000"
@@ -104,6 +106,39 @@ def test_reward_on_fixtures():
     assert rl.reward("It drops to -5 degrees", "-5") == 1.0 and rl.reward("It drops 5 degrees", "-5") == 0.0
     assert rl.reward("18 at first, then 19", "18") == 0.0  # the last number counts
     assert rl.reward("no number here", "3") == 0.0 and rl.reward("", "3") == 0.0
+
+
+@pytest.mark.skipif(not (MIRROR / "gsm8k").is_dir(), reason=f"offline data mirror {MIRROR} not found")
+def test_reference_solutions_of_real_gsm8k_earn_reward_1(rl_home):
+    """The first 50 GSM8K train answers, converted as data/chat_data.py does: the reference number is the
+    '####' one, and the reference solution, rendered and decoded as a sampled answer would be, earns 1."""
+    _, tok = rl_home
+    sys.path.insert(0, str(ROOT / "data"))
+    import chat_data
+    with open(MIRROR / "gsm8k/grade_school_math/data/train.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(50)]
+    for row in rows:
+        conv = {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": chat_data.gsm8k_parts(row["answer"])}]}
+        assert rl.reference(conv) == row["answer"].split("####")[-1].strip().replace(",", "")
+        ids, _ = tok.render_conversation(conv)
+        start = ids.index(tok.encode_special("<|assistant_start|>")) + 1
+        reply = tok.decode([t for t in ids[start:] if tok.token_bytes[t] > 0])  # as rollout() decodes
+        assert rl.reward(reply, rl.reference(conv)) == 1.0
+        assert rl.reward(reply + " or maybe 1234567", rl.reference(conv)) == 0.0
+
+
+def test_missing_gsm8k_is_one_clear_error(tmp_path):
+    with pytest.raises(rl.UserError, match="python data/chat_data.py --only gsm8k"):
+        rl.load_gsm8k(tmp_path / "gsm8k_train.jsonl")
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7"}]}) + "\n")
+    with pytest.raises(rl.UserError, match="bad.jsonl: conversation 1 has no reference answer"):
+        rl.load_gsm8k(path)
+
+
+# -----------------------------------------------------------------------------
+# The loss: masks and advantages, in-process on the unigram model
 
 
 def test_gradient_flows_only_through_sampled_tokens(rl_home):
@@ -145,6 +180,8 @@ def test_equal_rewards_give_zero_advantage_and_zero_loss(rl_home):
     x, y = rl.group_batch(prompt, seqs, masks, tok.bos_id)
     assert rl.pg_loss(model, x, y, rl.advantages([0.0] * 4)).item() == 0.0
     assert rl.advantages([1.0, 0.0, 0.0, 0.0]).tolist() == [0.75, -0.25, -0.25, -0.25]
+    std_normed = torch.tensor([3.0, -1.0, -1.0, -1.0]) / 3**0.5  # (r - mean) / std, std = sqrt(3) / 4
+    assert torch.allclose(rl.advantages([1.0, 0.0, 0.0, 0.0], std_norm=True), std_normed, atol=1e-3)
 
 
 def test_higher_reward_answer_gets_more_likely(rl_home):
@@ -168,6 +205,10 @@ def test_higher_reward_answer_gets_more_likely(rl_home):
     after = probs()
     assert after[ord("3")] > before[ord("3")] + 0.01, (before[ord("3")], after[ord("3")])
     assert after[ord("1")] < before[ord("1")] and after[ord("2")] < before[ord("2")]
+
+
+# -----------------------------------------------------------------------------
+# The stage end to end (subprocesses)
 
 
 def test_all_wrong_groups_skip_the_update(rl_home, tmp_path):
@@ -230,12 +271,3 @@ def test_torchrun_two_processes_match_one_process(rl_home, straight, tmp_path):
     two = fresh_home(rl_home, tmp_path)
     run_script("rl.py", *FLAGS, home=two, env=ENV, torchrun=2)  # 1 question per process instead of 2 in one
     same_rows(read_log(straight, "rl"), read_log(two, "rl"), tol=1e-5)
-
-
-def test_missing_gsm8k_is_one_clear_error(tmp_path):
-    with pytest.raises(rl.UserError, match="python data/chat_data.py --only gsm8k"):
-        rl.load_gsm8k(tmp_path / "gsm8k_train.jsonl")
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7"}]}) + "\n")
-    with pytest.raises(rl.UserError, match="bad.jsonl: conversation 1 has no reference answer"):
-        rl.load_gsm8k(path)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# run.sh: the whole flatchat pipeline, end to end.
+#
+#   bash run.sh                          # all stages; gpu preset on N GPUs (torchrun), cpu preset without
+#   bash run.sh --preset smoke           # seconds per stage: checks that everything is wired up
+#   bash run.sh sft rl                   # only these stages (rerun even if their output exists)
+#   bash run.sh --from midtrain          # this stage and every later one
+#   STAGES="sft rl" bash run.sh          # the same as naming them
+#   FORCE=1 bash run.sh                  # rerun stages whose output already exists
+#   TORCHRUN_ARGS="--nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=host0:29500" bash run.sh
+#
+# Stages, in order: data tokenizer pretrain midtrain sft rl eval. Each training stage is followed by its
+# evaluation. Everything lands in $FLATCHAT_HOME (default ~/.cache/flatchat); each stage's output is
+# also written to $FLATCHAT_HOME/logs/run_<stage>.txt. A failing stage stops the run and says which.
+set -euo pipefail
+cd "$(dirname "$0")"
+export FLATCHAT_HOME="${FLATCHAT_HOME:-$HOME/.cache/flatchat}"
+export PYTHONUNBUFFERED=1
+ALL="data tokenizer pretrain midtrain sft rl eval"
+
+# --- arguments
+PRESET="" FROM="" NAMED="${STAGES:-}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET="$2"; shift 2 ;;
+    --from) FROM="$2"; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) case " $ALL " in *" $1 "*) NAMED="$NAMED $1"; shift ;; *) echo "run.sh: unknown stage or flag '$1' (stages: $ALL)"; exit 2 ;; esac ;;
+  esac
+done
+
+# --- hardware: N GPUs -> torchrun with N processes and the gpu preset; none -> python and the cpu preset
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$NGPU" -gt 0 ]; then
+  PRESET="${PRESET:-gpu}"
+  LAUNCH="torchrun ${TORCHRUN_ARGS:---standalone} --nproc_per_node=$NGPU"
+else
+  PRESET="${PRESET:-cpu}"
+  LAUNCH="python"
+fi
+
+# --- presets: the flags of every stage
+case "$PRESET" in
+  smoke)
+    DATA="--preset smoke"; CHAT="--num-spelling 200"; TOK="--vocab-size 1024"
+    PRE="--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024 --num-steps 30 --eval-every 10 --eval-tokens 4096 --sample-every -1"
+    MID="--num-steps 10 --eval-every 5 --eval-rows 16"
+    SFT="--num-steps 10 --eval-every 5 --eval-rows 16 --device-batch-size 2 --examples-per-step 4"
+    RL="--num-steps 2 --eval-every 2 --examples-per-step 2 --num-samples 2 --max-new-tokens 16 --eval-examples 4"
+    EVAL="--max-per-task 4 --bpb-tokens 4096 --max-new-tokens 16" ;;
+  cpu)
+    DATA="--preset cpu"; CHAT=""; TOK="--vocab-size 8192"
+    PRE="--depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 --num-steps 500 --eval-every 100 --eval-tokens 65536 --sample-every 250"
+    MID="--num-steps 150 --eval-every 50 --eval-rows 64"
+    SFT="--num-steps 100 --eval-every 50 --eval-rows 64"
+    RL="--num-steps 20 --eval-every 10 --examples-per-step 4 --num-samples 4 --max-new-tokens 96 --eval-examples 50"
+    EVAL="--max-per-task 50 --bpb-tokens 65536 --max-new-tokens 96" ;;
+  gpu)
+    DATA="--preset gpu --num-shards 240"; CHAT=""; TOK="--vocab-size 65536 --max-chars 2000000000"
+    PRE="--depth 20"; MID=""; SFT=""; RL=""; EVAL="--max-per-task 500" ;;
+  *) echo "run.sh: unknown preset '$PRESET' (smoke, cpu, gpu)"; exit 2 ;;
+esac
+
+# --- which stages: named ones always run; otherwise all, skipping those whose output exists
+if [ -n "$FROM" ]; then NAMED="${ALL#*$FROM}"; NAMED="$FROM $NAMED"; fi
+done_already() {  # does this stage's output exist?
+  case "$1" in
+    data) [ -d "$FLATCHAT_HOME/data/pretrain/train" ] && [ -d "$FLATCHAT_HOME/data/chat" ] ;;
+    tokenizer) [ -f "$FLATCHAT_HOME/tokenizer/tokenizer.json" ] ;;
+    pretrain|midtrain|sft|rl) ls "$FLATCHAT_HOME/checkpoints/$1"/step_*/meta.json >/dev/null 2>&1 ;;
+    eval) return 1 ;;
+  esac
+}
+
+run() {  # run STAGE CMD...: to the terminal and to logs/run_STAGE.txt; stop everything if it fails
+  local stage="$1"; shift
+  mkdir -p "$FLATCHAT_HOME/logs"
+  echo "=== $stage: $*"
+  local t0=$SECONDS
+  if ! "$@" 2>&1 | tee "$FLATCHAT_HOME/logs/run_$stage.txt"; then
+    echo "=== run.sh: stage '$stage' failed; its output is in $FLATCHAT_HOME/logs/run_$stage.txt"; exit 1
+  fi
+  echo "=== $stage done in $((SECONDS - t0)) s"
+}
+
+echo "flatchat: preset $PRESET, $NGPU GPUs, base dir $FLATCHAT_HOME${FLATCHAT_DATA_MIRROR:+, data mirror $FLATCHAT_DATA_MIRROR}"
+T_START=$SECONDS
+for stage in $ALL; do
+  if [ -n "$NAMED" ]; then
+    case " $NAMED " in *" $stage "*) ;; *) continue ;; esac
+  elif [ -z "${FORCE:-}" ] && done_already "$stage"; then
+    echo "=== $stage: output exists, skipped (name the stage or set FORCE=1 to rerun it)"; continue
+  fi
+  case "$stage" in
+    data) run data python data/corpus.py $DATA && run chat_data python data/chat_data.py $CHAT ;;
+    tokenizer) run tokenizer python tokenizer.py train $TOK && run tokenizer_eval python tokenizer.py eval ;;
+    pretrain) run pretrain $LAUNCH pretrain.py $PRE && run eval_pretrain $LAUNCH evaluate.py --stage pretrain $EVAL ;;
+    midtrain) run midtrain $LAUNCH midtrain.py $MID && run eval_midtrain $LAUNCH evaluate.py --stage midtrain $EVAL ;;
+    sft) run sft $LAUNCH sft.py $SFT && run eval_sft $LAUNCH evaluate.py --stage sft $EVAL ;;
+    rl) run rl $LAUNCH rl.py $RL && run eval_rl $LAUNCH evaluate.py --stage rl $EVAL ;;
+    eval) run report python evaluate.py --report ;;
+  esac
+done
+echo "=== all done in $(( (SECONDS - T_START) / 60 )) min $(( (SECONDS - T_START) % 60 )) s"
+[ -f "$FLATCHAT_HOME/report.md" ] && cat "$FLATCHAT_HOME/report.md"
+echo
+echo "Chat with your model:  python chat.py      (one answer: python chat.py -p \"Why is the sky blue?\")"
