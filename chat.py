@@ -7,10 +7,9 @@ chat.py: talk to a flatchat checkpoint in the terminal, and watch training runs 
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
 Keys. Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o cycle
-the temperature / top-k, ctrl+s switches to the next stage that has a checkpoint. ctrl+l toggles the Training
-tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval results, tailed from logs/*.jsonl while
-a run in another terminal appends to them. ctrl+q quits.
-A base (pretrain) checkpoint knows no chat format: each message is continued as plain text.
+the temperature / top-k, ctrl+s switches to the next stage that has a checkpoint, ctrl+q quits. ctrl+l toggles
+the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval results, tailed live from
+logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: each message is continued as plain text.
 """
 
 import argparse
@@ -36,13 +35,10 @@ from tokenizer import SPECIAL_TOKENS, base_dir
 
 STAGES = list(STAGE_COMMANDS)  # pipeline order: pretrain, midtrain, sft, rl; the last one present wins
 
-
 def load(stage=None, step=None, device="cpu"):
-    """(stage, model, tokenizer, meta) of a checkpoint, by default the newest stage's latest step.
-    With no checkpoint at all, pretrain's UserError names the command that creates the first one."""
+    """(stage, model, tokenizer, meta), by default the newest stage's latest step (none: pretrain's UserError)."""
     stage = stage or ([s for s in STAGES if latest_step(s) is not None] or ["pretrain"])[-1]
     return stage, *load_model(stage, device, step)
-
 
 def build_prompt(tok, messages, context, room, chat=True):
     """Prompt ids of the conversation, at most `context - room` tokens so the reply has `room` left.
@@ -61,11 +57,9 @@ def build_prompt(tok, messages, context, room, chat=True):
         ids = ids[:2] + ids[-(budget - 2):]
     return ids
 
-
 class Reply:
-    """Generated ids -> display text as they arrive, and -> message parts for the history. Bytes go through
-    an incremental UTF-8 decoder, so a character split over tokens is never garbled. A calculator call
-    shows as `[calc: 12*3 = 36]`."""
+    """Generated ids -> display text as they arrive, and message parts for the history. An incremental UTF-8
+    decoder never splits a character over tokens; a calculator call shows as `[calc: 12*3 = 36]`."""
 
     MARKS = {"<|python_start|>": ("python", "[calc: "), "<|python_end|>": ("python_end", ""),
              "<|output_start|>": ("python_output", " = "), "<|output_end|>": ("text", "]")}
@@ -98,10 +92,10 @@ class Reply:
         return self._part(self.utf8.decode(b"", final=True))
 
     def _part(self, s):
-        if s and (not self.parts or self.parts[-1]["type"] != self.kind):
-            self.parts.append({"type": self.kind, "text": ""})
-        if s:
+        if s and self.parts and self.parts[-1]["type"] == self.kind:
             self.parts[-1]["text"] += s
+        elif s:
+            self.parts.append({"type": self.kind, "text": s})
         return s
 
     def stats(self):
@@ -112,10 +106,8 @@ class Reply:
         plain = all(p["type"] == "text" for p in self.parts)
         return {"role": "assistant", "content": "".join(p["text"] for p in self.parts) if plain else self.parts}
 
-
 def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.6, top_k=50, seed=42):
-    """Answer the conversation's last user message: yields (new text, Reply) per generated token.
-    The prompt is trimmed to leave room for the reply, and the reply stops at the end of the context."""
+    """Yields (new text, Reply) per token of the reply; the prompt leaves it room, the context's end stops it."""
     context = model.config.sequence_len
     ids = build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
     reply = Reply(tok, len(ids))
@@ -126,7 +118,6 @@ def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.
             return
     reply.done = True
     yield reply.flush(), reply
-
 
 def tail_jsonl(path, offset):
     """New complete rows of a JSONL log since byte `offset`: (rows, new offset, restarted). A torn last
@@ -144,10 +135,8 @@ def tail_jsonl(path, offset):
             rows.append(json.loads(line))
     return [r for r in rows if isinstance(r, dict) and "step" in r], offset + end, False
 
-
 def fmt_row(row):
-    """A training row as `step 120/2000 | loss 3.4120 | lr 1.20e-03 | 52,000 tok/s | eta 3m20s` (eta when the
-    row has num_steps), an eval row as `eval @ step 100: val_bpb 1.234 | ...`."""
+    """`step 120/2000 | loss 3.4120 | lr 1.20e-03 | 52,000 tok/s | eta 3m20s`, or `eval @ step 100: ...`."""
     if "loss" not in row:
         return f"eval @ step {row['step']}: " + " | ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k not in ("step", "time"))
@@ -158,14 +147,11 @@ def fmt_row(row):
     eta = (total - row["step"]) * row.get("dt", 0) if total else None
     return line + (f" | eta {int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None else "")
 
-
 # -----------------------------------------------------------------------------
 # The Textual app: a Chat tab and a Training tab
 
-
 def cycle(values, current):
     return values[(values.index(current) + 1) % len(values)] if current in values else values[0]
-
 
 class ChatApp(App):
     CSS = """
@@ -177,16 +163,15 @@ class ChatApp(App):
     .stage { height: auto; margin-bottom: 1; }
     .stage Sparkline { height: 4; }
     """
-    BINDINGS = [Binding("escape", "stop", "stop"), Binding("ctrl+n", "new_chat", "new chat", priority=True),
-                Binding("ctrl+t", "cycle('temperature')", "temperature", priority=True),
-                Binding("ctrl+o", "cycle('top_k')", "top-k", priority=True),
-                Binding("ctrl+s", "next_stage", "stage", priority=True),
-                Binding("ctrl+l", "toggle_view", "chat/training", priority=True)]
+    BINDINGS = [Binding("escape", "stop", "stop")] + [Binding(*b, priority=True) for b in [  # even in the input
+        ("ctrl+n", "new_chat", "new chat"), ("ctrl+t", "cycle('temperature')", "temperature"),
+        ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+s", "next_stage", "stage"),
+        ("ctrl+l", "toggle_view", "chat/training")]]
     CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0]}  # what ^t, ^o cycle
 
-    def __init__(self, stage, model, tok, meta, device="cpu", max_tokens=256, temperature=0.6, top_k=50, seed=42):
+    def __init__(self, stage, model, tok, meta, max_tokens=256, temperature=0.6, top_k=50, seed=42):
         super().__init__()
-        self.stage, self.model, self.tok, self.meta, self.device = stage, model, tok, meta, device
+        self.stage, self.model, self.tok, self.meta, self.device = stage, model, tok, meta, model.get_device()
         self.max_tokens, self.temperature, self.top_k, self.seed = max_tokens, temperature, top_k, seed
         self.messages, self.replies, self.speed, self.prompt_len, self.chat_id = [], 0, "", 0, 0
         self.busy, self.stop_event = False, threading.Event()
@@ -222,7 +207,6 @@ class ChatApp(App):
         return widget
 
     # --- chat: a worker thread streams the reply, the UI takes the text every ~50 ms, not per token
-
     def on_input_submitted(self, event):
         text = event.value.strip()
         if not text or self.busy:
@@ -279,11 +263,10 @@ class ChatApp(App):
 
     def action_next_stage(self):
         stages = [s for s in STAGES if latest_step(s) is not None]
-        if self.busy or not stages:
-            return
-        self.busy = True
-        self.query_one("#status", Static).update(f"loading {cycle(stages, self.stage)} ...")
-        self.switch_stage(cycle(stages, self.stage))
+        if stages and not self.busy:
+            self.busy = True
+            self.query_one("#status", Static).update(f"loading {cycle(stages, self.stage)} ...")
+            self.switch_stage(cycle(stages, self.stage))
 
     @work(thread=True, exclusive=True, group="load")
     def switch_stage(self, stage):
@@ -305,7 +288,6 @@ class ChatApp(App):
         self.query_one("#input" if tabs.active == "chat" else "#stages").focus()  # focus follows the tab
 
     # --- training: tail logs/*.jsonl twice a second
-
     def poll_logs(self):
         order = lambda p: (STAGES.index(p.stem) if p.stem in STAGES else len(STAGES), p.stem)
         for path in sorted(self.log_dir.glob("*.jsonl"), key=order):
@@ -340,7 +322,6 @@ class ChatApp(App):
         self.logs[stage] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
         return self.logs[stage]
 
-
 # -----------------------------------------------------------------------------
 # Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then -p or the TUI
 
@@ -351,26 +332,18 @@ if __name__ == "__main__":
                         help="checkpoint stage (default: the newest that exists, rl > sft > midtrain > pretrain)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the stage's latest)")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: autodetect)")
-    parser.add_argument("--stats", action="store_true", help="with -p: print first-token latency and tok/s to stderr")
     # sampling
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens in a reply (the context caps it too)")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed of the first reply (reply n: seed + n)")
     args = parser.parse_args()
-
-    try:
-        stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # a UserError (no checkpoint, another tokenizer) ends in one line and exit 2 (model.py's excepthook)
+    stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
     if args.prompt is None:
-        ChatApp(stage, model, tok, meta, model.get_device(), args.max_tokens, args.temperature, args.top_k,
-                args.seed).run()
+        ChatApp(stage, model, tok, meta, args.max_tokens, args.temperature, args.top_k, args.seed).run()
         sys.exit(0)
-    for piece, reply in stream_reply(model, tok, [{"role": "user", "content": args.prompt}], stage != "pretrain",
-                                     args.max_tokens, args.temperature, args.top_k, args.seed):
+    for piece, _ in stream_reply(model, tok, [{"role": "user", "content": args.prompt}], stage != "pretrain",
+                                 args.max_tokens, args.temperature, args.top_k, args.seed):
         print(piece, end="", flush=True)
     print()
-    if args.stats:
-        print(f"{stage} step {meta['step']} | {reply.n} tokens | {reply.stats()}", file=sys.stderr)

@@ -9,7 +9,7 @@ evaluate.py: measure a checkpoint (bits per byte, CORE, chat tasks) and write th
     python evaluate.py --report                                          # only rebuild report.md
 
 Reads checkpoints/<stage>/ and data/eval/ under $FLATCHAT_HOME; writes report/metrics_<stage>.json,
-report/<stage>.md and report.md. Generated code (HumanEval) runs in `run_sandboxed` below.
+report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxed` below.
 """
 
 import argparse
@@ -40,21 +40,17 @@ from tokenizer import base_dir, iter_documents, render_mc
 
 # -----------------------------------------------------------------------------
 # The sandbox: generated code runs in a separate process, limited in layers (outside in):
-# 1. where user namespaces work (Linux; `unshare` + `setpriv`, probed once): new user, mount, network
-#    and pid namespaces. No network interfaces (not even loopback to the host); every mount read-only
-#    except a fresh tmpfs of file_mb as the working dir; a pid namespace capped at ~300 pids (kernel
-#    >= 6.14) whose processes all die with it; capabilities dropped, no_new_privs.
-# 2. rlimits: CPU seconds, address space (memory_mb), file size (file_mb), 64 open files, max_procs
-#    processes+threads of the user (not enforced for real root, hence 1 and 3), no core dumps. A new
-#    session; at the end its whole process group is SIGKILLed.
-# 3. a Python audit hook refusing os.system/exec*/spawn*/posix_spawn/fork/forkpty, subprocess,
-#    importing ctypes/_posixsubprocess/multiprocessing/pty, socket connect/bind/send, os.kill,
-#    setrlimit, writes/deletes/renames/chmods outside the working dir, and reading /proc/<other pid>.
-#    Determined code can get around a hook, so it is never the only layer.
-# The environment is just PATH and LANG; stdout+stderr are read up to max_output bytes; a wall-clock
-# deadline ends it. The code can still read files its user may read. Running as `nobody` was not an
-# option: the interpreter often lives under a private home (/root/.pyenv). Not a security boundary
-# for hostile code: do not call it "secure". rl.py needs it too, so it belongs in model.py.
+# 1. user namespaces where they work (Linux, `unshare` + `setpriv`, probed once): no network at all, every
+#    mount read-only but a tmpfs of file_mb as the working dir, a pid namespace (<= ~300 pids on kernel
+#    >= 6.14) whose processes die with it, capabilities dropped, no_new_privs.
+# 2. rlimits: CPU seconds, address space, file size, 64 open files, max_procs processes+threads (not
+#    enforced for real root), no core dumps; a new session whose process group is SIGKILLed at the end.
+# 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the
+#    working dir and reading /proc/<other pid> (the BLOCK/MODULES/PATHS sets below). Code can get around
+#    a hook, so it is never the only layer.
+# Only PATH and LANG in the environment, output capped at max_output bytes, a wall-clock deadline. The code
+# can still read what its user may read (`nobody` cannot run an interpreter under a private home such as
+# /root/.pyenv): not a security boundary for hostile code, never call it "secure".
 
 _BOOT = r"""
 import os, resource as R, sys
@@ -77,9 +73,8 @@ def inside(p):
     return p == work or p.startswith(work + os.sep)
 def hook(event, args):
     bad = event in BLOCK or (event == "import" and args[0].partition(".")[0] in MODULES)
-    paths = [a for a in args if isinstance(a, (str, bytes))]
     if event in PATHS:
-        bad = bad or not all(inside(p) for p in paths)
+        bad = bad or not all(inside(p) for p in args if isinstance(p, (str, bytes)))
     if event == "open" and isinstance(args[0], (str, bytes)):  # (path or fd, mode, flags)
         p = os.fsdecode(args[0])
         writing = (args[2] or 0) & WRITE or any(c in (args[1] or "") for c in "wax+")
@@ -104,11 +99,9 @@ done
 cd "$1" && shift 2 && exec setpriv --bounding-set=-all --inh-caps=-all --no-new-privs -- "$@"
 """
 
-
 def _ns_prefix(work, disk_mb):
     return [shutil.which("unshare"), "-rmnpf", "--kill-child", "--mount-proc", "sh", "-c", _NS_SH, "sh",
             str(work), str(disk_mb)]
-
 
 @functools.cache
 def namespaces_available():
@@ -121,7 +114,6 @@ def namespaces_available():
         except (OSError, subprocess.TimeoutExpired):
             return False
     return r.returncode == 0
-
 
 def _read_capped(proc, timeout, cap):
     """Read the merged stdout/stderr until EOF, the deadline or `cap` bytes; returns (bytes, problem)."""
@@ -138,7 +130,6 @@ def _read_capped(proc, timeout, cap):
         buf += chunk
         if len(buf) > cap:
             return bytes(buf[:cap]), f"output over {cap} bytes, stopped"
-
 
 def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 16, max_procs=4, guard=True):
     """Run Python `code` in the sandbox described above: (ok, output). ok = exit status 0, in time, output
@@ -169,7 +160,6 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
 # -----------------------------------------------------------------------------
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
 
-
 def all_sum(*values):
     """Sum numbers over the ranks (a no-op in a single process)."""
     if not dist.is_initialized():
@@ -177,13 +167,6 @@ def all_sum(*values):
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return tuple(t.tolist())
-
-
-def crop(ids, T):
-    """Keep the last T tokens of a prompt longer than the context: (ids, how many were cut)."""
-    cut = max(0, len(ids) - T)
-    return ids[cut:], cut
-
 
 @torch.no_grad()
 def forward_rows(model, rows):
@@ -193,21 +176,17 @@ def forward_rows(model, rows):
     with amp_ctx(device):
         return model(x).float(), x
 
-
 def load_jsonl(path):
     """The rows of a JSONL file in a fixed shuffled order, so that --max-per-task takes a fair sample."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     random.Random(1337).shuffle(rows)
     return rows
 
-
 # -----------------------------------------------------------------------------
 # Bits per byte on the validation split: the loss, made independent of the vocab size
 
-
 def val_rows(tokenizer, files, T, max_tokens):
-    """The stream doc, <|bos|>, doc, ... cut into rows of T+1 that each start with <|bos|> (as pretraining
-    packs them); every stream token is a target exactly once."""
+    """doc, <|bos|>, doc, ... in rows of T+1 that start with <|bos|> (as pretrain packs): each token a target once."""
     bos, stream = tokenizer.bos_id, []
     for f in files:
         for text in iter_documents(f):
@@ -217,21 +196,17 @@ def val_rows(tokenizer, files, T, max_tokens):
     stream = stream[:max_tokens]
     return [[bos] + stream[i:i + T] for i in range(0, len(stream) - T + 1, T)] or [[bos] + stream]
 
-
 def bits_per_byte(model, rows, token_bytes, batch_size, rank=0, world=1):
     """evaluate_loss (model.py) sums the nats and bytes of non-special targets over ranks, / ln 2."""
     mine, device = rows[rank::world], model.get_device()
     batches = (torch.tensor(mine[i:i + batch_size], device=device) for i in range(0, len(mine), batch_size))
     return evaluate_loss(model, ((x[:, :-1], x[:, 1:].contiguous()) for x in batches), token_bytes)["bpb"]
 
-
 # -----------------------------------------------------------------------------
 # CORE (DCLM): 22 tasks of three kinds, scored as DCLM and nanochat score them
 
-
 def load_core_tasks(core_dir):
-    """core.yaml's list of flat `key: value` maps, read by hand (values are JSON or bare strings),
-    each with its random baseline (percent) from eval_meta_data.csv."""
+    """core.yaml's flat `key: value` maps (JSON or bare strings), each + its baseline (%) from eval_meta_data.csv."""
     tasks = []
     for line in (core_dir / "core.yaml").read_text().splitlines():
         key, _, val = line.strip().partition(": ")
@@ -246,7 +221,6 @@ def load_core_tasks(core_dir):
         base = {r["Eval Task"]: float(r["Random baseline"]) for r in csv.DictReader(f)}
     return [dict(t, baseline=base[t["label"]]) for t in tasks]
 
-
 def render_prompts(kind, item, shots, delim):
     """The texts to score: the few-shot examples (solved, blank-line separated), then the item."""
     if kind == "multiple_choice":  # one context, one continuation per choice
@@ -259,7 +233,6 @@ def render_prompts(kind, item, shots, delim):
     prompt = f"{pre}{item['context'].strip()}{delim}"  # language_modeling: without, then with the answer
     return [prompt.strip(), prompt + item["continuation"]]
 
-
 def continuation_spans(kind, seqs):
     """[start, end) of the scored tokens of each sequence: where the options differ."""
     if kind == "language_modeling":  # past the prompt
@@ -269,17 +242,14 @@ def continuation_spans(kind, seqs):
         n += 1  # the common prefix (multiple choice) or suffix (schema)
     return [(n, len(s)) if kind == "multiple_choice" else (len(s) - n, len(s)) for s in seqs]
 
-
 def score_item(model, tokenizer, kind, prompts, gold):
-    """1 if right: the lowest mean continuation loss is gold's (MC, schema), or the greedy
-    continuation is exactly the answer (LM). Prompts past the context are cropped from the left."""
+    """1 if right: gold's continuation has the lowest mean loss (MC, schema), or the greedy continuation
+    is exactly the answer (LM). Prompts longer than the context lose their start."""
     seqs = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    spans = continuation_spans(kind, seqs)
-    rows = []
-    for i, s in enumerate(seqs[1:] if kind == "language_modeling" else seqs):
-        s, cut = crop(s, model.config.sequence_len)
-        rows.append(s)
-        spans[i] = (max(spans[i][0] - cut, 1), spans[i][1] - cut)
+    spans, T = continuation_spans(kind, seqs), model.config.sequence_len
+    seqs = seqs[1:] if kind == "language_modeling" else seqs
+    cuts = [max(0, len(s) - T) for s in seqs]
+    rows, spans = [s[c:] for s, c in zip(seqs, cuts)], [(max(a - c, 1), b - c) for (a, b), c in zip(spans, cuts)]
     logits, x = forward_rows(model, rows)
     if kind == "language_modeling":
         (a, b), = spans
@@ -288,25 +258,9 @@ def score_item(model, tokenizer, kind, prompts, gold):
     means = [losses[i, a - 1:b - 1].mean().item() for i, (a, b) in enumerate(spans)]
     return int(means.index(min(means)) == gold)
 
-
-def core_task(model, tokenizer, task, data, max_items, rank=0, world=1):
-    """(accuracy, items) of one task. Few-shot: random.Random(1234 + idx) over the others."""
-    k, kind, delim = task["num_fewshot"][0], task["icl_task_type"], task.get("continuation_delimiter", " ")
-    correct = count = 0
-    for idx in range(rank, min(len(data), max_items), world):
-        picks = random.Random(1234 + idx).sample(range(len(data) - 1), min(k, len(data) - 1))  # among the others
-        shots = [data[j + (j >= idx)] for j in picks]
-        prompts = render_prompts(kind, data[idx], shots, delim)
-        correct += score_item(model, tokenizer, kind, prompts, data[idx].get("gold", 0))
-        count += 1
-    correct, count = all_sum(correct, count)
-    return correct / max(count, 1), int(count)
-
-
 def centered(acc, baseline):
     """Accuracy above chance rescaled so 1 stays 1 (baseline in percent, as eval_meta_data.csv has it)."""
     return (acc - baseline / 100) / (1 - baseline / 100)
-
 
 def run_core(model, tokenizer, core_dir, max_items, rank=0, world=1):
     """Per task {acc, centered, n} for every task whose data file exists, and CORE (their mean)."""
@@ -316,18 +270,23 @@ def run_core(model, tokenizer, core_dir, max_items, rank=0, world=1):
         if not path.exists():
             print0(f"core | {task['label']:<32} | skipped: {path} is missing")
             continue
-        data = load_jsonl(path)
-        acc, n = core_task(model, tokenizer, task, data, max_items, rank, world)
-        r = results[task["label"]] = dict(acc=acc, centered=centered(acc, task["baseline"]), n=n)
-        print0(f"core | {task['label']:<32} | acc {acc:.4f} | centered {r['centered']:+.4f} | {n} items "
+        data, kind, k = load_jsonl(path), task["icl_task_type"], task["num_fewshot"][0]
+        mine, correct = range(rank, min(len(data), max_items), world), 0
+        for idx in mine:
+            picks = random.Random(1234 + idx).sample(range(len(data) - 1), min(k, len(data) - 1))  # as DCLM
+            shots = [data[j + (j >= idx)] for j in picks]  # the other items
+            prompts = render_prompts(kind, data[idx], shots, task.get("continuation_delimiter", " "))
+            correct += score_item(model, tokenizer, kind, prompts, data[idx].get("gold", 0))
+        correct, n = all_sum(correct, len(mine))
+        acc = correct / max(n, 1)
+        r = results[task["label"]] = dict(acc=acc, centered=centered(acc, task["baseline"]), n=int(n))
+        print0(f"core | {task['label']:<32} | acc {acc:.4f} | centered {r['centered']:+.4f} | {int(n)} items "
                f"| {time.time() - t0:.1f} s")
     core = sum(r["centered"] for r in results.values()) / max(len(results), 1)
     return dict(core=core, core_tasks=results, core_k=len(results), core_total=len(tasks))
 
-
 # -----------------------------------------------------------------------------
 # Chat tasks: ARC-Easy, ARC-Challenge, MMLU (letters), GSM8K (calculator), HumanEval (sandbox)
-
 
 def letter_ids(tokenizer, n):
     """The token of each answer letter as the assistant writes it ("A"): each must be one token."""
@@ -335,36 +294,31 @@ def letter_ids(tokenizer, n):
     assert all(len(i) == 1 for i in ids), f"answer letters are not single tokens: {ids}"
     return [i[0] for i in ids]
 
-
 def letter_correct(logits, letters, gold):
     """Argmax over the choices' letters only, at the answer position (logits (V,))."""
     return int(logits[letters].argmax().item() == gold)
 
-
 def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
     """Accuracy of the letter after the rendered multiple-choice prompt, a batch at a time."""
-    correct, mine = 0, items[rank::world]
+    correct, mine, T = 0, items[rank::world], model.config.sequence_len
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
         convs = [{"messages": [{"role": "user", "content": render_mc(it["question"], it["choices"])}]} for it in chunk]
-        rows = [crop(tokenizer.render_for_completion(c), model.config.sequence_len)[0] for c in convs]
+        rows = [tokenizer.render_for_completion(c)[-T:] for c in convs]  # a long prompt loses its start
         logits, _ = forward_rows(model, rows)
         for j, (r, it) in enumerate(zip(rows, chunk)):
             correct += letter_correct(logits[j, len(r) - 1], letter_ids(tokenizer, len(it["choices"])), it["gold"])
     correct, count = all_sum(correct, len(mine))
     return correct / max(count, 1)
 
-
 def last_number(text):
     """The last number in a text without its commas ("1,234.5" -> "1234.5"), or None."""
     nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
     return nums[-1].replace(",", "") if nums else None
 
-
 def gsm8k_reference(answer):
     """What follows '####' in a GSM8K answer (the whole string when there is none)."""
     return answer.split("####")[-1].strip().replace(",", "")
-
 
 def same_number(a, b):
     try:
@@ -372,15 +326,13 @@ def same_number(a, b):
     except ValueError:
         return False
 
-
 def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
     """The assistant's replies (calculator on), decoded without the special tokens."""
     T = model.config.sequence_len
-    ids = crop(tokenizer.render_for_completion(conv), max(T - max_tokens, T // 2))[0]
+    ids = tokenizer.render_for_completion(conv)[-max(T - max_tokens, T // 2):]  # room for the reply
     seqs, _ = generate_batch(model, ids, num_samples=num_samples, max_tokens=max_tokens,
                              temperature=temperature, tokenizer=tokenizer)
     return [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]
-
 
 def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
     correct, mine = 0, items[rank::world]
@@ -389,7 +341,6 @@ def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
         correct += same_number(last_number(reply), gsm8k_reference(conv["answer"]))
     correct, count = all_sum(correct, len(mine))
     return correct / max(count, 1)
-
 
 def humaneval_program(task, completion):
     """The code of a ```python block if there is one; a bare body goes back under the prompt; then
@@ -402,11 +353,9 @@ def humaneval_program(task, completion):
         code = task["prompt"] + code
     return f"{code}\n\n{task['test']}\n\ncheck({task['entry_point']})\n"
 
-
 def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples of which c passed (Chen et al. 2021)."""
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
 
 def run_humaneval(model, tokenizer, tasks, max_tokens, samples, rank=0, world=1):
     """(pass@1, pass@samples): greedy with one sample, temperature 0.8 with more."""
@@ -419,10 +368,9 @@ def run_humaneval(model, tokenizer, tasks, max_tokens, samples, rank=0, world=1)
     p1, pk, count = all_sum(p1, pk, len(tasks[rank::world]))
     return p1 / max(count, 1), pk / max(count, 1)
 
-
 # -----------------------------------------------------------------------------
-# The report card: report/<section>.md (each stage rewrites only its own) + tables from logs/ and
-# report/metrics_<stage>.json, joined into report.md
+# The report card: report/metrics_<stage>.json (each stage rewrites only its own), report/system.md and
+# logs/*.jsonl, joined into report.md
 
 STAGES = {"pretrain": "BASE", "midtrain": "MID", "sft": "SFT", "rl": "RL"}
 ROWS = {"bpb": "bpb", "core": "CORE", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "mmlu": "MMLU",
@@ -430,46 +378,34 @@ ROWS = {"bpb": "bpb", "core": "CORE", "arc_easy": "ARC-E", "arc_challenge": "ARC
 CHAT_BASELINES = {"arc_easy": 0.25, "arc_challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0}
 ROOT = Path(__file__).resolve().parent
 
-
 def chatcore(metrics):
     """(mean of the centered chat accuracies measured, how many of the 5)."""
     got = [(metrics[k] - b) / (1 - b) for k, b in CHAT_BASELINES.items() if k in metrics]
     return (sum(got) / len(got) if got else None), len(got)
 
-
-def version(pkg):
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "-"
-
-
-def system_section():
+def system_section(tokenizer, files):
+    """The machine, the software, the commit; the tokenizer's size and compression on the val text."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit, dirty = git("log", "-1", "--format=%h %cd", "--date=short"), git("status", "--porcelain")
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["none"]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    deps = ("numpy", "regex", "textual", "requests", "pyarrow")
+    found = list(importlib.metadata.distributions())[::-1]  # the first on sys.path wins, as in version()
+    versions = {str(d.metadata["Name"]).lower(): d.version for d in found}
+    text = "\n".join(d for f in files for d, _ in zip(iter_documents(f), range(50)))[:200_000]
+    n, nbytes = len(tokenizer.encode(text)) if text else 0, len(text.encode())
     return "\n".join([
         "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, "
         f"GPUs: {', '.join(gpus)}",
         f"- software: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
-        "- dependencies: " + ", ".join(f"{p} {version(p)}" for p in deps),
+        "- dependencies: " + ", ".join(f"{p} {versions.get(p, '-')}" for p in ("numpy", "regex", "textual",
+                                                                                "requests", "pyarrow")),
         f"- git commit: {commit or 'none yet'}{' (+ uncommitted changes)' if dirty else ''}",
-        f"- sandbox: {'user/mount/net/pid namespaces + ' if namespaces_available() else ''}rlimits + audit hook"])
-
-
-def tokenizer_section(tokenizer, files):
-    text = "\n".join(d for f in files for d, _ in zip(iter_documents(f), range(50)))[:200_000]
-    n = len(tokenizer.encode(text)) if text else 0
-    ratio = f"{len(text.encode()) / n:.2f} bytes/token on {len(text.encode()):,} bytes of val text" if n else "-"
-    return "\n".join(["## Tokenizer", "", f"- vocab size: {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})",
-                      f"- compression: {ratio}"])
-
+        f"- sandbox: {'user/mount/net/pid namespaces + ' if namespaces_available() else ''}rlimits + audit hook",
+        "", "## Tokenizer", "", f"- vocab size: {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})",
+        f"- compression: {nbytes / n:.2f} bytes/token on {nbytes:,} bytes of val text" if n else "- compression: -"])
 
 def training_section(home):
-    """Each stage's steps, wall time, final loss and validation number from logs/<stage>.jsonl:
-    (markdown, seconds)."""
+    """Steps, wall time, final loss and validation of each stage from logs/<stage>.jsonl: (markdown, s)."""
     lines, total = ["## Training", "", "| stage | steps | wall time | final loss | final validation |",
                     "|---|---|---|---|---|"], 0.0
     for stage in STAGES:
@@ -485,10 +421,8 @@ def training_section(home):
         lines.append(f"| {stage} | {step} | {(max(times) - min(times)) / 60:.1f} min | {loss} | {val[-1]} |")
     return "\n".join(lines), total
 
-
-def metrics_section(home):
-    """The table of metrics per stage: (markdown, evaluation seconds)."""
-    ms = {s: json.loads(p.read_text()) for s in STAGES if (p := home / "report" / f"metrics_{s}.json").exists()}
+def metrics_section(ms):
+    """The table of metrics per stage (ms: stage -> its metrics), then each stage's own numbers."""
     lines = ["## Metrics", "", "| metric | " + " | ".join(STAGES.values()) + " |", "|---|" + "---|" * len(STAGES)]
     for key, name in ROWS.items():
         cells = [f"{ms[s][key]:.4f}" if ms.get(s, {}).get(key) is not None else "-" for s in STAGES]
@@ -497,35 +431,30 @@ def metrics_section(home):
     for s, m in ms.items():
         lines += [f"- {STAGES[s]}: CORE over {m['core_k']} of {m['core_total']} tasks"] if "core_k" in m else []
         lines += [f"- {STAGES[s]}: ChatCORE over {m['chatcore_k']} of 5 tasks"] if m.get("chatcore_k") else []
-    return "\n".join(lines), sum(m.get("eval_seconds", 0) for m in ms.values())
-
-
-def stage_section(stage, m):
-    """This stage's own part of the card: every number it measured, CORE per task."""
-    lines = [f"## {STAGES[stage]} ({stage}, step {m['step']})", ""]
-    lines += [f"- {ROWS.get(k, k)}: {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "eval_seconds"]
-    if m.get("core_tasks"):
-        lines += ["", "| CORE task | accuracy | centered | items |", "|---|---|---|---|"]
-        lines += [f"| {t} | {r['acc']:.4f} | {r['centered']:+.4f} | {r['n']} |" for t, r in m["core_tasks"].items()]
+    for s, m in ms.items():  # every number the stage measured, CORE per task
+        lines += ["", f"## {STAGES[s]} ({s}, step {m['step']})", ""]
+        lines += [f"- {ROWS.get(k, k)}: {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "eval_seconds"]
+        if m.get("core_tasks"):
+            lines += ["", "| CORE task | accuracy | centered | items |", "|---|---|---|---|"]
+            lines += [f"| {t} | {r['acc']:.4f} | {r['centered']:+.4f} | {r['n']} |" for t, r in m["core_tasks"].items()]
     return "\n".join(lines)
 
-
 def write_report(home):
-    """Join the section files and the derived tables into report.md; returns its path."""
+    """report.md from report/system.md, logs/ and report/metrics_<stage>.json; returns its path."""
     d = home / "report"
     d.mkdir(parents=True, exist_ok=True)
-    (training, train_s), (metrics, eval_s) = training_section(home), metrics_section(home)
+    ms = {s: json.loads(p.read_text()) for s in STAGES if (p := d / f"metrics_{s}.json").exists()}
+    (training, train_s), eval_s = training_section(home), sum(m.get("eval_seconds", 0) for m in ms.values())
     files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".sh") and ".git" not in p.parts]
     code = [p.read_text(errors="replace") for p in files]
     parts = ["# flatchat report card", f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"]
-    parts += [(d / f"{n}.md").read_text().strip() for n in ["system", "tokenizer"] if (d / f"{n}.md").exists()]
-    parts += [training, metrics] + [(d / f"{s}.md").read_text().strip() for s in STAGES if (d / f"{s}.md").exists()]
-    parts += ["## Totals", f"- total wall clock: {(train_s + eval_s) / 3600:.2f} h (training {train_s / 60:.1f} min, "
+    parts += [(d / "system.md").read_text().strip()] if (d / "system.md").exists() else []
+    parts += [training, metrics_section(ms), "## Totals",
+              f"- total wall clock: {(train_s + eval_s) / 3600:.2f} h (training {train_s / 60:.1f} min, "
               f"evaluation {eval_s / 60:.1f} min)\n- repo size: {sum(c.count(chr(10)) for c in code):,} lines in "
               f"{len(files)} files (*.py, *.sh), ~{sum(map(len, code)) // 4:,} tokens"]
     (home / "report.md").write_text("\n\n".join(parts) + "\n")
     return home / "report.md"
-
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -550,19 +479,18 @@ if __name__ == "__main__":
         sys.exit(0)
     if not args.stage:
         parser.error("--stage is required (or --report to only rebuild the card)")
-    tasks = (args.tasks or ("bpb,core" if args.stage == "pretrain" else "arc,mmlu,gsm8k,humaneval")).split(",")
-    tasks = [t.strip() for t in tasks]
+    default = "bpb,core" if args.stage == "pretrain" else "arc,mmlu,gsm8k,humaneval"
+    tasks = [t.strip() for t in (args.tasks or default).split(",")]
     if set(tasks) - {"bpb", "core", "arc", "mmlu", "gsm8k", "humaneval"}:
         parser.error(f"--tasks {args.tasks}: choose from bpb,core,arc,mmlu,gsm8k,humaneval")
     max_items = args.max_per_task if args.max_per_task > 0 else None
 
     # -------------------------------------------------------------------------
     # Init, the checkpoint
-    ddp, rank, _, world, device = compute_init()
+    _, rank, _, world, device = compute_init()
     model, tokenizer, meta = load_model(args.stage, device, step=args.step)
     print0(f"evaluating {args.stage} step {meta['step']} on {world} process(es): {','.join(tasks)}")
-    t0, m, ev = time.time(), {}, home / "data" / "eval"
-    val_dir = home / "data" / "pretrain" / "val"
+    t0, m, ev, val_dir = time.time(), {}, home / "data" / "eval", home / "data" / "pretrain" / "val"
     val_files = sorted(f for f in val_dir.glob("*") if f.suffix in (".jsonl", ".parquet", ".txt"))
 
     # -------------------------------------------------------------------------
@@ -581,14 +509,12 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # Chat metrics; a task whose file is missing is skipped with a line saying so
-    files = {"arc_easy": "arc_easy_test", "arc_challenge": "arc_challenge_test", "mmlu": "mmlu_test",
-             "gsm8k": "gsm8k_test", "humaneval": "humaneval"}
-    for key, name in files.items():
-        path = ev / f"{name}.jsonl"
-        if key.split("_")[0] not in tasks:
+    for key in ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"):
+        task, path = key.split("_")[0], ev / f"{key}{'' if key == 'humaneval' else '_test'}.jsonl"
+        if task not in tasks:
             continue
         if not path.exists():
-            print0(f"{key} | skipped: {path} is missing (`python data/chat_data.py --only {key.split('_')[0]}`)")
+            print0(f"{key} | skipped: {path} is missing (`python data/chat_data.py --only {task}`)")
             continue
         items = load_jsonl(path)[:max_items]
         if key == "gsm8k":
@@ -611,8 +537,6 @@ if __name__ == "__main__":
         m = {**old, **m, "step": meta["step"], "eval_seconds": old.get("eval_seconds", 0) + time.time() - t0}
         m["chatcore"], m["chatcore_k"] = chatcore(m)
         path.write_text(json.dumps(m, indent=1))
-        (d / f"{args.stage}.md").write_text(stage_section(args.stage, m))
-        (d / "system.md").write_text(system_section())
-        (d / "tokenizer.md").write_text(tokenizer_section(tokenizer, val_files))
+        (d / "system.md").write_text(system_section(tokenizer, val_files))
         print0(f"wrote {write_report(home)} ({time.time() - t0:.0f} s)")
     compute_cleanup()

@@ -17,7 +17,6 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from model import (UserError, compute_cleanup, compute_init, evaluate_loss, generate_batch,
                    JsonlLogger, load_model, print0, save_checkpoint, step_backward)
@@ -199,18 +198,10 @@ for step in range(start_step, num_steps + 1):
         logger.log(step=step, val_loss=val_loss)
         model.train()
     if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-        states = [lane.state() for lane in lanes]
-        if ddp:
-            everyone = [None] * world
-            dist.all_gather_object(everyone, states)
-            states = [s for rank_states in everyone for s in rank_states]
-        meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes=states,
+        meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args),
                     total_batch=args.total_batch_size, num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage="pretrain", step=src_meta["step"]),
                     metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
-        if master:
-            print0(f"saved {save_checkpoint('midtrain', step, model, optimizer, meta, keep=args.keep)}")
-        if ddp:
-            dist.barrier()
+        save_checkpoint("midtrain", step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
     if last:
         break
 
@@ -222,8 +213,7 @@ for step in range(start_step, num_steps + 1):
     train_loss = step_backward(model, batches)
     warmdown = max(1, round(args.warmdown_ratio * num_steps))
     lrm = min(1.0, (num_steps - step) / warmdown)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lrm
+    optimizer.set_lr(lrm)
     optimizer.step()
     model.zero_grad(set_to_none=True)
     if not math.isfinite(train_loss):

@@ -216,12 +216,19 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def all_reduce_grads(self):
         """Average gradients over ranks in one flat buffer (the same code path for DDP-free training)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p in params:  # a rank with nothing to learn this step still joins, with zeros
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        grads = [p.grad for p in params]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)  # SUM (gloo has no AVG)
         flat /= dist.get_world_size()
         for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(piece.view_as(g))
+
+    def set_lr(self, multiplier):
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
 
     @torch.no_grad()
     def step(self):
@@ -582,7 +589,23 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(stage, step, model, optimizer, meta, keep=None):
+def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
+    """Every rank calls this. The per-rank loader states `lanes` (a list per rank) are gathered in rank
+    order into meta["lanes"]; rank 0 writes the checkpoint; all ranks wait for it."""
+    ddp, path = dist.is_initialized(), None
+    if lanes is not None and ddp:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, lanes)
+        lanes = [s for rank_lanes in everyone for s in rank_lanes]
+    if not ddp or dist.get_rank() == 0:
+        path = _write_checkpoint(stage, step, model, optimizer, {**meta, "lanes": lanes}, keep)
+        print0(f"saved {path}")
+    if ddp:
+        dist.barrier()
+    return path
+
+
+def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     """Write a complete checkpoint into a temp dir (fsynced, meta.json last), then rename it into place.
     A crash at any point leaves either the old set of checkpoints or the new one, never a torn one."""
     root = stage_dir(stage)

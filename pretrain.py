@@ -15,7 +15,6 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
 from model import (GPT, GPTConfig, UserError, compute_cleanup, compute_init, evaluate_loss,
                    generate_batch, JsonlLogger, step_backward, load_checkpoint, load_tokenizer, print0, save_checkpoint)
@@ -195,15 +194,6 @@ def val_batches():  # the same val rows at every evaluation: a fresh lane per ra
     return (lane.batch(B, T) for _ in range(val_steps))
 
 
-def gather_lane_states():
-    states = [lane.state() for lane in lanes]
-    if ddp:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, states)
-        states = [s for rank_states in everyone for s in rank_states]
-    return states
-
-
 # -----------------------------------------------------------------------------
 # Schedules
 
@@ -246,14 +236,10 @@ for step in range(start_step, num_steps + 1):
             print0(f"  sample: {prompt}{tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])!r}")
         orig_model.train()
     if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-        meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args),
-                    lanes=gather_lane_states(), lanes_total=n_lanes, total_batch=total_batch, world_size=world, num_steps=num_steps,
-                    metrics=dict(val_bpb=val_bpb, min_val_bpb=min_val_bpb), train_time=time.time() - t_start)
-        if master:
-            path = save_checkpoint("pretrain", step, orig_model, optimizer, meta, keep=args.keep)
-            print0(f"saved {path}")
-        if ddp:
-            dist.barrier()
+        meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes_total=n_lanes,
+                    total_batch=total_batch, world_size=world, num_steps=num_steps, train_time=time.time() - t_start,
+                    metrics=dict(val_bpb=val_bpb, min_val_bpb=min_val_bpb))
+        save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
     if last:
         break
 
@@ -261,10 +247,8 @@ for step in range(start_step, num_steps + 1):
     t0 = time.time()
     train_loss = step_backward(model, [lane.batch(B, T) for lane in lanes])
     lrm = lr_multiplier(step)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lrm
-        if group["kind"] == "muon":
-            group["momentum"] = muon_momentum(step)
+    optimizer.set_lr(lrm)
+    optimizer.param_groups[0]["momentum"] = muon_momentum(step)  # group 0: the Muon matrices
     optimizer.step()
     model.zero_grad(set_to_none=True)
     dt = time.time() - t0

@@ -211,10 +211,7 @@ if __name__ == "__main__":
             source = src_meta["source"] if args.resume else dict(stage="sft", step=src_meta["step"])
             meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), pos=pos,
                         num_steps=num_steps, source=source, metrics=metrics, train_time=time.time() - t_start)
-            if master:
-                print0(f"saved {save_checkpoint('rl', step, model, optimizer, meta, keep=args.keep)}")
-            if ddp:
-                dist.barrier()
+            save_checkpoint("rl", step, model, optimizer, meta, keep=args.keep)
         if last:
             break
 
@@ -238,12 +235,8 @@ if __name__ == "__main__":
             dist.all_reduce(stats)
         loss, reward_sum, n_tok, n_samples, zero_adv, tokens = stats.tolist()
         lrm = 1.0 - step / num_steps  # linear decay to 0
-        if zero_adv < args.examples_per_step:  # some process has a gradient; the others step with zeros
-            for p in model.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        if zero_adv < args.examples_per_step:  # some process has a gradient (the others join with zeros)
+            optimizer.set_lr(lrm)
             optimizer.step()
         model.zero_grad(set_to_none=True)
         loss /= world

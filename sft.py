@@ -18,7 +18,6 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from model import (UserError, compute_cleanup, compute_init, evaluate_loss, generate_batch,
                    JsonlLogger, load_model, print0, save_checkpoint, step_backward)
@@ -157,18 +156,10 @@ for step in range(start_step, num_steps + 1):
         logger.log(step=step, val_loss=val_loss)
         model.train()
     if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-        states = [dict(pos=lane.pos, skipped=lane.skipped) for lane in lanes]
-        if ddp:
-            everyone = [None] * world
-            dist.all_gather_object(everyone, states)
-            states = sum(everyone, [])
-        meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes=states,
+        meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
                     num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage=stage, step=src_meta["step"]),
                     metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
-        if master:
-            print0(f"saved {save_checkpoint('sft', step, model, optimizer, meta, keep=args.keep)}")
-        if ddp:
-            dist.barrier()
+        save_checkpoint("sft", step, model, optimizer, meta, args.keep, [dict(pos=lane.pos, skipped=lane.skipped) for lane in lanes])
     if last:
         break
 
@@ -179,8 +170,7 @@ for step in range(start_step, num_steps + 1):
             f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
     train_loss = step_backward(model, batches)
     lrm = 1.0 - step / num_steps  # linear decay to 0
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lrm
+    optimizer.set_lr(lrm)
     optimizer.step()
     model.zero_grad(set_to_none=True)
     if not math.isfinite(train_loss):

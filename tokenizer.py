@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,7 @@ def _pair_stats(words, freqs):
 def bpe_merges(counts, num_merges, verbose=False):
     """The merges [(left, right), ...] learned from {chunk: count}. Each step merges the pair with the
     highest count (ties: the smallest (left, right)), in every chunk, left to right. A pair whose bytes
-    equal an existing token's (say ' t'+'he' after ' '+'the') is skipped for good: tiktoken, like our
+    equal an existing token's is skipped for good (not seen on real text so far): tiktoken, like our
     encoder, names tokens by their bytes, so two tokens with the same bytes could not both be reached."""
     # A word is a str with one character per token (chr(id)), so a pair is a 2-character str, ordered
     # like (left, right), and merging it everywhere in a word is one str.replace (left to right).
@@ -360,7 +360,7 @@ class Tokenizer:
                  "special_tokens": self.special_tokens, "token_bytes": self.token_bytes}
         return json.dumps(state, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
-    @property
+    @cached_property
     def hash(self):
         """sha256 of the saved file; checkpoints record it so a model never meets the wrong tokenizer."""
         return hashlib.sha256(self._json()).hexdigest()
@@ -483,16 +483,12 @@ def iter_documents(path):
             yield from pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
     elif path.suffix == ".txt":
         with open(path, encoding="utf-8") as f:
-            eot = re.search(r"^<\|endoftext\|>\s*$", f.read(1 << 20), re.M) is not None
+            eot = re.search(r"^<\|endoftext\|>\s*$", f.read(1 << 20), re.M)
             f.seek(0)
-            doc = []
-            for line in itertools.chain(f, [""]):  # "" flushes the last document
-                if line == "" or (line.strip() == "<|endoftext|>" if eot else not line.strip()):
-                    if "".join(doc).strip():
-                        yield "".join(doc).strip()
-                    doc = []
-                else:
-                    doc.append(line)
+            is_sep = (lambda line: line.strip() == "<|endoftext|>") if eot else (lambda line: not line.strip())
+            for sep, lines in itertools.groupby(f, is_sep):  # runs of separator / document lines
+                if not sep and (doc := "".join(lines).strip()):
+                    yield doc
     else:
         raise DataError(f"{path}: unknown corpus format (expected .jsonl, .parquet or .txt)")
 
@@ -528,7 +524,7 @@ def evaluate(max_chars):
     """Print bytes per token of our tokenizer and of smaller ones trained here, on snippets and corpus files."""
     tok = Tokenizer.load(base_dir() / "tokenizer")
     files = corpus_files("train") + corpus_files("val")
-    sample = list(corpus_texts(files[:1], 2_000_000))
+    sample = [d for f in files for d in corpus_texts([f], 2_000_000 // len(files))]  # a bit of every file
     toks = {f"ours {tok.vocab_size}": tok}
     for v in (tok.vocab_size // 4, tok.vocab_size // 16):
         if v >= 512:

@@ -6,21 +6,17 @@ Conversations for midtraining/SFT and the evaluation task files, in the standard
     python data/chat_data.py --mirror ../shared/data --only gsm8k,spelling --num-spelling 2000
 
 Writes into <base>/data/ (* = online only; offline these are skipped with a note):
-    chat/<name>.jsonl and its held-out chat/val/<name>.jsonl, one {"messages": [...]} per line, for
-        gsm8k_train, mmlu_dev, mmlu_aux_train*, arc_easy_train*, arc_challenge_train* (val = ARC dev),
-        dolly, identity, spelling, smoltalk* (val = its test split)
+    chat/<name>.jsonl and its held-out chat/val/<name>.jsonl, one {"messages": [...]} per line, for gsm8k_train,
+        mmlu_dev, mmlu_aux_train*, arc_{easy,challenge}_train* (val = ARC dev), dolly, identity, spelling, smoltalk*
     eval/gsm8k_test.jsonl      {"messages": [user, assistant with tool parts], "answer": "72"}
-    eval/mmlu_test.jsonl       {"question", "choices": [4 str], "gold": 0-3, "subject"}
-    eval/arc_{easy,challenge}_test.jsonl   {"question", "choices", "gold"}
+    eval/mmlu_test.jsonl, eval/arc_{easy,challenge}_test.jsonl   {"question", "choices", "gold" (, "subject")}
     eval/humaneval.jsonl       {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
     eval/core/                 the DCLM CORE bundle: core.yaml, eval_meta_data.csv, eval_data/**
-Raw downloads are kept under <base>/data/raw/ (a rerun skips them); outputs are rewritten every run.
-Test splits (GSM8K, MMLU, ARC) only ever go to eval/; a training conversation whose user prompt equals
-an eval prompt is dropped, and the count is printed.
+Raw downloads stay under <base>/data/raw/ (a rerun skips them). Test splits (GSM8K, MMLU, ARC) only go to
+eval/; a training conversation whose user prompt is an eval prompt is dropped and counted.
 """
 import argparse
 import csv
-import functools
 import gzip
 import hashlib
 import json
@@ -43,47 +39,32 @@ LETTERS = "ABCDEFGHIJ"
 # -----------------------------------------------------------------------------
 # Checking and writing conversations
 
-
 def check(conv):
-    """None if conv is a valid training conversation, else what is wrong with it. The chat format's own
-    rules live in tokenizer.check_conversation; training data must also end with the assistant's turn."""
+    """None if conv is valid for training (tokenizer's chat format, ending with the assistant), else why not."""
     try:
         turns = check_conversation(conv)
     except ValueError as e:
         return str(e)
     return None if turns[-1][0] == "assistant" else "the last message must be the assistant's"
 
-
 def first_user(conv):
     return next(m["content"] for m in conv["messages"] if m["role"] == "user")
 
-
 def held_out_prompts():
     """The user prompts of every eval task file already written: training data must not contain them."""
-    folder = base_dir() / "data" / "eval"
-    paths = [folder / f"{n}.jsonl" for n in ("gsm8k_test", "mmlu_test", "arc_easy_test", "arc_challenge_test")]
-    return set().union(*(_prompts(p, p.stat().st_mtime_ns) for p in paths if p.exists()))
-
-
-@functools.lru_cache
-def _prompts(path, mtime_ns):  # cached per file version: every save_chat asks again
-    rows = read_jsonl(path)
-    return {(first_user(r) if "messages" in r else render_mc(r["question"], r["choices"])).strip() for r in rows}
-
+    folder, held = base_dir() / "data" / "eval", set()
+    for path in [folder / f"{n}.jsonl" for n in ("gsm8k_test", "mmlu_test", "arc_easy_test", "arc_challenge_test")]:
+        if path.exists():
+            held |= {(first_user(r) if "messages" in r else render_mc(r["question"], r["choices"])).strip()
+                     for r in read_jsonl(path)}
+    return held
 
 def clean(convs, held, taken=()):
-    """Drop conversations whose prompt is an eval prompt (held) or that are already kept (duplicates,
-    or in `taken`); return {key: conv} in hash order, and how many of each kind were dropped."""
-    kept, leaked = {}, 0
-    for conv in convs:
-        key = json.dumps(conv, sort_keys=True)
-        if first_user(conv).strip() in held:
-            leaked += 1
-        elif key not in taken:
-            kept.setdefault(key, conv)
-    order = sorted(kept, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-    return {k: kept[k] for k in order}, len(convs) - leaked - len(kept), leaked
-
+    """Drop eval prompts (held) and duplicates (also of `taken` keys): ({key: conv} in hash order, dupes, leaked)."""
+    leaked = sum(first_user(c).strip() in held for c in convs)
+    kept = {json.dumps(c, sort_keys=True): c for c in convs if first_user(c).strip() not in held}
+    order = sorted((k for k in kept if k not in taken), key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    return {k: kept[k] for k in order}, len(convs) - leaked - len(order), leaked
 
 def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
     """Write chat/<name>.jsonl and chat/val/<name>.jsonl. Without an explicit val list, val is the
@@ -100,40 +81,32 @@ def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
         val, more_dupes, more_leaked = clean(val, held, taken=train)
         val, train = list(val.values()), list(train.values())
         dupes, leaked = dupes + more_dupes, leaked + more_leaked
-    folder = base_dir() / "data" / "chat"
-    write_jsonl(folder / f"{name}.jsonl", train)
-    write_jsonl(folder / "val" / f"{name}.jsonl", val)
+    write_jsonl(base_dir() / "data" / "chat" / f"{name}.jsonl", train)
+    write_jsonl(base_dir() / "data" / "chat" / "val" / f"{name}.jsonl", val)
     print(f"chat/{name}: {len(train):,} train, {len(val):,} val | dropped {dupes} duplicates, {leaked} eval prompts")
-
 
 def save_eval(name, rows):
     n = write_jsonl(base_dir() / "data" / "eval" / f"{name}.jsonl", rows)
     print(f"eval/{name}: {n:,} rows")
-
 
 def read_jsonl(path):
     opener = gzip.open if str(path).endswith(".gz") else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                rows.append(json.loads(line))
+                rows += [json.loads(line)] if line.strip() else []
             except ValueError as e:
                 sys.exit(f"{path}:{i}: bad JSON ({e}); fix or delete that line")
     return rows
-
 
 def mc_conversations(rows):
     """{"question", "choices", "gold"} rows -> user: the rendered question, assistant: the letter."""
     return [{"messages": [{"role": "user", "content": render_mc(r["question"], r["choices"])},
                           {"role": "assistant", "content": LETTERS[r["gold"]]}]} for r in rows]
 
-
 def raw_dir(name):
     return base_dir() / "data" / "raw" / name
-
 
 def unpack(archive, dest):
     """Extract a zip or tar into dest (via a temp folder, so dest exists only once complete)."""
@@ -150,30 +123,23 @@ def unpack(archive, dest):
     os.replace(tmp, dest)
     return dest
 
-
 def read_parquet(path, columns):
     import pyarrow.parquet as pq  # only where parquet is read
-
     return pq.read_table(path, columns=columns).to_pylist()
-
 
 HF_API = "https://huggingface.co/api/datasets/{}/parquet/default/{}"  # -> JSON list of parquet URLs
 
-
 def hf_parquet_files(dataset, split):
     """Download the parquet shards of a Hugging Face dataset split (online only); returns their paths."""
-    api = HF_API.format(dataset, split)
     folder = raw_dir(dataset.split("/")[1])
-    listing = fetch(api, folder / f"{split}_shards.json")
+    listing = fetch(HF_API.format(dataset, split), folder / f"{split}_shards.json")
     urls = [u if isinstance(u, str) else u["url"] for u in json.loads(listing.read_text())]
     return [fetch(u, folder / f"{split}_{i:05d}.parquet") for i, u in enumerate(urls)]
-
 
 # -----------------------------------------------------------------------------
 # GSM8K: <<expr=result>> annotations become python tool calls; the final "#### N" stays as text
 
 GSM8K = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
-
 
 def gsm8k_parts(answer):
     """'Sold 48/2 = <<48/2=24>>24 clips.\\n#### 24' -> text, python '48/2', python_output '24', text."""
@@ -188,37 +154,28 @@ def gsm8k_parts(answer):
             parts.append({"type": "text", "text": piece})
     return parts
 
-
 def gsm8k_answer(parts):
     """The inverse of gsm8k_parts: gives back the original answer text exactly."""
     wrap = {"text": "{}", "python": "<<{}=", "python_output": "{}>>"}
     return "".join(wrap[p["type"]].format(p["text"]) for p in parts)
 
-
 def gsm8k(split):
     path = fetch(GSM8K.format(split), raw_dir("gsm8k") / f"{split}.jsonl",
                  mirror_path=f"gsm8k/grade_school_math/data/{split}.jsonl")
-    convs = []
-    for row in read_jsonl(path):
-        convs.append({"messages": [{"role": "user", "content": row["question"]},
-                                   {"role": "assistant", "content": gsm8k_parts(row["answer"])}]})
-        # the reference number for scoring: "#### 1,000" -> "1000"
-        convs[-1]["answer"] = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-    return convs
-
+    return [{"messages": [{"role": "user", "content": r["question"]},
+                          {"role": "assistant", "content": gsm8k_parts(r["answer"])}],
+             "answer": r["answer"].rsplit("####", 1)[1].strip().replace(",", "")}  # "#### 1,000" -> "1000"
+            for r in read_jsonl(path)]
 
 def run_gsm8k(args):
     save_eval("gsm8k_test", gsm8k("test"))
-    train = [{"messages": c["messages"]} for c in gsm8k("train")]
-    save_chat("gsm8k_train", train)
-
+    save_chat("gsm8k_train", [{"messages": c["messages"]} for c in gsm8k("train")])
 
 # -----------------------------------------------------------------------------
 # MMLU: 4-way multiple choice. Two CSV dialects: the mirror's (header row, answer 0-3) and the
 # original tar's (no header, answer A-D); both read the same.
 
 MMLU = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
-
 
 def read_mmlu_csv(path, skip_bad=False):
     """Rows {"question", "choices", "gold"}; a bad row stops with its file:line, or is skipped if skip_bad."""
@@ -239,14 +196,9 @@ def read_mmlu_csv(path, skip_bad=False):
         say(f"{path}: skipped {bad} malformed rows")
     return rows
 
-
 def mmlu_split(root, split, skip_bad=False):
-    rows = []
-    for path in sorted((root / split).glob("*.csv")):
-        subject = re.sub(rf"_{split}$", "", path.stem)  # abstract_algebra_test.csv -> abstract_algebra
-        rows += [dict(r, subject=subject) for r in read_mmlu_csv(path, skip_bad)]
-    return rows
-
+    return [dict(r, subject=re.sub(rf"_{split}$", "", p.stem))  # abstract_algebra_test.csv -> abstract_algebra
+            for p in sorted((root / split).glob("*.csv")) for r in read_mmlu_csv(p, skip_bad)]
 
 def run_mmlu(args):
     if mirror() is not None:
@@ -260,20 +212,17 @@ def run_mmlu(args):
     else:
         say("skipping chat/mmlu_aux_train: MMLU auxiliary_train is not in the mirror (online only)")
 
-
 # -----------------------------------------------------------------------------
 # CORE bundle (base-model eval) and ARC (test from the bundle, train/dev from the ARC zip online)
 
 CORE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 ARC = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
 
-
 def find(folder, name):
     """The one file called `name` somewhere under an unpacked archive."""
     if hit := next(folder.rglob(name), None):
         return hit
     sys.exit(f"{name} not found in {folder}: the archive is not what we expect (delete {folder.parent} and rerun)")
-
 
 def run_core(args):
     dest = base_dir() / "data" / "eval" / "core"
@@ -291,19 +240,12 @@ def run_core(args):
         shutil.copyfile(src / name, tmp / name)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    n = len(list((dest / "eval_data").rglob("*.jsonl")))
-    print(f"eval/core: {n} task files")
-
+    print(f"eval/core: {len(list((dest / 'eval_data').rglob('*.jsonl')))} task files")
 
 def arc_rows(path):
     """ARC's own jsonl -> {"question", "choices", "gold"}; labels are A-E or 1-5."""
-    rows = []
-    for r in read_jsonl(path):
-        labels = [c["label"] for c in r["question"]["choices"]]
-        rows.append({"question": r["question"]["stem"], "choices": [c["text"] for c in r["question"]["choices"]],
-                     "gold": labels.index(r["answerKey"])})
-    return rows
-
+    return [{"question": r["question"]["stem"], "choices": [c["text"] for c in r["question"]["choices"]],
+             "gold": [c["label"] for c in r["question"]["choices"]].index(r["answerKey"])} for r in read_jsonl(path)]
 
 def run_arc(args):
     core = base_dir() / "data" / "eval" / "core"
@@ -322,12 +264,10 @@ def run_arc(args):
         train, dev = (arc_rows(find(folder, f"ARC-{name}-{s}.jsonl")) for s in ("Train", "Dev"))
         save_chat(f"arc_{subset}_train", mc_conversations(train), val=mc_conversations(dev))
 
-
 # -----------------------------------------------------------------------------
 # HumanEval (eval only)
 
 HUMANEVAL = "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz"
-
 
 def run_humaneval(args):
     path = fetch(HUMANEVAL, raw_dir("humaneval") / "HumanEval.jsonl.gz",
@@ -335,17 +275,14 @@ def run_humaneval(args):
     keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
     save_eval("humaneval", [{k: r[k] for k in keys} for r in read_jsonl(path)])
 
-
 # -----------------------------------------------------------------------------
 # Dolly (+ HH-RLHF): single-turn instructions; the prompt's instruction template is stripped
 
 DOLLY_TEMPLATE = re.compile(r"^Below is an instruction.*?### Instruction:\s*(.*?)\s*### Response:\s*$", re.S)
 
-
 def strip_template(prompt):
     m = DOLLY_TEMPLATE.match(prompt)
     return (m.group(1) if m else prompt).strip()
-
 
 def run_dolly(args):
     if mirror() is not None:
@@ -354,15 +291,12 @@ def run_dolly(args):
     else:
         files = hf_parquet_files("mosaicml/dolly_hhrlhf", "train")
         rows = [r for p in files for r in read_parquet(p, ["prompt", "response"])]
-    convs = [{"messages": [{"role": "user", "content": strip_template(r["prompt"])},
-                           {"role": "assistant", "content": r["response"].strip()}]}
-             for r in rows if strip_template(r["prompt"]) and r["response"].strip()]
-    save_chat("dolly", convs)
-
+    pairs = [(strip_template(r["prompt"]), r["response"].strip()) for r in rows]
+    save_chat("dolly", [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                        for q, a in pairs if q and a])
 
 # -----------------------------------------------------------------------------
 # Identity: who the assistant is, hand-written in data/identity.jsonl
-
 
 def run_identity(args):
     path = Path(__file__).with_name("identity.jsonl")
@@ -372,7 +306,6 @@ def run_identity(args):
             sys.exit(f"{path}:{i}: {err}")
     save_chat("identity", convs, val_frac=0.1, min_val=4)
 
-
 # -----------------------------------------------------------------------------
 # Spelling and letter counting, generated from a word list (seeded, deterministic)
 
@@ -381,15 +314,12 @@ COUNT_ASKS = ["How many '{c}' are in '{w}'?", "How many times does the letter {c
               "Count the letter '{c}' in '{w}'.", "how many {c}s are there in {w}",
               'In "{w}", how many times does "{c}" occur?']
 SPELL_ASKS = ["Spell '{w}' letter by letter.", "How do you spell {w}?", "spell out {w}",
-              'Can you spell the word "{w}" one letter at a time?', "Spell the word {w} with dashes between the letters."]
-
+              'Can you spell the word "{w}" one letter at a time?',
+              "Spell the word {w} with dashes between the letters."]
 
 def count_task(word, c, rng):
-    n = word.count(c)
-    tally, k = [], 0
-    for ch in word:  # a running count next to each match: s, t, r (1), a, ...
-        k += ch == c
-        tally.append(f"{ch} ({k})" if ch == c else ch)
+    n = word.count(c)  # and a running count next to each match: s, t, r (1), a, ...
+    tally = [f"{ch} ({word[:i + 1].count(c)})" if ch == c else ch for i, ch in enumerate(word)]
     parts = [{"type": "text", "text": f"Let me spell '{word}' and count each '{c}': {', '.join(tally)}.\n"
                                       f"That makes {n}. Let me double-check with Python: "},
              {"type": "python", "text": f"'{word}'.count('{c}')"},
@@ -398,15 +328,12 @@ def count_task(word, c, rng):
     return {"messages": [{"role": "user", "content": rng.choice(COUNT_ASKS).format(c=c, w=word)},
                          {"role": "assistant", "content": parts}]}
 
-
 def spell_task(word, rng):
     return {"messages": [{"role": "user", "content": rng.choice(SPELL_ASKS).format(w=word)},
                          {"role": "assistant", "content": "-".join(word)}]}
 
-
 def spelling_tasks(words, n, seed):
-    rng = random.Random(seed)
-    convs = []
+    rng, convs = random.Random(seed), []
     for _ in range(n):
         word = rng.choice(words)
         if rng.random() < 0.5:
@@ -415,7 +342,6 @@ def spelling_tasks(words, n, seed):
             c = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
             convs.append(count_task(word, c, rng))
     return convs
-
 
 def run_spelling(args):
     path = fetch(WORDS, raw_dir("words") / "words_alpha.txt", mirror_path="words_alpha.txt")
@@ -427,24 +353,16 @@ def run_spelling(args):
     val = [c for c in val if first_user(c) not in seen]  # a val prompt never appears in train
     save_chat("spelling", train, val=val)
 
-
 # -----------------------------------------------------------------------------
 # SmolTalk (online only): multi-turn general chat; its test split is our val
 
-
 def smoltalk_convs(paths):
-    convs, bad = [], 0
-    for p in paths:
-        for r in read_parquet(p, ["messages"]):
-            conv = {"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-            if check(conv) is None:
-                convs.append(conv)
-            else:
-                bad += 1
-    if bad:
-        say(f"smoltalk: skipped {bad} conversations that are not user/assistant alternations")
-    return convs
-
+    convs = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+             for p in paths for r in read_parquet(p, ["messages"])]
+    good = [c for c in convs if check(c) is None]
+    if len(good) < len(convs):
+        say(f"smoltalk: skipped {len(convs) - len(good)} conversations that are not user/assistant alternations")
+    return good
 
 def run_smoltalk(args):
     if mirror() is not None:
@@ -454,7 +372,6 @@ def run_smoltalk(args):
     train, test = (smoltalk_convs(hf_parquet_files(data, split)) for split in ("train", "test"))
     save_chat("smoltalk", train, val=test)
 
-
 # -----------------------------------------------------------------------------
 # Run: eval sets first, so that save_chat can drop any training prompt that appears in them
 
@@ -462,14 +379,14 @@ STEPS = {"core": run_core, "arc": run_arc, "mmlu": run_mmlu, "gsm8k": run_gsm8k,
          "dolly": run_dolly, "identity": run_identity, "spelling": run_spelling, "smoltalk": run_smoltalk}
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write conversations to <base>/data/chat/, eval tasks to <base>/data/eval/.")
+    parser = argparse.ArgumentParser(description="Write conversations to <base>/data/chat/, eval tasks to "
+                                     "<base>/data/eval/.")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(STEPS)} (default: all)")
     parser.add_argument("--num-spelling", type=int, default=5000,
                         help="number of generated spelling/counting conversations (val: 1/50 of it, at least 20)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated spelling tasks (val uses seed+1)")
-    parser.add_argument("--mirror", default=None,
-                        help="offline mirror folder laid out like ../shared/data "
-                             "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
+    parser.add_argument("--mirror", default=None, help="offline mirror folder laid out like ../shared/data "
+                        "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
     args = parser.parse_args()
     if args.mirror:
         os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
@@ -477,6 +394,5 @@ if __name__ == "__main__":
     names = [n for n in args.only.split(",") if n] or list(STEPS)
     if unknown := [n for n in names if n not in STEPS]:
         sys.exit(f"--only: unknown {','.join(unknown)}; choose from {','.join(STEPS)}")
-    for name in STEPS:  # always in this order
-        if name in names:
-            STEPS[name](args)
+    for name in [n for n in STEPS if n in names]:  # always in this order
+        STEPS[name](args)

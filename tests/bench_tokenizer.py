@@ -1,22 +1,26 @@
 """
-Tokenizer benchmark (not a test: prints numbers). Needs the data mirror and, for comparison only,
+Tokenizer benchmark (not a test: it prints numbers). Needs the data mirror and, for comparison only,
 rustbpe, tokenizers and tiktoken (pip install rustbpe tokenizers tiktoken).
 
-    python tests/bench_tokenizer.py                  # ~2 minutes on 2 cores
+    python tests/bench_tokenizer.py                  # ~3 minutes on 2 cores
     python tests/bench_tokenizer.py --repeats 1      # quicker, noisier
 
 Training: ours vs rustbpe (nanochat's Rust trainer) vs HF tokenizers (BPE, same split pattern) on the
-mirror's offline-prose documents (~27 MB), with the same number of merges. Encoding: ours in one process
-(cold chunk cache) vs tiktoken built from our merges (one thread, encode_ordinary), on 10 MB of the same
-documents, checking the ids are identical. Times are medians over the repeats; the machine is shared, so
-expect noise of 10-20%.
+mirror's offline-prose documents (~27 MB), with the same number of merges (ours also adds 9 specials).
+Encoding: 10 MB of the same documents, one document per call, ours in one process vs tiktoken built
+from our merges (one thread, encode_ordinary); the ids must be identical. Ours starts with an empty
+chunk cache ("cold", every distinct chunk is merged once) or a full one ("warm", as in a long
+pretraining run). Times are medians over the repeats; the machine is shared, expect 10-30% noise.
 """
 import argparse
+import gc
+import itertools
 import json
 import os
 import statistics
 import sys
 import time
+from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +34,7 @@ parser.add_argument("--encode-mb", type=float, default=10, help="MB of documents
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
-# data
+# data and timing
 
 mirror = Path(os.environ.get("FLATCHAT_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 files = sorted((mirror / "pretrain" / "offline-prose").glob("*.jsonl"))
@@ -41,14 +45,23 @@ nbytes = sum(len(d.encode("utf-8")) for d in docs)
 print(f"{len(docs):,} documents, {nbytes / 1e6:.1f} MB, {os.cpu_count()} cpus; medians of {args.repeats} runs")
 
 
-def timed(fn):
-    """(median seconds, last result) of repeats runs of fn()."""
-    times = []
+def timed(**runs):
+    """{name: (median seconds, last result)} of runs {name: fn or (fn, setup)}, calling fn(setup()).
+    The runs take turns, so that they meet the same load on this shared machine; setup is untimed."""
+    times, out = {name: [] for name in runs}, {}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, run in runs.items():
+            fn, setup = run if isinstance(run, tuple) else (run, lambda: None)
+            arg = setup()
+            gc.collect()
+            t0 = time.perf_counter()
+            result = fn(arg)
+            times[name].append(time.perf_counter() - t0)
+            # lists of ids become one flat array: millions of ints in lists would slow every later
+            # garbage collection in this process, for whichever run comes next
+            out[name] = array("I", itertools.chain.from_iterable(result)) if isinstance(result, list) else result
+            del result
+    return {name: (statistics.median(times[name]), out[name]) for name in runs}
 
 # -----------------------------------------------------------------------------
 # training
@@ -58,7 +71,7 @@ def train_rustbpe(vocab_size):
     import rustbpe
     tok = rustbpe.Tokenizer()
     tok.train_from_iterator(iter(docs), vocab_size, pattern=T.SPLIT_PATTERN)
-    return tok
+    return tok.vocab_size
 
 
 def train_hf(vocab_size):
@@ -70,15 +83,16 @@ def train_hf(vocab_size):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer)
-    return tok
+    return tok.get_vocab_size()
 
 
 rows, ours = [], {}
 for vocab in args.vocab_sizes:
-    merges = vocab - 256 - len(T.SPECIAL_TOKENS)  # the others get the same number of merges (no specials)
-    t_ours, ours[vocab] = timed(lambda: T.Tokenizer.train(docs, vocab))
-    t_rust, _ = timed(lambda: train_rustbpe(256 + merges))
-    t_hf, _ = timed(lambda: train_hf(256 + merges))
+    merges = vocab - 256 - len(T.SPECIAL_TOKENS)  # the others get the same number of merges
+    r = timed(ours=lambda _: T.Tokenizer.train(docs, vocab), rust=lambda _: train_rustbpe(256 + merges),
+              hf=lambda _: train_hf(256 + merges))
+    (t_ours, tok), (t_rust, _), (t_hf, _) = r["ours"], r["rust"], r["hf"]
+    ours[vocab] = tok.merges
     rows.append((f"train {vocab} ({merges:,} merges)", t_ours, t_rust, t_hf))
     print(f"train {vocab}: ours {t_ours:.2f} s, rustbpe {t_rust:.2f} s, HF {t_hf:.2f} s", flush=True)
 
@@ -87,41 +101,38 @@ for vocab in args.vocab_sizes:
 
 import tiktoken  # noqa: E402
 
-tok = ours[args.vocab_sizes[0]]
+merges = ours[args.vocab_sizes[0]]
 sample, n = [], 0
 for d in docs:
     if n >= args.encode_mb * 1e6:
         break
     sample.append(d)
     n += len(d.encode("utf-8"))
-ranks = {tok.decode_bytes([i]): i for i in range(256 + len(tok.merges))}
+del docs, ours
+tok = T.Tokenizer(merges)
+ranks = {tok.decode_bytes([i]): i for i in range(256 + len(merges))}
 enc = tiktoken.Encoding("flatchat", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
-fresh = [T.Tokenizer(tok.merges) for _ in range(2 * args.repeats)]  # a cold chunk cache for each run
-
-
-def encode_cold():
-    t = fresh.pop()
-    return [t.encode(d) for d in sample]
-
-
-t_enc, ids = timed(encode_cold)
-t_tik, tik_ids = timed(lambda: [enc.encode_ordinary(d) for d in sample])
-t_warm, _ = timed(lambda: [tok.encode(d) for d in sample])
-t_batch, batch_ids = timed(lambda: fresh.pop().encode_batch(sample, num_proc=2))
-same = ids == tik_ids == batch_ids
-print(f"encode {n / 1e6:.1f} MB: {sum(map(len, ids)):,} tokens; ids identical to tiktoken: {same}")
+for d in sample:  # fills tok's chunk cache
+    tok.encode(d)
+r = timed(tik=lambda _: [enc.encode_ordinary(d) for d in sample],
+          cold=(lambda t: [t.encode(d) for d in sample], lambda: T.Tokenizer(merges)),
+          warm=lambda _: [tok.encode(d) for d in sample],
+          batch=(lambda t: t.encode_batch(sample, num_proc=2), lambda: T.Tokenizer(merges)))
+(t_tik, tik_ids), (t_cold, ids), (t_warm, warm_ids), (t_batch, batch_ids) = r["tik"], r["cold"], r["warm"], r["batch"]
+same = ids == tik_ids == warm_ids == batch_ids
+print(f"encode {n / 1e6:.1f} MB: {len(ids):,} tokens; ids identical to tiktoken: {same}")
 
 # -----------------------------------------------------------------------------
 # the table
 
-print(f"\n{'task':34s} {'ours s':>8s} {'rustbpe s':>10s} {'HF s':>8s} {'ours/rust':>10s} {'ours/HF':>8s}")
+print(f"\n{'train':38s} {'ours s':>8s} {'rustbpe s':>10s} {'HF s':>8s} {'ours/rust':>10s} {'ours/HF':>8s}")
 for name, a, b, c in rows:
-    print(f"{name:34s} {a:8.2f} {b:10.2f} {c:8.2f} {a / b:9.2f}x {a / c:7.2f}x")
+    print(f"{name:38s} {a:8.2f} {b:10.2f} {c:8.2f} {a / b:9.2f}x {a / c:7.2f}x")
 mb = n / 1e6
-print(f"\n{'encode ' + f'{mb:.1f} MB':34s} {'s':>8s} {'MB/s':>10s} {'vs tiktoken':>12s}")
-for name, t in [("tiktoken (1 thread)", t_tik), ("ours (1 process, cold cache)", t_enc),
-                ("ours (1 process, warm cache)", t_warm), ("ours encode_batch (2 processes)", t_batch)]:
-    print(f"{name:34s} {t:8.2f} {mb / t:10.1f} {t_tik / t:11.2f}x")
-print(f"ids identical to tiktoken on all {n / 1e6:.1f} MB: {same}")
+print(f"\n{f'encode {mb:.1f} MB':38s} {'s':>8s} {'MB/s':>10s} {'speed vs tiktoken':>18s}")
+for name, t in [("tiktoken (1 thread)", t_tik), ("ours (1 process, cold cache)", t_cold),
+                ("ours (1 process, warm cache)", t_warm), ("ours encode_batch (2 processes, cold)", t_batch)]:
+    print(f"{name:38s} {t:8.2f} {mb / t:10.1f} {t_tik / t:17.2f}x")
+print(f"ids identical to tiktoken on all {mb:.1f} MB: {same}")
 if not same:
     sys.exit("MISMATCH between our ids and tiktoken's")
