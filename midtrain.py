@@ -85,7 +85,6 @@ MIXTURE = {
     "dolly": 1,  # short instructions
 }
 
-
 def load_mixture(folder):
     rows, n_bad = [], 0
     for name, weight in MIXTURE.items():
@@ -101,18 +100,15 @@ def load_mixture(folder):
         raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
     return rows, n_bad
 
-
 print0("mixture:")
 train_convs, n_bad = load_mixture("")
 print0("validation:")
 val_convs, _ = load_mixture("val")
 
-
 def render(conv):
     """(ids, targets) of one conversation, cut to T+1 tokens: targets are -1 where the mask is 0."""
     ids, mask = tokenizer.render_conversation(conv, max_tokens=T + 1)
     return ids, [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-
 
 class Lane:
     """Conversations (every n_lanes-th of the shuffled mixture, reshuffled each epoch) packed best-fit
@@ -162,7 +158,6 @@ class Lane:
     def state(self):
         return {"pos": self.pos, "pieces": [p[0] for p in self.pieces], "skipped": self.skipped}
 
-
 n_lanes = world * grad_accum
 lane_states = src_meta["lanes"] if args.resume else [None] * n_lanes
 if len(lane_states) != n_lanes:
@@ -176,11 +171,9 @@ if num_steps == -1:  # one pass: the mixture's tokens over the tokens per step
 print0(f"{len(train_convs):,} training rows, {n_bad} bad lines skipped; {num_steps} steps of "
        f"{args.total_batch_size:,} tokens ({B} x {T} x {world} processes x {grad_accum} accumulation)")
 
-
 def val_batches():  # the same val rows every time
     lane = Lane(val_convs, rank, world)
     return (lane.batch() for _ in range(max(1, args.eval_rows // (B * world))))
-
 
 # -----------------------------------------------------------------------------
 # Training loop: eval and save at the top of a step; the last iteration only does those

@@ -39,7 +39,6 @@ from tokenizer import Tokenizer, base_dir
 # -----------------------------------------------------------------------------
 # The transformer
 
-
 @dataclass
 class GPTConfig:
     sequence_len: int = 1024
@@ -49,16 +48,13 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
 
-
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))  # no learnable scale
-
 
 def apply_rotary(x, cos, sin):  # x: (B, T, H, D)
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -92,7 +88,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -101,7 +96,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
@@ -112,7 +106,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv_cache):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -189,10 +182,8 @@ class GPT(nn.Module):
             g["initial_lr"], g["weight_decay"] = g["lr"], weight_decay
         return MuonAdamW(groups)
 
-
 # -----------------------------------------------------------------------------
 # Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
-
 
 def newton_schulz(G, steps=5):
     """Approximately orthogonalise G (the 'zeroth power' U V^T of its SVD), as in Muon."""
@@ -206,7 +197,6 @@ def newton_schulz(G, steps=5):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if transposed else X).to(G.dtype)
-
 
 class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups):
@@ -263,10 +253,8 @@ class MuonAdamW(torch.optim.Optimizer):
         denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
 
-
 # -----------------------------------------------------------------------------
 # Generation: KV cache, sampling, the calculator tool
-
 
 class KVCache:
     """Keys and values of every layer, (L, B, H_kv, T_max, D), filled left to right."""
@@ -291,11 +279,9 @@ class KVCache:
         if self.k is not None:
             self.k, self.v = self.k.expand(-1, n, -1, -1, -1).clone(), self.v.expand(-1, n, -1, -1, -1).clone()
 
-
 _ALLOWED_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
                 ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
                 ast.Pow: lambda a, b: a**b}
-
 
 def _calc(node):
     """Evaluate a tiny arithmetic AST; every operation is bounded so it always finishes fast."""
@@ -321,7 +307,6 @@ def _calc(node):
             return s.count(sub)
     raise ValueError(f"not allowed: {ast.dump(node)[:40]}")
 
-
 def use_calculator(expr):
     """The calculator tool: arithmetic on numbers and str.count; None when the expression is not allowed."""
     expr = expr.replace(",", "").strip()
@@ -334,7 +319,6 @@ def use_calculator(expr):
     if isinstance(value, float):
         value = int(value) if value.is_integer() else round(value, 6)
     return str(value)
-
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
@@ -351,7 +335,6 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
-
 
 @torch.no_grad()
 def evaluate_loss(model, batches, token_bytes=None):
@@ -370,7 +353,6 @@ def evaluate_loss(model, batches, token_bytes=None):
         dist.all_reduce(sums)
     nats, n, byte_nats, nbytes = sums.tolist()
     return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
-
 
 def step_backward(model, batches):
     """Backward the mean loss over every target token of one optimizer step: all micro-batches of all
@@ -391,13 +373,11 @@ def step_backward(model, batches):
         dist.all_reduce(total)
     return total.item()
 
-
 class _Row:
     """Per-sample state: tokens the tool forces next, the python expression being written, done."""
 
     def __init__(self):
         self.forced, self.expr, self.in_python, self.done = [], [], False, False
-
 
 @torch.no_grad()
 def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
@@ -448,7 +428,6 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
         with amp_ctx(device):
             logits = model(feed, kv_cache=kv)[:, -1]
 
-
 def generate_batch(model, ids, num_samples=1, **kw):
     """Collect generate(): per sample its completion ids (stop token included) and their masks."""
     seqs, masks = [[] for _ in range(num_samples)], [[] for _ in range(num_samples)]
@@ -458,14 +437,11 @@ def generate_batch(model, ids, num_samples=1, **kw):
                 seqs[i].append(t), masks[i].append(m)
     return seqs, masks
 
-
 # -----------------------------------------------------------------------------
 # Runtime: devices, torchrun, printing, logs
 
-
 class UserError(Exception):
     """A mistake the user can fix (missing checkpoint, wrong tokenizer): printed as one line, exit 2."""
-
 
 def _excepthook(kind, value, tb, _default=sys.excepthook):
     if issubclass(kind, UserError) or kind.__name__ == "DataError":
@@ -474,9 +450,7 @@ def _excepthook(kind, value, tb, _default=sys.excepthook):
         os._exit(2)
     _default(kind, value, tb)
 
-
 sys.excepthook = _excepthook
-
 
 def autodetect_device():
     """FLATCHAT_DEVICE overrides; otherwise cuda, then mps, then cpu."""
@@ -486,7 +460,6 @@ def autodetect_device():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
-
 def amp_ctx(device):
     """bf16 autocast on CUDA GPUs that support it (FLATCHAT_DTYPE=fp32|bf16 overrides), else fp32."""
     device_type = torch.device(device).type
@@ -494,7 +467,6 @@ def amp_ctx(device):
     if want is None:
         want = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return torch.autocast(device_type, dtype=torch.bfloat16) if want == "bf16" else nullcontext()
-
 
 def compute_init(seed=42):
     """Set up one process: (ddp, rank, local_rank, world_size, device). Distributed only under torchrun."""
@@ -510,16 +482,13 @@ def compute_init(seed=42):
     torch.manual_seed(seed)
     return ddp, rank, local_rank, world, device
 
-
 def compute_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
 def print0(*args, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kw, flush=True)
-
 
 class JsonlLogger:
     """Appends one JSON object per line to logs/<stage>.jsonl (rank 0). A fresh run starts a new file;
@@ -558,10 +527,8 @@ class JsonlLogger:
         self.log(step=step, num_steps=num_steps, loss=loss, lr=lr, dt=dt, tok_per_s=tok_per_s, gflops=flops / 1e9,
                  **({"mfu": flops / (peak * self.world)} if peak else {}), **extra)
 
-
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
               "NVIDIA A100-SXM4-40GB": 312e12}  # dense bf16 per GPU, for MFU
-
 
 # -----------------------------------------------------------------------------
 # Checkpoints: checkpoints/<stage>/step_NNNNNN/{model.pt, optim.pt, meta.json}, written atomically
@@ -569,10 +536,8 @@ PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A1
 STAGE_COMMANDS = {"pretrain": "python pretrain.py", "midtrain": "python midtrain.py",
                   "sft": "python sft.py", "rl": "python rl.py"}
 
-
 def stage_dir(stage):
     return base_dir() / "checkpoints" / stage
-
 
 def _fsync_write(path, write):
     with open(path, "wb") as f:
@@ -580,14 +545,12 @@ def _fsync_write(path, write):
         f.flush()
         os.fsync(f.fileno())
 
-
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
 
 def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
     """Every rank calls this. The per-rank loader states `lanes` (a list per rank) are gathered in rank
@@ -603,7 +566,6 @@ def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
     if ddp:
         dist.barrier()
     return path
-
 
 def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     """Write a complete checkpoint into a temp dir (fsynced, meta.json last), then rename it into place.
@@ -634,7 +596,6 @@ def _write_checkpoint(stage, step, model, optimizer, meta, keep):
             shutil.rmtree(d, ignore_errors=True)
     return final
 
-
 def _complete(stage):
     """Complete checkpoints (renamed into place, meta.json inside), oldest save first: [(saved_at, step, dir)]."""
     found = []
@@ -645,13 +606,11 @@ def _complete(stage):
             pass  # not complete, or not ours
     return sorted(found)
 
-
 def latest_step(stage):
     """The step of the most recently saved complete checkpoint (a fresh shorter run wins over an older
     longer one), or None."""
     found = _complete(stage)
     return found[-1][1] if found else None
-
 
 def _torch_load(path, device):
     try:
@@ -659,7 +618,6 @@ def _torch_load(path, device):
     except Exception as e:
         raise UserError(f"{path}: not a loadable flatchat checkpoint file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); delete it and rerun the stage that wrote it")
-
 
 def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
     """Returns (model_state, optim_state or None, meta, rng) of a checkpoint (the latest by default)."""
@@ -674,7 +632,6 @@ def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
     rng = _torch_load(d / "rng.pt", "cpu") if (d / "rng.pt").exists() else None
     return model_state, optim_state, meta, rng
 
-
 def check_tokenizer(meta, tokenizer, where):
     if meta.get("tokenizer_hash") != tokenizer.hash or meta["model_config"]["vocab_size"] != tokenizer.vocab_size:
         raise UserError(f"{where} was trained with another tokenizer (hash {str(meta.get('tokenizer_hash'))[:12]}, "
@@ -682,13 +639,11 @@ def check_tokenizer(meta, tokenizer, where):
                         f"(hash {tokenizer.hash[:12]}, vocab {tokenizer.vocab_size}): retrain the stages from "
                         f"`python pretrain.py` on, or restore the tokenizer it was trained with")
 
-
 def load_tokenizer():
     path = base_dir() / "tokenizer" / "tokenizer.json"
     if not path.exists():
         raise UserError(f"no tokenizer at {path}: create it with `python tokenizer.py train`")
     return Tokenizer.load(path)
-
 
 def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     """(model, tokenizer, meta[, optim_state]) from a checkpoint, after checking it fits the tokenizer."""

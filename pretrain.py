@@ -105,7 +105,6 @@ print0(f"horizon: {num_steps:,} steps = {num_steps * total_batch:,} tokens "
 # -----------------------------------------------------------------------------
 # Data: documents packed into rows of T+1 tokens, each row starting with <|bos|>
 
-
 class Lane:
     """One stream of documents (every n_lanes-th document of the corpus) packed into rows, best fit:
     each row takes the longest buffered piece that still fits; when none fits, the longest piece is
@@ -169,14 +168,12 @@ class Lane:
     def state(self):
         return {"next_pos": self.next_pos, "pieces": [[p[0], p[1]] for p in self.pieces]}
 
-
 def corpus_files(split):
     d = base_dir() / "data" / "pretrain" / split
     files = sorted(f for f in d.glob("*") if f.suffix in (".jsonl", ".parquet", ".txt"))
     if not files:
         raise UserError(f"no corpus files in {d}: create them with `python data/corpus.py`")
     return files
-
 
 # Lanes make the batch independent of the process count: the global batch is world x grad_accum
 # micro-batches, micro-batch m of rank r always comes from lane r*grad_accum + m, so 2 processes
@@ -188,15 +185,12 @@ lanes = [Lane(train_files, rank * grad_accum + m, n_lanes, lane_states[rank * gr
 val_files = corpus_files("val")
 val_steps = max(1, args.eval_tokens // (B * T * world))
 
-
 def val_batches():  # the same val rows at every evaluation: a fresh lane per rank
     lane = Lane(val_files, rank, world)
     return (lane.batch(B, T) for _ in range(val_steps))
 
-
 # -----------------------------------------------------------------------------
 # Schedules
-
 
 def lr_multiplier(step):
     warmup, warmdown = round(args.warmup_ratio * num_steps), round(args.warmdown_ratio * num_steps)
@@ -207,11 +201,9 @@ def lr_multiplier(step):
     progress = (num_steps - step) / warmdown
     return progress + (1 - progress) * args.final_lr_frac
 
-
 def muon_momentum(step):  # 0.85 -> 0.95 over the first 300 steps
     frac = min(step / 300, 1)
     return (1 - frac) * 0.85 + frac * 0.95
-
 
 # -----------------------------------------------------------------------------
 # Training loop: eval, sample and save at the top of a step; the last iteration only does those

@@ -34,12 +34,10 @@ from tokenizer import base_dir, read_conversations
 # -----------------------------------------------------------------------------
 # Reward: the last number of the reply against the reference (the same rule as evaluate.py's GSM8K score)
 
-
 def last_number(text):
     """The last number in a text without its commas ("1,234.5" -> "1234.5"), or None."""
     nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
     return nums[-1].replace(",", "") if nums else None
-
 
 def reference(conv):
     """The number a GSM8K answer must end with: the eval file's "answer", else what follows '####' in the
@@ -50,7 +48,6 @@ def reference(conv):
     text = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
     return text.split("####")[-1].strip().replace(",", "") if "####" in text else None
 
-
 def reward(reply, ref):
     """1.0 if the reply's last number equals the reference (as numbers: "18.0" == "18"), else 0.0."""
     got = last_number(reply)
@@ -59,10 +56,8 @@ def reward(reply, ref):
     except ValueError:
         return 0.0
 
-
 # -----------------------------------------------------------------------------
 # Rollouts and the policy-gradient loss
-
 
 def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1.0, top_k=None):
     """num_samples answers to the user question of conv from one prefill (KV cache shared, calculator on):
@@ -75,13 +70,11 @@ def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1
     ref = reference(conv)
     return prompt, seqs, masks, [reward(r, ref) for r in replies], replies
 
-
 def advantages(rewards, std_norm=False):
     """Reward minus the group mean (the baseline), optionally divided by the group's std."""
     r = torch.tensor(rewards, dtype=torch.float32)
     adv = r - r.mean()
     return adv / (r.std(correction=0) + 1e-4) if std_norm else adv
-
 
 def group_batch(prompt, seqs, masks, pad, device="cpu"):
     """Inputs and targets (n, L) of one group, a row per sample: prompt + completion, shifted by one.
@@ -94,13 +87,11 @@ def group_batch(prompt, seqs, masks, pad, device="cpu"):
          for s, ms, r in zip(seqs, masks, rows)]
     return torch.tensor(x, dtype=torch.long, device=device), torch.tensor(y, dtype=torch.long, device=device)
 
-
 def pg_loss(model, x, y, adv):
     """-sum(advantage * log p(sampled token)) / number of sampled tokens (REINFORCE, per-token normalised)."""
     with amp_ctx(x.device):
         logp = -model(x, y, loss_reduction="none")  # (n, L), 0 where y == -1
     return -(adv.to(logp.device)[:, None] * logp).sum() / (y >= 0).sum().clamp(min=1)
-
 
 def load_gsm8k(path):
     """The conversations of a GSM8K file, each with a reference number (one clear error otherwise)."""
@@ -112,7 +103,6 @@ def load_gsm8k(path):
             raise UserError(f"{path}: conversation {n} has no reference answer ('#### N' in the assistant's "
                             "last text part, or an \"answer\" field): fix the line or rerun data/chat_data.py")
     return convs
-
 
 if __name__ == "__main__":
     # -------------------------------------------------------------------------

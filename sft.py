@@ -76,7 +76,6 @@ model.train()
 MIXTURE = {"smoltalk": 1, "identity": 4, "arc_easy_train": 1, "arc_challenge_train": 1, "mmlu_dev": 1,
            "gsm8k_train": 1, "spelling": 1, "dolly": 1}
 
-
 def load_mixture(folder):
     rows, n_bad = [], 0
     for name, weight in MIXTURE.items():
@@ -89,11 +88,9 @@ def load_mixture(folder):
         raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
     return rows, n_bad
 
-
 print0("mixture (sources not listed are absent: online-only, or not fetched yet):")
 train_convs, n_bad = load_mixture("")
 val_convs, _ = load_mixture("val")
-
 
 class Lane:
     """Every n_lanes-th conversation of the shuffled mixture (reshuffled each epoch), one per row.
@@ -123,7 +120,6 @@ class Lane:
         y = [t + [-1] * (L - len(t)) for _, t in rows]
         return torch.tensor(x, device=device), torch.tensor(y, device=device)
 
-
 n_lanes = world * grad_accum
 lane_states = src_meta["lanes"] if args.resume else [None] * n_lanes
 if len(lane_states) != n_lanes:
@@ -134,11 +130,9 @@ num_steps = args.num_steps if args.num_steps > 0 else max(1, int(args.num_epochs
 print0(f"{len(train_convs):,} conversations ({n_bad} bad lines skipped), {num_steps} steps of "
        f"{args.examples_per_step} ({B} x {world} processes x {grad_accum} accumulation)")
 
-
 def val_batches():
     lane = Lane(val_convs, rank, world)
     return (lane.batch() for _ in range(max(1, args.eval_rows // (B * world))))
-
 
 # -----------------------------------------------------------------------------
 # Training loop: eval and save at the top of a step; the last iteration only does those

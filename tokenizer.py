@@ -13,6 +13,7 @@ the saved file is plain JSON (pattern, merges, special tokens): loading it canno
 import argparse
 import collections
 import contextlib
+import gc
 import hashlib
 import heapq
 import itertools
@@ -250,13 +251,6 @@ class Tokenizer:
         self._ids = {t: i for i, t in enumerate(self._bytes)}  # token bytes -> id
         if len(self._ids) != len(self._bytes):
             raise ValueError("two merges make the same bytes")
-        # (left, right) -> id, for every way of writing every token as two tokens: merging any such
-        # pair at the rank of its result is what tiktoken does (it looks pairs up by their bytes)
-        self._ranks = {}
-        for z, t in enumerate(self._bytes[256:], 256):
-            for k in range(1, len(t)):
-                if t[:k] in self._ids and t[k:] in self._ids:
-                    self._ranks[(self._ids[t[:k]], self._ids[t[k:]])] = z
         self._special = {s: len(self._bytes) + i for i, s in enumerate(self.special_tokens)}
         self._decode = self._bytes + [s.encode("utf-8") for s in self.special_tokens]
         self._cache = _Cache(self._bpe)
@@ -271,7 +265,24 @@ class Tokenizer:
         if num_merges < 0:
             raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
         counts = count_chunks(texts, pattern, num_proc, verbose)
-        return cls(bpe_merges(counts, num_merges, verbose), pattern)
+        gc_was_on = gc.isenabled()
+        gc.disable()  # the merge loop makes many small lists but no cycles: the collector's passes are wasted
+        try:
+            return cls(bpe_merges(counts, num_merges, verbose), pattern)
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    @cached_property
+    def _ranks(self):
+        """(left, right) -> id, for every way of writing every token as two tokens: merging any such pair
+        at the rank of its result is what tiktoken does (it looks pairs up by their bytes)."""
+        ranks = {}
+        for z, t in enumerate(self._bytes[256:], 256):
+            for k in range(1, len(t)):
+                if t[:k] in self._ids and t[k:] in self._ids:
+                    ranks[(self._ids[t[:k]], self._ids[t[k:]])] = z
+        return ranks
 
     def _bpe(self, chunk):
         """Ids of one chunk, exactly as tiktoken: the whole chunk if it is a token, else merge the adjacent
@@ -294,10 +305,11 @@ class Tokenizer:
 
     def encode(self, text):
         """Ids of ordinary text. Special-token strings in it (say "<|bos|>") are encoded as plain text."""
-        fast = _compiled(self.pattern)[1]
+        ids, fast = [], _compiled(self.pattern)[1]
         if fast is not None:
-            try:  # split with the `re` twin, look the chunks up in the cache: the usual, fast path
-                return list(itertools.chain.from_iterable(map(self._cache.__getitem__, fast.findall(text))))
+            try:  # split with the `re` twin, extend ids with each chunk's cached ids (a loop run by C)
+                collections.deque(map(ids.extend, map(self._cache.__getitem__, fast.findall(text))), maxlen=0)
+                return ids
             except _Unsafe:  # an astral character or a lone surrogate: split with regex after all
                 pass
         get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]

@@ -295,7 +295,7 @@ def test_read_conversations_names_bad_lines(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join([good, "{oops", good, '{"messages": [{"role": "assistant", "content": "b"}]}',
                                '{"text": "no messages"}', ""]) + "\n")
-    with pytest.raises(DataError, match=rf"chat.jsonl:2: invalid JSON .*\(fix the line or pass --skip-bad\)"):
+    with pytest.raises(DataError, match=r"chat.jsonl:2: invalid JSON .*\(fix the line or pass --skip-bad\)"):
         T.read_conversations(path)
     convs, bad = T.read_conversations(path, skip_bad=True)
     assert len(convs) == 2 and bad == 3
