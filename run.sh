@@ -50,11 +50,11 @@ case "$PRESET" in
     EVAL="--max-per-task 4 --bpb-tokens 4096 --max-new-tokens 16" ;;
   cpu)
     DATA="--preset cpu"; CHAT=""; TOK="--vocab-size 8192"
-    PRE="--depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 --num-steps 500 --eval-every 100 --eval-tokens 65536 --sample-every 250"
-    MID="--num-steps 150 --eval-every 50 --eval-rows 64"
-    SFT="--num-steps 100 --eval-every 50 --eval-rows 64"
-    RL="--num-steps 20 --eval-every 10 --examples-per-step 4 --num-samples 4 --max-new-tokens 96 --eval-examples 50"
-    EVAL="--max-per-task 50 --bpb-tokens 65536 --max-new-tokens 96" ;;
+    PRE="--depth 4 --max-seq-len 256 --device-batch-size 32 --total-batch-size 8192 --num-steps 130 --eval-every 65 --eval-tokens 32768 --sample-every 65"
+    MID="--num-steps 30 --eval-every 15 --eval-rows 64"
+    SFT="--num-steps 50 --eval-every 25 --eval-rows 64"
+    RL="--num-steps 20 --eval-every 10 --examples-per-step 4 --num-samples 4 --max-new-tokens 96 --eval-examples 40"
+    EVAL="--max-per-task 30 --bpb-tokens 32768 --max-new-tokens 80" ;;
   gpu)
     DATA="--preset gpu --num-shards 240"; CHAT=""; TOK="--vocab-size 65536 --max-chars 2000000000"
     PRE="--depth 20"; MID=""; SFT=""; RL=""; EVAL="--max-per-task 500" ;;

@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ def build_jsonl(sources, out, val_frac, shard_mb, config):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     train, val = Shards(tmp / "train", shard_mb * 1e6), Shards(tmp / "val", shard_mb * 1e6)
-    seen, per_source, dupes = set(), {}, 0
+    seen, per_source, dupes, docs_of = set(), {}, 0, {False: [], True: []}
     for name, docs in sources:
         per_source[name] = 0
         for doc in docs:
@@ -148,8 +149,13 @@ def build_jsonl(sources, out, val_frac, shard_mb, config):
                 dupes += 1
                 continue
             seen.add(key)
-            (val if is_val(doc, val_frac) else train).write(doc)
+            docs_of[is_val(doc, val_frac)].append(doc)
             per_source[name] += 1
+    for split, shards in ((False, train), (True, val)):
+        # sources come one after another: shuffle, so any prefix of training sees the whole mixture
+        random.Random(1234).shuffle(docs_of[split])
+        for doc in docs_of[split]:
+            shards.write(doc)
     train.close(), val.close()
     if val.docs == 0 or train.docs == 0:
         sys.exit(f"the split left train={train.docs} val={val.docs} documents: raise --val-frac or --max-chars")

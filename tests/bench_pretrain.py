@@ -1,0 +1,124 @@
+"""
+Benchmark: one pretraining step of the cpu-preset model (depth 4, width 256, context 256, vocab 8192)
+against a plain nanoGPT-style model of the same size, fp32 and bf16, next to the machine's measured
+fp32 matmul peak. Not collected by pytest; run it on a quiet machine:
+
+    python tests/bench_pretrain.py [--steps 5] [--batch 32]
+
+Each figure is the median over --steps timed steps (after 2 warmup steps) of forward + backward +
+optimizer step on random tokens. FLOPs per token are counted the same way for both models (6 x matmul
+weights + attention), so GFLOP/s compare like with like.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+parser.add_argument("--batch", type=int, default=32, help="rows per step")
+args = parser.parse_args()
+V, T, L, C, H = 8192, 256, 4, 256, 2
+
+
+class BaselineBlock(nn.Module):
+    """nanoGPT: LayerNorm with bias, fused qkv, GELU MLP, learned positions, tied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.fc, self.out = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        B, T_, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T_, H, C // H).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T_, C)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class Baseline(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+        self.blocks = nn.ModuleList([BaselineBlock() for _ in range(L)])
+        self.ln_f = nn.LayerNorm(C)
+        self.lm_head = nn.Linear(C, V, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in nanoGPT
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, V), targets.view(-1))
+
+
+def flops_per_token(model):
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe")))
+    if isinstance(model, Baseline):
+        matmul += V * C  # its head is the tied embedding
+    return 6 * matmul + 12 * L * C * T
+
+
+def time_steps(model, opt, dtype):
+    x = torch.randint(0, V, (args.batch, T))
+    y = torch.randint(0, V, (args.batch, T))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    times = []
+    for i in range(args.steps + 2):
+        t0 = time.perf_counter()
+        with ctx:
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak():
+    """fp32 GFLOP/s of large square matmuls: what this machine's BLAS can do at best."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+torch.manual_seed(0)
+peak = matmul_peak()
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 5)")
+print(f"{'model':<34}{'dtype':<7}{'ms/step':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}")
+results = {}
+for name in ("flatchat (Muon+AdamW)", "nanoGPT baseline (AdamW)"):
+    for dtype in ("fp32", "bf16"):
+        if name.startswith("flatchat"):
+            model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=H, n_kv_head=H, n_embd=C))
+            model.init_weights()
+            opt = model.setup_optimizer()
+        else:
+            model = Baseline()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
+        dt = time_steps(model, opt, dtype)
+        tok_s = args.batch * T / dt
+        gflops = flops_per_token(model) * tok_s / 1e9
+        results[name, dtype] = dt
+        print(f"{name:<34}{dtype:<7}{dt * 1000:>9,.0f}{tok_s:>9,.0f}{gflops:>9.1f}{100 * gflops / peak:>7.0f}%")
+ratio = results["nanoGPT baseline (AdamW)", "fp32"] / results["flatchat (Muon+AdamW)", "fp32"]
+print(f"flatchat step speed vs the baseline (fp32): {ratio:.2f}x (above 1 = flatchat faster)")
