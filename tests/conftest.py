@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR", ROOT.parent / "shared" / "data"))
+MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR", ROOT.parent / "shared" / "data")).resolve()  # CI passes ../shared/data
 os.environ["FLATCHAT_DATA_MIRROR"] = str(MIRROR)  # data scripts run by the tests never touch the network
 # tiny models are dominated by per-op overhead: one thread each is faster, and tests run side by side
 os.environ.setdefault("OMP_NUM_THREADS", "1")
