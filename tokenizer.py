@@ -225,17 +225,23 @@ class _Unsafe(Exception):
     """A chunk with an astral character or a lone surrogate, which the `re` twin may split wrongly."""
 
 class _Cache(dict):
-    """chunk -> ids, a miss runs bpe (most chunks repeat). It refuses astral characters and lone
-    surrogates (see split), so a text holding any goes the regex way."""
+    """chunk -> ids, seeded with every token that is whole UTF-8 text; a miss runs bpe (most chunks repeat).
+    It refuses astral characters and lone surrogates (see split), so a text holding any goes the regex way."""
 
-    def __init__(self, bpe):
-        self.bpe = bpe
+    def __init__(self, bpe, tokens):
+        self.bpe, self.seed = bpe, {}
+        for i, t in enumerate(tokens):
+            with contextlib.suppress(UnicodeDecodeError):
+                if not _SLOW.search(s := t.decode("utf-8")):
+                    self.seed[s] = (i,)
+        self.update(self.seed)
 
     def __missing__(self, chunk):
         if not chunk.isascii() and _SLOW.search(chunk):
             raise _Unsafe
         if len(self) >= 1 << 20:  # bound the memory on endless streams of new chunks
             self.clear()
+            self.update(self.seed)
         ids = self[chunk] = self.bpe(chunk)
         return ids
 
@@ -253,7 +259,7 @@ class Tokenizer:
             raise ValueError("two merges make the same bytes")
         self._special = {s: len(self._bytes) + i for i, s in enumerate(self.special_tokens)}
         self._decode = self._bytes + [s.encode("utf-8") for s in self.special_tokens]
-        self._cache = _Cache(self._bpe)
+        self._cache = _Cache(self._bpe, self._bytes)
         self.vocab_size = len(self._decode)
         self.bos_id = self._special["<|bos|>"]
         self.token_bytes = [len(t) for t in self._bytes] + [0] * len(self.special_tokens)  # for bits per byte
@@ -275,13 +281,14 @@ class Tokenizer:
 
     @cached_property
     def _ranks(self):
-        """(left, right) -> id, for every way of writing every token as two tokens: merging any such pair
-        at the rank of its result is what tiktoken does (it looks pairs up by their bytes)."""
+        """left << 20 | right -> id, for every way of writing every token as two tokens: merging any such
+        pair at the rank of its result is what tiktoken does (it looks pairs up by their bytes). Int keys
+        hash faster than tuples."""
         ranks = {}
         for z, t in enumerate(self._bytes[256:], 256):
             for k in range(1, len(t)):
                 if t[:k] in self._ids and t[k:] in self._ids:
-                    ranks[(self._ids[t[:k]], self._ids[t[k:]])] = z
+                    ranks[self._ids[t[:k]] << 20 | self._ids[t[k:]]] = z
         return ranks
 
     def _bpe(self, chunk):
@@ -291,16 +298,18 @@ class Tokenizer:
         if t in self._ids:
             return (self._ids[t],)
         get, none = self._ranks.get, len(self._bytes)  # none: an id no pair merges to
-        ranks = [get(pair, none) for pair in zip(t, t[1:])]  # ranks[i]: what ids[i], ids[i+1] make
+        ranks = [get(a << 20 | b, none) for a, b in zip(t, t[1:])]  # ranks[i]: what ids[i], ids[i+1] make
         ids = list(t)
-        while ranks and (z := min(ranks)) != none:
+        while (z := min(ranks)) != none:
             i = ranks.index(z)
             ids[i] = z
             del ids[i + 1], ranks[i]  # only the pairs next to the merged one change
+            if not ranks:
+                break
             if i > 0:
-                ranks[i - 1] = get((ids[i - 1], z), none)
+                ranks[i - 1] = get(ids[i - 1] << 20 | z, none)
             if i < len(ranks):
-                ranks[i] = get((z, ids[i + 1]), none)
+                ranks[i] = get(z << 20 | ids[i + 1], none)
         return tuple(ids)
 
     def encode(self, text):
