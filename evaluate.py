@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, load_model, print0
+from model import (amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
+                   load_model, print0)
 from tokenizer import base_dir, iter_documents, render_mc
 
 # -----------------------------------------------------------------------------
@@ -311,20 +312,9 @@ def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
     correct, count = all_sum(correct, len(mine))
     return correct / max(count, 1)
 
-def last_number(text):
-    """The last number in a text without its commas ("1,234.5" -> "1234.5"), or None."""
-    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    return nums[-1].replace(",", "") if nums else None
-
 def gsm8k_reference(answer):
     """What follows '####' in a GSM8K answer (the whole string when there is none)."""
     return answer.split("####")[-1].strip().replace(",", "")
-
-def same_number(a, b):
-    try:
-        return a is not None and float(a) == float(b)
-    except ValueError:
-        return False
 
 def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
     """The assistant's replies (calculator on), decoded without the special tokens."""
@@ -338,7 +328,7 @@ def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
     correct, mine = 0, items[rank::world]
     for conv in mine:  # the user's question; the reference solution (last message) is dropped
         reply = complete(model, tokenizer, conv, max_tokens)[0]
-        correct += same_number(last_number(reply), gsm8k_reference(conv["answer"]))
+        correct += gsm8k_reward(reply, gsm8k_reference(conv["answer"]))
     correct, count = all_sum(correct, len(mine))
     return correct / max(count, 1)
 

@@ -23,6 +23,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -319,6 +320,15 @@ def use_calculator(expr):
     if isinstance(value, float):
         value = int(value) if value.is_integer() else round(value, 6)
     return str(value)
+
+def gsm8k_reward(reply, ref):
+    """1.0 if the last number of reply equals ref as numbers ("1,234.0" == "1234"), else 0.0: the GSM8K
+    score of evaluate.py and the reward of rl.py, defined once."""
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", reply)
+    try:
+        return float(bool(nums) and float(nums[-1].replace(",", "")) == float(str(ref).replace(",", "")))
+    except ValueError:
+        return 0.0
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""

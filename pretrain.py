@@ -18,7 +18,7 @@ import torch
 
 from model import (GPT, GPTConfig, UserError, compute_cleanup, compute_init, evaluate_loss,
                    generate_batch, JsonlLogger, step_backward, load_checkpoint, load_tokenizer, print0, save_checkpoint)
-from tokenizer import base_dir, iter_documents
+from tokenizer import base_dir, corpus_files, iter_documents
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -167,13 +167,6 @@ class Lane:
 
     def state(self):
         return {"next_pos": self.next_pos, "pieces": [[p[0], p[1]] for p in self.pieces]}
-
-def corpus_files(split):
-    d = base_dir() / "data" / "pretrain" / split
-    files = sorted(f for f in d.glob("*") if f.suffix in (".jsonl", ".parquet", ".txt"))
-    if not files:
-        raise UserError(f"no corpus files in {d}: create them with `python data/corpus.py`")
-    return files
 
 # Lanes make the batch independent of the process count: the global batch is world x grad_accum
 # micro-batches, micro-batch m of rank r always comes from lane r*grad_accum + m, so 2 processes

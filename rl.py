@@ -21,23 +21,17 @@ import argparse
 import functools
 import math
 import random
-import re
 import time
 
 import torch
 import torch.distributed as dist
 
-from model import (UserError, amp_ctx, compute_cleanup, compute_init, generate_batch, JsonlLogger, load_model,
-                   print0, save_checkpoint)
+from model import (UserError, amp_ctx, compute_cleanup, compute_init, generate_batch, gsm8k_reward, JsonlLogger,
+                   load_model, print0, save_checkpoint)
 from tokenizer import base_dir, read_conversations
 
 # -----------------------------------------------------------------------------
-# Reward: the last number of the reply against the reference (the same rule as evaluate.py's GSM8K score)
-
-def last_number(text):
-    """The last number in a text without its commas ("1,234.5" -> "1234.5"), or None."""
-    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    return nums[-1].replace(",", "") if nums else None
+# Reward: model.gsm8k_reward (the last number of the reply against the reference, as evaluate.py scores)
 
 def reference(conv):
     """The number a GSM8K answer must end with: the eval file's "answer", else what follows '####' in the
@@ -47,14 +41,6 @@ def reference(conv):
     content = conv["messages"][-1]["content"]
     text = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
     return text.split("####")[-1].strip().replace(",", "") if "####" in text else None
-
-def reward(reply, ref):
-    """1.0 if the reply's last number equals the reference (as numbers: "18.0" == "18"), else 0.0."""
-    got = last_number(reply)
-    try:
-        return float(got is not None and float(got) == float(ref))
-    except ValueError:
-        return 0.0
 
 # -----------------------------------------------------------------------------
 # Rollouts and the policy-gradient loss
@@ -68,7 +54,7 @@ def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1
                                  temperature=temperature, top_k=top_k, seed=seed, tokenizer=tokenizer)
     replies = [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]  # no specials
     ref = reference(conv)
-    return prompt, seqs, masks, [reward(r, ref) for r in replies], replies
+    return prompt, seqs, masks, [gsm8k_reward(r, ref) for r in replies], replies
 
 def advantages(rewards, std_norm=False):
     """Reward minus the group mean (the baseline), optionally divided by the group's std."""

@@ -514,10 +514,11 @@ def iter_documents(path):
         raise DataError(f"{path}: unknown corpus format (expected .jsonl, .parquet or .txt)")
 
 def corpus_files(split="train"):
-    files = sorted(p for p in (base_dir() / "data" / "pretrain" / split).glob("*")
-                   if p.suffix in (".jsonl", ".parquet", ".txt"))
-    if not files and split == "train":
-        sys.exit(f"no corpus in {base_dir() / 'data' / 'pretrain' / split}: create it with `python data/corpus.py`")
+    """The corpus files of data/pretrain/<split>, sorted; a DataError saying how to make them if none."""
+    d = base_dir() / "data" / "pretrain" / split
+    files = sorted(p for p in d.glob("*") if p.suffix in (".jsonl", ".parquet", ".txt"))
+    if not files:
+        raise DataError(f"no corpus files in {d}: create them with `python data/corpus.py`")
     return files
 
 def corpus_texts(files, max_chars=-1, doc_cap=-1):

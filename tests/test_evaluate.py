@@ -18,7 +18,7 @@ import torch
 
 import evaluate as E
 from conftest import MIRROR, run_script
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig, gsm8k_reward, save_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -196,17 +196,17 @@ def test_val_rows_start_with_bos_and_cover_each_token_once(tmp_path):
 
 
 def test_gsm8k_answer_extraction():
-    assert E.last_number("She pays 3 * 4 = 12 dollars, so the answer is 1,234.") == "1234"
-    assert E.last_number("-5 degrees, then 7.25") == "7.25"
-    assert E.last_number("no digits here") is None
-    assert E.same_number("72.0", "72") and not E.same_number(None, "72") and not E.same_number("71", "72")
+    assert gsm8k_reward("She pays 3 * 4 = 12 dollars, so the answer is 1,234.", "1234") == 1.0
+    assert gsm8k_reward("-5 degrees, then 7.25", "7.25") == 1.0 and gsm8k_reward("7.25, then -5", "-5") == 1.0
+    assert gsm8k_reward("no digits here", "0") == 0.0 and gsm8k_reward("72.0", "72") == 1.0
+    assert gsm8k_reward("71", "72") == 0.0 and gsm8k_reward("72", "not a number") == 0.0
     with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(50)]
     assert E.gsm8k_reference(rows[0]["answer"]) == "18"  # "... #### 18"
     for r in rows:
         ref = E.gsm8k_reference(r["answer"])
         assert ref.lstrip("-").isdigit()
-        assert E.same_number(E.last_number(r["answer"]), ref)  # the worked solution ends with its answer
+        assert gsm8k_reward(r["answer"], ref) == 1.0  # the worked solution ends with its answer
 
 
 def test_letter_scoring():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import MIRROR, ROOT, read_log, run_script
-from model import GPT, GPTConfig, norm, save_checkpoint
+from model import GPT, GPTConfig, gsm8k_reward, norm, save_checkpoint
 from tokenizer import Tokenizer
 import rl
 
@@ -101,11 +101,11 @@ def test_reward_on_fixtures():
     assert rl.reference({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x\n#### 1,000"}]}) == "1000"
     assert rl.reference({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no answer"}]}) is None
     assert rl.reference({"messages": [], "answer": "1,234"}) == "1234"
-    assert rl.reward("So 12 + 6 = 18 apples.", "18") == 1.0
-    assert rl.reward("He paid $1,234.", "1234") == 1.0 and rl.reward("18.0", "18") == 1.0
-    assert rl.reward("It drops to -5 degrees", "-5") == 1.0 and rl.reward("It drops 5 degrees", "-5") == 0.0
-    assert rl.reward("18 at first, then 19", "18") == 0.0  # the last number counts
-    assert rl.reward("no number here", "3") == 0.0 and rl.reward("", "3") == 0.0
+    assert gsm8k_reward("So 12 + 6 = 18 apples.", "18") == 1.0
+    assert gsm8k_reward("He paid $1,234.", "1234") == 1.0 and gsm8k_reward("18.0", "18") == 1.0
+    assert gsm8k_reward("It drops to -5 degrees", "-5") == 1.0 and gsm8k_reward("It drops 5 degrees", "-5") == 0.0
+    assert gsm8k_reward("18 at first, then 19", "18") == 0.0  # the last number counts
+    assert gsm8k_reward("no number here", "3") == 0.0 and gsm8k_reward("", "3") == 0.0
 
 
 @pytest.mark.skipif(not (MIRROR / "gsm8k").is_dir(), reason=f"offline data mirror {MIRROR} not found")
@@ -124,8 +124,8 @@ def test_reference_solutions_of_real_gsm8k_earn_reward_1(rl_home):
         ids, _ = tok.render_conversation(conv)
         start = ids.index(tok.encode_special("<|assistant_start|>")) + 1
         reply = tok.decode([t for t in ids[start:] if tok.token_bytes[t] > 0])  # as rollout() decodes
-        assert rl.reward(reply, rl.reference(conv)) == 1.0
-        assert rl.reward(reply + " or maybe 1234567", rl.reference(conv)) == 0.0
+        assert gsm8k_reward(reply, rl.reference(conv)) == 1.0
+        assert gsm8k_reward(reply + " or maybe 1234567", rl.reference(conv)) == 0.0
 
 
 def test_missing_gsm8k_is_one_clear_error(tmp_path):
@@ -190,7 +190,7 @@ def test_higher_reward_answer_gets_more_likely(rl_home):
     conv = TRAIN[0]  # 1 + 2: the right answer is the single token "3"
     prompt, end = tok.render_for_completion(conv), tok.encode_special("<|assistant_end|>")
     seqs = [[ord(c), end] for c in "3123"]
-    rewards = [rl.reward(tok.decode(s[:1]), rl.reference(conv)) for s in seqs]
+    rewards = [gsm8k_reward(tok.decode(s[:1]), rl.reference(conv)) for s in seqs]
     assert rewards == [1.0, 0.0, 0.0, 1.0]
 
     def probs():
