@@ -30,6 +30,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+# Every step frees and re-allocates large CPU tensors (the (B, T, V) logits: 256 MB in the cpu preset);
+# backed by transparent huge pages each costs 512x fewer page faults: 3x faster to fill when fresh
+# (PyTorch's own switch, read at the first large allocation; a no-op off Linux).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -108,6 +113,29 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of soft-capped logits cap * tanh(logits / cap), 0 where the target is -1.
+    The same numbers (to fp32 rounding) as F.cross_entropy(15 * torch.tanh(logits / 15), ...) in half the
+    time on a CPU: autograd would keep and re-read ~6 (B*T, V) tensors, this keeps one and works in place."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, cap):  # logits (N, V), targets (N,)
+        s = (logits * (2 / cap)).exp_().add_(1).reciprocal_().mul_(-2 * cap).add_(cap)  # cap*tanh, 2-3x faster on CPU
+        lse = torch.logsumexp(s, dim=-1)
+        loss = lse - s.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+        ctx.save_for_backward(s, lse, targets)
+        ctx.cap = cap
+        return loss.masked_fill_(targets < 0, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):  # d loss / d s = softmax(s) - onehot(target); d s / d logits = 1 - tanh^2
+        s, lse, targets = ctx.saved_tensors
+        g = s.sub(lse[:, None]).exp_()
+        g.scatter_add_(-1, targets.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
+        g.mul_((grad * (targets >= 0))[:, None])
+        t = s / ctx.cap
+        return g.mul_(t.mul_(t).neg_().add_(1.0)), None, None
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -162,11 +190,9 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()  # (B, T, V)
-        logits = 15 * torch.tanh(logits / 15)  # soft-cap
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction="none").view(B, T)
+            return 15 * torch.tanh(logits / 15)  # soft-cap
+        loss = SoftcapCrossEntropy.apply(logits.reshape(B * T, -1), targets.reshape(-1), 15.0).view(B, T)
         if loss_reduction == "none":
             return loss  # (B, T), 0 where the target is -1
         return loss.sum() / (targets != -1).sum().clamp(min=1)

@@ -11,6 +11,7 @@ The encoder gives exactly the ids of a tiktoken Encoding built from the same mer
 the saved file is plain JSON (pattern, merges, special tokens): loading it cannot run code.
 """
 import argparse
+import array
 import collections
 import contextlib
 import gc
@@ -23,7 +24,7 @@ import os
 import re
 import sys
 import time
-from functools import cached_property, lru_cache, partial
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -84,18 +85,22 @@ def split(text, pattern=SPLIT_PATTERN):
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
 
-def _count(texts, pattern=SPLIT_PATTERN):
-    """(Counter of the chunks, number of characters) of a batch of texts."""
-    counts, fast = collections.Counter(), _compiled(pattern)[1]
-    if fast is not None:  # the `re` twin on all texts, then a check of the few distinct chunks
-        for text in texts:
-            counts.update(fast.findall(text))
-        if any(_SLOW.search(c) for c in counts if not c.isascii()):
-            counts = collections.Counter()  # astral characters or lone surrogates: split with regex
-    if not counts:
-        for text in texts:
-            counts.update(split(text, pattern))
-    return counts, sum(map(len, texts))
+def _count(texts, pattern, counts):
+    """Add the chunks of texts to the Counter counts; return the number of characters."""
+    for text in texts:
+        counts.update(split(text, pattern))
+    return sum(map(len, texts))
+
+def _count_worker(pattern, todo, done):
+    """A counting process: one Counter over all the batches it takes from todo, sent back once at the end
+    (one Counter per batch would cost more to send and merge than the counting itself)."""
+    try:
+        counts = collections.Counter()
+        for batch in iter(todo.get, None):
+            _count(batch, pattern, counts)
+        done.put(counts)
+    except BaseException as e:  # the parent must not wait forever
+        done.put(e)
 
 def _batches(texts, size):
     batch, n = [], 0
@@ -109,20 +114,37 @@ def _batches(texts, size):
         yield batch
 
 def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_chars=1 << 21):
-    """Counter {chunk: count} over all texts, in batches of ~2M characters spread over num_proc processes."""
+    """Counter {chunk: count} over all texts: batches of ~2M characters go through a short queue to
+    num_proc counting processes (the texts may be a stream from disk: they never all sit in memory)."""
     batches = _batches(texts, batch_chars)
     head = list(itertools.islice(batches, 2))  # a single batch is not worth starting processes for
-    todo, work = itertools.chain(head, batches), partial(_count, pattern=pattern)
     counts, nchars, t0 = collections.Counter(), 0, time.time()
-    with mp.Pool(num_proc) if num_proc > 1 and len(head) > 1 else contextlib.nullcontext() as pool:
-        for c, n in pool.imap(work, todo) if pool else map(work, todo):
-            counts.update(c)
-            nchars += n
-            if verbose:
-                print(f"\rsplit + count: {nchars / 1e6:,.1f}M chars read, {len(counts):,} unique chunks, "
-                      f"{time.time() - t0:.1f} s", end="", flush=True)
+    if num_proc < 2 or len(head) < 2:
+        for batch in itertools.chain(head, batches):
+            _count(batch, pattern, counts)
+        return counts
+    todo, done = mp.Queue(2 * num_proc), mp.Queue()
+    procs = [mp.Process(target=_count_worker, args=(pattern, todo, done), daemon=True) for _ in range(num_proc)]
+    for p in procs:
+        p.start()
+    for batch in itertools.chain(head, batches):
+        todo.put(batch)
+        nchars += sum(map(len, batch))
+        if verbose:
+            print(f"\rsplit + count: {nchars / 1e6:,.1f}M chars read, {time.time() - t0:.1f} s",
+                  end="" if sys.stdout.isatty() else "\n", flush=True)
+    for _ in procs:
+        todo.put(None)
+    for _ in procs:  # results first, then join: a process exits only once its result is taken
+        part = done.get()
+        if isinstance(part, BaseException):
+            raise part
+        counts.update(part)
+    for p in procs:
+        p.join()
     if verbose:
-        print()
+        print(f"{chr(10) if sys.stdout.isatty() else ''}split + count: {len(counts):,} unique chunks in "
+              f"{nchars / 1e6:,.1f}M chars, {time.time() - t0:.1f} s")
     return counts
 
 def _pair_stats(words, freqs):
@@ -332,7 +354,8 @@ class Tokenizer:
         if num_proc <= 1 or len(texts) < 2:
             return [self.encode(t) for t in texts]
         with mp.Pool(num_proc, _set_worker, (self,)) as pool:
-            return pool.map(_encode_worker, texts, chunksize=max(1, len(texts) // (16 * num_proc)))
+            arrays = pool.map(_encode_worker, texts, chunksize=max(1, len(texts) // (16 * num_proc)))
+        return [a.tolist() for a in arrays]
 
     def encode_special(self, name):
         if name not in self._special:
@@ -425,8 +448,8 @@ def _set_worker(tok):  # each encode_batch process holds one tokenizer
     global _worker
     _worker = tok
 
-def _encode_worker(text):
-    return _worker.encode(text)
+def _encode_worker(text):  # an array pickles as raw bytes: ~10x cheaper to send back than a list of ints
+    return array.array("I", _worker.encode(text))
 
 def check_conversation(conversation):
     """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the

@@ -3,14 +3,16 @@ Benchmark: one pretraining step of the cpu-preset model (depth 4, width 256, con
 against a plain nanoGPT-style model of the same size, fp32 and bf16, next to the machine's measured
 fp32 matmul peak. Not collected by pytest; run it on a quiet machine:
 
-    python tests/bench_pretrain.py [--steps 5] [--batch 32]
+    python tests/bench_pretrain.py [--steps 5] [--batch 32] [--compile 1]
 
 Each figure is the median over --steps timed steps (after 2 warmup steps) of forward + backward +
-optimizer step on random tokens. FLOPs per token are counted the same way for both models (6 x matmul
+optimizer step on random tokens; with --compile 1 both models are also timed under torch.compile
+(the compile time, in the warmup, is printed apart). FLOPs per token are counted the same way for both models (6 x matmul
 weights + attention), so GFLOP/s compare like with like.
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -27,6 +29,7 @@ from model import GPT, GPTConfig  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
 parser.add_argument("--batch", type=int, default=32, help="rows per step")
+parser.add_argument("--compile", type=int, default=1, help="also time torch.compile'd models (1/0)")
 args = parser.parse_args()
 V, T, L, C, H = 8192, 256, 4, 256, 2
 
@@ -74,6 +77,7 @@ def flops_per_token(model):
 
 
 def time_steps(model, opt, dtype):
+    """(median seconds per step, seconds of the 2 warmup steps: where torch.compile compiles)."""
     x = torch.randint(0, V, (args.batch, T))
     y = torch.randint(0, V, (args.batch, T))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
@@ -85,9 +89,8 @@ def time_steps(model, opt, dtype):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:]), sum(times[:2])
 
 
 def matmul_peak():
@@ -104,21 +107,29 @@ def matmul_peak():
 torch.manual_seed(0)
 peak = matmul_peak()
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 5)")
-print(f"{'model':<34}{'dtype':<7}{'ms/step':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}")
+print(f"{'model':<34}{'dtype':<7}{'compiled':<10}{'ms/step':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}{'warmup s':>10}")
 results = {}
-for name in ("flatchat (Muon+AdamW)", "nanoGPT baseline (AdamW)"):
-    for dtype in ("fp32", "bf16"):
-        if name.startswith("flatchat"):
-            model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=H, n_kv_head=H, n_embd=C))
-            model.init_weights()
-            opt = model.setup_optimizer()
-        else:
-            model = Baseline()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
-        dt = time_steps(model, opt, dtype)
-        tok_s = args.batch * T / dt
-        gflops = flops_per_token(model) * tok_s / 1e9
-        results[name, dtype] = dt
-        print(f"{name:<34}{dtype:<7}{dt * 1000:>9,.0f}{tok_s:>9,.0f}{gflops:>9.1f}{100 * gflops / peak:>7.0f}%")
-ratio = results["nanoGPT baseline (AdamW)", "fp32"] / results["flatchat (Muon+AdamW)", "fp32"]
-print(f"flatchat step speed vs the baseline (fp32): {ratio:.2f}x (above 1 = flatchat faster)")
+for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGPT baseline (AdamW)"), ("fp32", "bf16"),
+                                               (False, True) if args.compile else (False,)):
+    torch.manual_seed(0)
+    if name.startswith("flatchat"):
+        model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=H, n_kv_head=H, n_embd=C))
+        model.init_weights()
+        opt = model.setup_optimizer()
+    else:
+        model = Baseline()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
+    flops = flops_per_token(model)
+    torch._dynamo.reset()  # each compiled model starts from a clean compile cache
+    dt, warm = time_steps(torch.compile(model, dynamic=False) if compiled else model, opt, dtype)
+    tok_s = args.batch * T / dt
+    gflops = flops * tok_s / 1e9
+    results[name, dtype, compiled] = dt
+    print(f"{name:<34}{dtype:<7}{'yes' if compiled else 'no':<10}{dt * 1000:>9,.0f}{tok_s:>9,.0f}{gflops:>9.1f}"
+          f"{100 * gflops / peak:>7.0f}%{warm:>10.1f}", flush=True)
+for dtype, compiled in itertools.product(("fp32", "bf16"), (False, True) if args.compile else (False,)):
+    ratio = results["nanoGPT baseline (AdamW)", dtype, compiled] / results["flatchat (Muon+AdamW)", dtype, compiled]
+    print(f"flatchat step speed vs the baseline, {dtype}{' compiled' if compiled else ''}: {ratio:.2f}x (above 1 = flatchat faster)")
+fastest = min(results, key=results.get)
+print(f"fastest: {fastest[0]} {fastest[1]}{' compiled' if fastest[2] else ''}; flatchat eager fp32 -> bf16 compiled: "
+      f"{results['flatchat (Muon+AdamW)', 'fp32', False] / results['flatchat (Muon+AdamW)', 'bf16', bool(args.compile)]:.2f}x")

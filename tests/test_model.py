@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import model as M
-from model import GPT, GPTConfig, KVCache, generate, generate_batch, use_calculator
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, KVCache, SoftcapCrossEntropy, generate, generate_batch, use_calculator
 
 CFG = GPTConfig(sequence_len=128, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -235,3 +237,12 @@ def test_sigkill_during_save_never_leaves_a_broken_latest(tmp_path, monkeypatch)
         assert meta["step"] == step and all((v == step).all() for v in state.values())
         loaded += step > start  # this trial's own saves, not an older trial's
     assert loaded >= 10  # the kills really landed while checkpoints were being written
+
+
+def test_softcap_cross_entropy_matches_autograd_and_passes_gradcheck():
+    torch.manual_seed(0)
+    x = (torch.randn(50, 37, dtype=torch.float64) * 20).requires_grad_()
+    y = torch.randint(-1, 37, (50,))  # -1: no target
+    assert torch.autograd.gradcheck(lambda logits: SoftcapCrossEntropy.apply(logits, y, 15.0), (x,))
+    ref = F.cross_entropy(15 * torch.tanh(x / 15), y, ignore_index=-1, reduction="none")
+    assert torch.allclose(SoftcapCrossEntropy.apply(x, y, 15.0), ref) and ref[y < 0].eq(0).all()
