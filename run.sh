@@ -52,7 +52,7 @@ case "$PRESET" in
     # where the CPU has bf16 units (AVX512/AMX) bf16 autocast + torch.compile make a pretraining step ~2.7x
     # faster than eager fp32 (tests/bench_pretrain.py), so the same ~30 minutes train on ~2.7x the tokens
     FAST=$(python -c "import torch, shutil; print(int(torch.ops.mkldnn._is_mkldnn_bf16_supported() and bool(shutil.which('g++'))))" 2>/dev/null || echo 0)
-    if [ "$FAST" = 1 ]; then export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"; STEPS=360 COMPILE=1; else STEPS=130 COMPILE=0; fi
+    if [ "$FAST" = 1 ]; then export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"; STEPS=720 COMPILE=1; else STEPS=130 COMPILE=0; fi
     DATA="--preset cpu"; CHAT=""; TOK="--vocab-size 8192"
     PRE="--depth 4 --max-seq-len 256 --device-batch-size 32 --total-batch-size 8192 --num-steps $STEPS --eval-every $((STEPS / 2)) --eval-tokens 32768 --sample-every $((STEPS / 2)) --compile $COMPILE"
     MID="--num-steps 60 --eval-every 30 --eval-rows 64"
