@@ -95,6 +95,8 @@ if args.resume:
 orig_model = model  # uncompiled, for sampling with the KV cache and for saving
 if args.compile == 1 or (args.compile == -1 and device.type == "cuda"):
     model = torch.compile(model, dynamic=False)
+    # on a CPU, a missing or broken C++ toolchain makes inductor fail: run those graphs eagerly, with a warning
+    torch._dynamo.config.suppress_errors = device.type == "cpu"
 flops_per_token = orig_model.estimate_flops()
 print0(f"model: depth {args.depth}, width {n_embd}, {n_head} heads, {num_params:,} parameters, "
        f"{flops_per_token / 1e6:.1f} MFLOP/token")

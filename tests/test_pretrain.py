@@ -35,6 +35,15 @@ def test_bf16_autocast_on_cpu_trains(tiny_home, tmp_path):
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < losses[0] - 1.0
 
 
+def test_compile_without_a_cxx_compiler_falls_back_to_eager(tiny_home, tmp_path):
+    """--compile 1 on a CPU whose C++ toolchain is missing (CXX points nowhere): inductor fails, the step
+    runs eagerly and training goes on (a warning, not a crashed run)."""
+    home = fresh_home(tiny_home, tmp_path / "home")
+    proc = run_script("pretrain.py", *TINY, "--num-steps", 2, "--compile", 1, home=home,
+                      env={"CXX": str(tmp_path / "no-such-g++")})
+    assert len(train_losses(home)) == 2 and "InvalidCxxCompiler" in proc.stderr
+
+
 def test_resume_after_sigkill_is_bitwise_identical(tiny_home, tmp_path):
     straight = fresh_home(tiny_home, tmp_path / "a")
     run_script("pretrain.py", *TINY, "--num-steps", 12, "--save-every", 6, home=straight)
