@@ -86,10 +86,9 @@ def split(text, pattern=SPLIT_PATTERN):
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
 
 def _count(texts, pattern, counts):
-    """Add the chunks of texts to the Counter counts; return the number of characters."""
+    """Add the chunks of texts to the Counter counts."""
     for text in texts:
         counts.update(split(text, pattern))
-    return sum(map(len, texts))
 
 def _count_worker(pattern, todo, done):
     """A counting process: one Counter over all the batches it takes from todo, sent back once at the end
@@ -122,6 +121,8 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_
     if num_proc < 2 or len(head) < 2:
         for batch in itertools.chain(head, batches):
             _count(batch, pattern, counts)
+        if verbose:
+            print(f"split + count: {len(counts):,} unique chunks, {time.time() - t0:.1f} s")
         return counts
     todo, done = mp.Queue(2 * num_proc), mp.Queue()
     procs = [mp.Process(target=_count_worker, args=(pattern, todo, done), daemon=True) for _ in range(num_proc)]
