@@ -20,6 +20,8 @@ Design choices of the model, one line each:
 """
 
 import ast
+import contextlib
+import ctypes
 import json
 import math
 import os
@@ -27,13 +29,17 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 # Every step frees and re-allocates large CPU tensors (the (B, T, V) logits: 256 MB in the cpu preset);
 # backed by transparent huge pages each costs 512x fewer page faults: 3x faster to fill when fresh
 # (PyTorch's own switch, read at the first large allocation; a no-op off Linux).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+if sys.platform == "linux":  # and glibc keeps freed blocks (no mmap/trim), so later steps reuse faulted-in pages:
+    with contextlib.suppress(OSError, AttributeError):  # eager CPU steps 1.25x faster; RSS stays at its peak
+        _libc = ctypes.CDLL(None)
+        _libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets its own mapping
+        _libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
 
 import torch
 import torch.nn as nn
@@ -54,13 +60,61 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
 
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))  # no learnable scale
+# Three elementwise pieces as autograd Functions with hand-written backwards: autograd's own would
+# allocate and re-read several more activation-sized tensors each, ~15% of an eager CPU step.
 
-def apply_rotary(x, cos, sin):  # x: (B, T, H, D)
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+class RMSNorm(torch.autograd.Function):
+    """x / rms(x) over the last dim, no learnable scale; backward: r * (g - y * mean(g * y))."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 input: its statistics in fp32
+        r = xf.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps).rsqrt_()  # (..., 1)
+        y = (xf * r).to(x.dtype)
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, r = ctx.saved_tensors
+        m = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
+        return torch.addcmul(g, y, m.to(y.dtype), value=-1).mul_(r.to(y.dtype))
+
+class Rotary(torch.autograd.Function):
+    """Rotate the pairs (x1, x2) of the two halves of x by the position's angles. The rotation is linear
+    and orthogonal: its backward is the rotation back, and nothing is saved but the angles."""
+
+    @staticmethod
+    def rotate(x, cos, sin):  # x: (B, T, H, D), cos/sin: (1, T, 1, D/2)
+        d = x.shape[-1] // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return Rotary.rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return Rotary.rotate(g, cos, -sin), None, None
+
+class ReluSquared(torch.autograd.Function):
+    """relu(x)^2; backward: 2 relu(x) g."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return torch.mul(g, r).mul_(2)
+
+norm, apply_rotary = RMSNorm.apply, Rotary.apply
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -101,7 +155,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(ReluSquared.apply(self.c_fc(x)))
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
@@ -113,28 +167,43 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
+def _softcap(logits, cap, out):  # cap * tanh(logits / cap) into out, written with exp: 2-3x faster on CPU
+    return torch.mul(logits, 2 / cap, out=out).exp_().add_(1).reciprocal_().mul_(-2 * cap).add_(cap)
+
 class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of soft-capped logits cap * tanh(logits / cap), 0 where the target is -1.
-    The same numbers (to fp32 rounding) as F.cross_entropy(15 * torch.tanh(logits / 15), ...) in half the
-    time on a CPU: autograd would keep and re-read ~6 (B*T, V) tensors, this keeps one and works in place."""
+    The same numbers (to fp32 rounding) as F.cross_entropy(15 * torch.tanh(logits / 15), ...) at a
+    fraction of the memory traffic: it works on 64 rows at a time in a buffer that stays in cache, keeps
+    only the logits and the row log-sum-exps, and recomputes the soft-capped rows in backward."""
+    ROWS = 64
 
     @staticmethod
     def forward(ctx, logits, targets, cap):  # logits (N, V), targets (N,)
-        s = (logits * (2 / cap)).exp_().add_(1).reciprocal_().mul_(-2 * cap).add_(cap)  # cap*tanh, 2-3x faster on CPU
-        lse = torch.logsumexp(s, dim=-1)
-        loss = lse - s.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
-        ctx.save_for_backward(s, lse, targets)
+        N, R = logits.size(0), SoftcapCrossEntropy.ROWS
+        lse, picked, buf = logits.new_empty(N), logits.new_empty(N), logits.new_empty(min(R, N), logits.size(1))
+        t = targets.clamp(min=0)[:, None]
+        for i in range(0, N, R):
+            s = _softcap(logits[i:i + R], cap, buf[:min(R, N - i)])
+            torch.logsumexp(s, -1, out=lse[i:i + R])
+            picked[i:i + R] = s.gather(-1, t[i:i + R]).squeeze(-1)
+        ctx.save_for_backward(logits, lse, targets)
         ctx.cap = cap
-        return loss.masked_fill_(targets < 0, 0.0)
+        return (lse - picked).masked_fill_(targets < 0, 0.0)
 
     @staticmethod
     def backward(ctx, grad):  # d loss / d s = softmax(s) - onehot(target); d s / d logits = 1 - tanh^2
-        s, lse, targets = ctx.saved_tensors
-        g = s.sub(lse[:, None]).exp_()
-        g.scatter_add_(-1, targets.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
-        g.mul_((grad * (targets >= 0))[:, None])
-        t = s / ctx.cap
-        return g.mul_(t.mul_(t).neg_().add_(1.0)), None, None
+        logits, lse, targets = ctx.saved_tensors
+        N, R, cap = logits.size(0), SoftcapCrossEntropy.ROWS, ctx.cap
+        out, (buf, buf2) = torch.empty_like(logits), logits.new_empty(2, min(R, N), logits.size(1))
+        t, g = targets.clamp(min=0)[:, None], (grad * (targets >= 0))[:, None]
+        minus_one = logits.new_full((min(R, N), 1), -1.0)
+        for i in range(0, N, R):
+            n = min(R, N - i)
+            s = _softcap(logits[i:i + R], cap, buf[:n])
+            d = torch.div(s, cap, out=buf2[:n]).square_().neg_().add_(1)  # 1 - tanh^2
+            s.sub_(lse[i:i + R, None]).exp_().scatter_add_(-1, t[i:i + R], minus_one[:n])
+            torch.mul(s, d, out=out[i:i + R]).mul_(g[i:i + R])
+        return out, None, None
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -502,7 +571,7 @@ def amp_ctx(device):
     want = os.environ.get("FLATCHAT_DTYPE")
     if want is None:
         want = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.autocast(device_type, dtype=torch.bfloat16) if want == "bf16" else nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16) if want == "bf16" else contextlib.nullcontext()
 
 def compute_init(seed=42):
     """Set up one process: (ddp, rank, local_rank, world_size, device). Distributed only under torchrun."""

@@ -241,8 +241,28 @@ def test_sigkill_during_save_never_leaves_a_broken_latest(tmp_path, monkeypatch)
 
 def test_softcap_cross_entropy_matches_autograd_and_passes_gradcheck():
     torch.manual_seed(0)
-    x = (torch.randn(50, 37, dtype=torch.float64) * 20).requires_grad_()
-    y = torch.randint(-1, 37, (50,))  # -1: no target
+    x = (torch.randn(150, 37, dtype=torch.float64) * 20).requires_grad_()  # 150 rows: 3 chunks, the last short
+    y = torch.randint(-1, 37, (150,))  # -1: no target
     assert torch.autograd.gradcheck(lambda logits: SoftcapCrossEntropy.apply(logits, y, 15.0), (x,))
     ref = F.cross_entropy(15 * torch.tanh(x / 15), y, ignore_index=-1, reduction="none")
     assert torch.allclose(SoftcapCrossEntropy.apply(x, y, 15.0), ref) and ref[y < 0].eq(0).all()
+
+
+ANGLES = [t.double() for t in GPT._rotary_tables(5, 8)]  # cos, sin: (1, T, 1, D/2)
+
+
+@pytest.mark.parametrize("fn", [M.RMSNorm.apply, M.ReluSquared.apply, lambda x: M.Rotary.apply(x, *ANGLES)])
+def test_hand_written_backwards_pass_gradcheck(fn):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)  # (B, T, H, D)
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_elementwise_functions_equal_their_plain_torch_forms():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 2, 16)
+    cos, sin = GPT._rotary_tables(5, 16)
+    x1, x2 = x[..., :8], x[..., 8:]
+    assert torch.allclose(M.norm(x), F.rms_norm(x, (16,)), atol=1e-6)
+    assert torch.equal(M.ReluSquared.apply(x), F.relu(x).square())
+    assert torch.allclose(M.apply_rotary(x, cos, sin), torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1))
