@@ -261,7 +261,11 @@ class GPT(nn.Module):
         logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()  # (B, T, V)
         if targets is None:
             return 15 * torch.tanh(logits / 15)  # soft-cap
-        loss = SoftcapCrossEntropy.apply(logits.reshape(B * T, -1), targets.reshape(-1), 15.0).view(B, T)
+        if torch.compiler.is_compiling():  # inductor fuses the plain form into a few loops of its own
+            loss = F.cross_entropy(15 * torch.tanh(logits / 15).view(B * T, -1), targets.reshape(-1), ignore_index=-1,
+                                   reduction="none").view(B, T)
+        else:
+            loss = SoftcapCrossEntropy.apply(logits.reshape(B * T, -1), targets.reshape(-1), 15.0).view(B, T)
         if loss_reduction == "none":
             return loss  # (B, T), 0 where the target is -1
         return loss.sum() / (targets != -1).sum().clamp(min=1)

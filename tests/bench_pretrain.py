@@ -104,13 +104,13 @@ def matmul_peak():
     return best
 
 
+dtypes = ("fp32", "bf16") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",)
+if len(dtypes) == 1:
+    print(f"no bf16 rows: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, it would be emulated")
 torch.manual_seed(0)
 peak = matmul_peak()
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 5)")
 print(f"{'model':<34}{'dtype':<7}{'compiled':<10}{'ms/step':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}{'warmup s':>10}")
-dtypes = ("fp32", "bf16") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",)
-if len(dtypes) == 1:
-    print(f"no bf16 rows: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, it would be emulated")
 results = {}
 for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGPT baseline (AdamW)"), dtypes,
                                                (False, True) if args.compile else (False,)):
