@@ -60,6 +60,11 @@ class Baseline(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.lm_head = nn.Linear(C, V, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in nanoGPT
+        for name, p in self.named_parameters():  # nanoGPT's init: N(0, 0.02), residual projections scaled down
+            if p.dim() == 2:  # (PyTorch's default N(0, 1) embedding makes softmax underflow to slow denormals)
+                nn.init.normal_(p, std=0.02 / (2 * L) ** 0.5 if name.endswith(("proj.weight", "out.weight")) else 0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
 
     def forward(self, idx, targets):
         x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
