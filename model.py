@@ -167,42 +167,46 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
-def _softcap(logits, cap, out):  # cap * tanh(logits / cap) into out, written with exp: 2-3x faster on CPU
-    return torch.mul(logits, 2 / cap, out=out).exp_().add_(1).reciprocal_().mul_(-2 * cap).add_(cap)
+def _sigmoid_scaled(x, scale, out):  # sigmoid(scale * x) into the fp32 buffer out, computed in fp32
+    return (torch.mul(x, scale, out=out) if x.dtype == out.dtype else out.copy_(x).mul_(scale)).sigmoid_()
 
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of soft-capped logits cap * tanh(logits / cap), 0 where the target is -1.
-    The same numbers (to fp32 rounding) as F.cross_entropy(15 * torch.tanh(logits / 15), ...) at a
-    fraction of the memory traffic: it works on 64 rows at a time in a buffer that stays in cache, keeps
-    only the logits and the row log-sum-exps, and recomputes the soft-capped rows in backward."""
+    """Per-token cross-entropy of soft-capped logits s = cap * tanh(x / cap), 0 where the target is -1.
+    The same numbers (to rounding) as F.cross_entropy(15 * torch.tanh(logits / 15), ...) in a third of
+    the memory passes: it works on 64 rows at a time in fp32 buffers that stay in cache, keeps only the
+    logits (bf16 under autocast) and the row sums, and recomputes the rows in backward. With
+    u = sigmoid(-2x / cap): s - cap = -2 cap u <= 0, so sum(exp(s - cap)) needs no max pass, and
+    d s / d x = 1 - tanh^2 = 4 u (1 - u)."""
     ROWS = 64
 
     @staticmethod
-    def forward(ctx, logits, targets, cap):  # logits (N, V), targets (N,)
-        N, R = logits.size(0), SoftcapCrossEntropy.ROWS
-        lse, picked, buf = logits.new_empty(N), logits.new_empty(N), logits.new_empty(min(R, N), logits.size(1))
-        t = targets.clamp(min=0)[:, None]
+    def forward(ctx, x, targets, cap):  # x (N, V), targets (N,)
+        N, R, dtype = x.size(0), SoftcapCrossEntropy.ROWS, torch.promote_types(x.dtype, torch.float32)
+        sums, buf = x.new_empty(N, dtype=dtype), x.new_empty(min(R, N), x.size(1), dtype=dtype)
         for i in range(0, N, R):
-            s = _softcap(logits[i:i + R], cap, buf[:min(R, N - i)])
-            torch.logsumexp(s, -1, out=lse[i:i + R])
-            picked[i:i + R] = s.gather(-1, t[i:i + R]).squeeze(-1)
-        ctx.save_for_backward(logits, lse, targets)
+            u = _sigmoid_scaled(x[i:i + R], -2 / cap, buf[:min(R, N - i)])
+            torch.sum(u.mul_(-2 * cap).exp_(), -1, out=sums[i:i + R])  # sum of exp(s - cap)
+        picked = cap * torch.tanh(x.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1).to(dtype) / cap)
+        ctx.save_for_backward(x, sums, targets)
         ctx.cap = cap
-        return (lse - picked).masked_fill_(targets < 0, 0.0)
+        return (sums.log() + cap - picked).masked_fill_(targets < 0, 0.0)
 
     @staticmethod
-    def backward(ctx, grad):  # d loss / d s = softmax(s) - onehot(target); d s / d logits = 1 - tanh^2
-        logits, lse, targets = ctx.saved_tensors
-        N, R, cap = logits.size(0), SoftcapCrossEntropy.ROWS, ctx.cap
-        out, (buf, buf2) = torch.empty_like(logits), logits.new_empty(2, min(R, N), logits.size(1))
-        t, g = targets.clamp(min=0)[:, None], (grad * (targets >= 0))[:, None]
-        minus_one = logits.new_full((min(R, N), 1), -1.0)
+    def backward(ctx, grad):  # d loss / d x = g (softmax(s) - onehot(target)) 4 u (1 - u)
+        x, sums, targets = ctx.saved_tensors
+        N, R, cap = x.size(0), SoftcapCrossEntropy.ROWS, ctx.cap
+        g = (4 * grad * (targets >= 0))[:, None]  # (N, 1)
+        log_scale = (g.abs() / sums[:, None]).log()  # folded into the exp: g p = sign(g) exp(s - cap + log|g| / sum)
+        t = targets.clamp(min=0)[:, None]
+        out, (buf, buf2) = torch.empty_like(x), sums.new_empty(2, min(R, N), x.size(1))
         for i in range(0, N, R):
             n = min(R, N - i)
-            s = _softcap(logits[i:i + R], cap, buf[:n])
-            d = torch.div(s, cap, out=buf2[:n]).square_().neg_().add_(1)  # 1 - tanh^2
-            s.sub_(lse[i:i + R, None]).exp_().scatter_add_(-1, t[i:i + R], minus_one[:n])
-            torch.mul(s, d, out=out[i:i + R]).mul_(g[i:i + R])
+            u = _sigmoid_scaled(x[i:i + R], -2 / cap, buf[:n])
+            e = torch.add(log_scale[i:i + R], u, alpha=-2 * cap, out=buf2[:n]).exp_()
+            e.scatter_add_(-1, t[i:i + R], -g[i:i + R].abs())
+            torch.mul(e, u.addcmul_(u, u, value=-1), out=out[i:i + R])  # u (1 - u)
+        if (g < 0).any():  # a negative weight (RL advantages): the sign that the log could not carry
+            out.mul_(g.sign().to(out.dtype))
         return out, None, None
 
 class GPT(nn.Module):
@@ -258,12 +262,12 @@ class GPT(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
-        logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()  # (B, T, V)
+        logits = self.lm_head(norm(x))[..., :self.config.vocab_size]  # (B, T, V), bf16 under autocast
         if targets is None:
-            return 15 * torch.tanh(logits / 15)  # soft-cap
+            return 15 * torch.tanh(logits.float() / 15)  # soft-cap
         if torch.compiler.is_compiling():  # inductor fuses the plain form into a few loops of its own
-            loss = F.cross_entropy(15 * torch.tanh(logits / 15).view(B * T, -1), targets.reshape(-1), ignore_index=-1,
-                                   reduction="none").view(B, T)
+            loss = F.cross_entropy(15 * torch.tanh(logits.float() / 15).view(B * T, -1), targets.reshape(-1),
+                                   ignore_index=-1, reduction="none").view(B, T)
         else:
             loss = SoftcapCrossEntropy.apply(logits.reshape(B * T, -1), targets.reshape(-1), 15.0).view(B, T)
         if loss_reduction == "none":

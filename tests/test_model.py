@@ -248,6 +248,20 @@ def test_softcap_cross_entropy_matches_autograd_and_passes_gradcheck():
     assert torch.allclose(SoftcapCrossEntropy.apply(x, y, 15.0), ref) and ref[y < 0].eq(0).all()
 
 
+def test_softcap_cross_entropy_takes_bf16_logits_and_negative_weights():
+    torch.manual_seed(0)
+    x = (torch.randn(100, 300) * 20).bfloat16().requires_grad_()  # autocast hands the loss bf16 logits
+    y, w = torch.randint(-1, 300, (100,)), torch.randn(100)  # w < 0: RL advantages
+    x64 = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(15 * torch.tanh(x64 / 15), y, ignore_index=-1, reduction="none")
+    (ref * w).sum().backward()
+    loss = SoftcapCrossEntropy.apply(x, y, 15.0)
+    (loss * w).sum().backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert torch.allclose(loss.double(), ref.detach(), atol=1e-5)
+    assert torch.allclose(x.grad.double(), x64.grad, atol=1e-3, rtol=1e-2)
+
+
 ANGLES = [t.double() for t in GPT._rotary_tables(5, 8)]  # cos, sin: (1, T, 1, D/2)
 
 
