@@ -289,18 +289,23 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
 
+# bf16 where the hardware multiplies it natively (CUDA, CPUs with AVX-512/AMX bf16), as nanochat does: 2-4x faster
+NS_BF16_ON_CPU = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 def newton_schulz(G, steps=5):
-    """Approximately orthogonalise G (the 'zeroth power' U V^T of its SVD), as in Muon."""
+    """Approximately orthogonalise G (..., m, n) (the 'zeroth power' U V^T of its SVD), as in Muon; a
+    stack of same-shape matrices goes through one batched matmul chain."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.reshape(-1, *G.shape[-2:])
+    X = X.bfloat16() if X.is_cuda or (X.device.type == "cpu" and NS_BF16_ON_CPU) else X.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return (X.mT if transposed else X).to(G.dtype)
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
+    return (X.mT if transposed else X).to(G.dtype).view(G.shape)
 
 class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups):
@@ -329,21 +334,28 @@ class MuonAdamW(torch.optim.Optimizer):
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.all_reduce_grads()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                (self._muon if group["kind"] == "muon" else self._adamw)(p, group, self.state[p])
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            if group["kind"] == "muon":
+                self._muon(params, group)
+            else:
+                for p in params:
+                    self._adamw(p, group, self.state[p])
 
-    def _muon(self, p, group, state):
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        g = p.grad.lerp(buf, group["momentum"])  # Nesterov
-        g = newton_schulz(g, group["ns_steps"])
-        p.add_(g, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+    def _muon(self, params, group):
+        """Nesterov momentum, then Newton-Schulz on all matrices of one shape at once."""
+        by_shape = {}
+        for p in params:
+            by_shape.setdefault(p.shape, []).append(p)
+        for shape, ps in by_shape.items():
+            for p in ps:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs, grads = [self.state[p]["momentum_buffer"] for p in ps], [p.grad for p in ps]
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            g = newton_schulz(torch.stack(grads).lerp_(torch.stack(bufs), group["momentum"]), group["ns_steps"])
+            torch._foreach_add_(ps, g.unbind(0), alpha=-group["lr"] * max(1, shape[-2] / shape[-1]) ** 0.5)
 
     def _adamw(self, p, group, state):
         if "step" not in state:

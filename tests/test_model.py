@@ -141,10 +141,14 @@ def test_calculator_tool_output_is_forced_and_masked(tiny_home):
     assert seqs[0][-1] == sp("<|assistant_end|>")  # stopped there, stop token included
 
 
-def test_newton_schulz_orthogonalises():
-    G = torch.randn(64, 32)
-    s = torch.linalg.svdvals(M.newton_schulz(G))
-    assert s.min() > 0.5 and s.max() < 1.3  # all singular values pulled towards 1
+def test_newton_schulz_orthogonalises_one_matrix_or_a_stack():
+    G = torch.randn(3, 64, 32)  # tall: it works on the transpose
+    stacked = M.newton_schulz(G)
+    assert stacked.shape == G.shape and stacked.dtype == G.dtype
+    for g, x in zip(G, stacked):
+        s = torch.linalg.svdvals(x)
+        assert s.min() > 0.5 and s.max() < 1.3  # all singular values pulled towards 1
+        assert torch.allclose(M.newton_schulz(g), x, atol=1e-2)  # the stack is the same as one at a time
 
 
 def test_optimizer_state_round_trips():
