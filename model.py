@@ -85,10 +85,9 @@ class Rotary(torch.autograd.Function):
     and orthogonal: its backward is the rotation back, and nothing is saved but the angles."""
 
     @staticmethod
-    def rotate(x, cos, sin):  # x: (B, T, H, D), cos/sin: (1, T, 1, D/2)
+    def rotate(x, cos, sin):  # x: (B, T, H, D); cos: (1, T, 1, D) = [cos, cos], sin = [sin, -sin]
         d = x.shape[-1] // 2
-        x1, x2 = x[..., :d], x[..., d:]
-        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+        return torch.addcmul(x * cos, torch.cat([x[..., d:], x[..., :d]], dim=-1), sin)  # 3 passes, not 7
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -220,14 +219,15 @@ class GPT(nn.Module):
         # rotary tables for 10x the training context, so generation may run past it
         head_dim = config.n_embd // config.n_head
         cos, sin = self._rotary_tables(config.sequence_len * 10, head_dim)
-        self.register_buffer("cos", cos, persistent=False)  # (1, T, 1, D/2)
+        self.register_buffer("cos", cos, persistent=False)  # (1, T, 1, D)
         self.register_buffer("sin", sin, persistent=False)
 
     @staticmethod
     def _rotary_tables(seq_len, head_dim, base=10000):
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        return torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)  # (1, T, 1, D): see Rotary.rotate
 
     @torch.no_grad()
     def init_weights(self):

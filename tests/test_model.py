@@ -266,7 +266,7 @@ def test_softcap_cross_entropy_takes_bf16_logits_and_negative_weights():
     assert torch.allclose(x.grad.double(), x64.grad, atol=1e-3, rtol=1e-2)
 
 
-ANGLES = [t.double() for t in GPT._rotary_tables(5, 8)]  # cos, sin: (1, T, 1, D/2)
+ANGLES = [t.double() for t in GPT._rotary_tables(5, 8)]  # cos, sin: (1, T, 1, D)
 
 
 @pytest.mark.parametrize("fn", [M.RMSNorm.apply, M.ReluSquared.apply, lambda x: M.Rotary.apply(x, *ANGLES)])
@@ -279,8 +279,9 @@ def test_hand_written_backwards_pass_gradcheck(fn):
 def test_elementwise_functions_equal_their_plain_torch_forms():
     torch.manual_seed(0)
     x = torch.randn(4, 5, 2, 16)
-    cos, sin = GPT._rotary_tables(5, 16)
+    tables = GPT._rotary_tables(5, 16)
+    cos, sin = (t[..., :8] for t in tables)  # the angles of the 8 pairs
     x1, x2 = x[..., :8], x[..., 8:]
     assert torch.allclose(M.norm(x), F.rms_norm(x, (16,)), atol=1e-6)
     assert torch.equal(M.ReluSquared.apply(x), F.relu(x).square())
-    assert torch.allclose(M.apply_rotary(x, cos, sin), torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1))
+    assert torch.allclose(M.apply_rotary(x, *tables), torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1))
