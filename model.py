@@ -7,7 +7,7 @@ model.py: everything the stages must agree on, in one file.
     runtime                 device/dtype, torchrun init, print0, JSONL logs, atomic checkpoints
 
 Design choices of the model, one line each:
-- rotary position embeddings (no learned positions), applied to q and k;
+- rotary position embeddings (no learned positions) on q and k, pairs (x[2i], x[2i+1]) as complex numbers;
 - QK-norm: q and k are RMS-normalised after rotary, which keeps attention logits tame;
 - RMSNorm without learnable parameters, pre-norm, plus a norm after the token embedding;
 - ReLU-squared MLP (4x wide): cheap and slightly better than GELU at this scale;
@@ -67,10 +67,11 @@ class RMSNorm(torch.autograd.Function):
     """x / rms(x) over the last dim, no learnable scale; backward: r * (g - y * mean(g * y))."""
 
     @staticmethod
-    def forward(ctx, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 input: its statistics in fp32
-        r = xf.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps).rsqrt_()  # (..., 1)
-        y = (xf * r).to(x.dtype)
+    def forward(ctx, x):  # statistics in fp32 for bf16 input too; 2 passes: the norms, then the scaling
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        ms = ms.square_().div_(x.size(-1))
+        r = ms.add_(torch.finfo(x.dtype).eps).rsqrt_()  # (..., 1)
+        y = torch.mul(x, r, out=torch.empty_like(x))
         ctx.save_for_backward(y, r)
         return y
 
@@ -80,24 +81,38 @@ class RMSNorm(torch.autograd.Function):
         m = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
         return torch.addcmul(g, y, m.to(y.dtype), value=-1).mul_(r.to(y.dtype))
 
-class Rotary(torch.autograd.Function):
-    """Rotate the pairs (x1, x2) of the two halves of x by the position's angles. The rotation is linear
-    and orthogonal: its backward is the rotation back, and nothing is saved but the angles."""
+class RotaryNorm(torch.autograd.Function):
+    """RMSNorm(rotary(x)) for queries and keys: each pair (x[2i], x[2i+1]), as a complex number, turns by
+    the position's angle (one complex multiply), then the head vector is scaled to rms 1 (a rotation keeps
+    the norm). Backward, with y the output and r = 1 / rms(x): dx = r R^T (g - y mean(g y)), R^T the turn
+    back. 3 passes forward and 4 backward, where rotary and RMSNorm apart take 6 and 6."""
 
     @staticmethod
-    def rotate(x, cos, sin):  # x: (B, T, H, D); cos: (1, T, 1, D) = [cos, cos], sin = [sin, -sin]
-        d = x.shape[-1] // 2
-        return torch.addcmul(x * cos, torch.cat([x[..., d:], x[..., :d]], dim=-1), sin)  # 3 passes, not 7
+    def turn(x, cos, sin):  # x (..., D) real, cos/sin (1, T, 1, D/2): x's pairs times cos + i sin
+        pairs = torch.view_as_complex(x.view(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * torch.complex(cos, sin)).view(x.shape)
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return Rotary.rotate(x, cos, sin)
+    def forward(ctx, x, cos, sin):  # x: (B, T, H, D)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # complex needs fp32; bf16 comes back below
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
+        r = ms.add_(torch.finfo(x.dtype).eps).rsqrt_()  # as in RMSNorm
+        y = RotaryNorm.turn(xf, cos.to(xf.dtype), sin.to(xf.dtype)).mul_(r).to(x.dtype)
+        ctx.save_for_backward(y, r, cos, sin)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return Rotary.rotate(g, cos, -sin), None, None
+        y, r, cos, sin = ctx.saved_tensors
+        gf, yf = g.to(r.dtype), y.to(r.dtype)
+        t = torch.addcmul(gf, yf, torch.linalg.vecdot(gf, yf).div_(y.size(-1)).unsqueeze(-1), value=-1).mul_(r)
+        return RotaryNorm.turn(t, cos.to(r.dtype), -sin.to(r.dtype)).to(g.dtype), None, None
+
+    @staticmethod
+    def plain(x, cos, sin):  # the same in plain torch, for torch.compile (inductor has no complex numbers)
+        a, b = x.float().view(*x.shape[:-1], -1, 2).unbind(-1)
+        y = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+        return F.rms_norm(y, y.shape[-1:], eps=torch.finfo(x.dtype).eps).to(x.dtype)
 
 class ReluSquared(torch.autograd.Function):
     """relu(x)^2; backward: 2 relu(x) g."""
@@ -111,9 +126,12 @@ class ReluSquared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (r,) = ctx.saved_tensors
-        return torch.mul(g, r).mul_(2)
+        return torch.addcmul(r.new_zeros(()).expand_as(r), g, r, value=2)  # 2 g r in one pass
 
-norm, apply_rotary = RMSNorm.apply, Rotary.apply
+norm = RMSNorm.apply
+
+def rotary_norm(x, cos, sin):
+    return RotaryNorm.plain(x, cos, sin) if torch.compiler.is_compiling() else RotaryNorm.apply(x, cos, sin)
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -132,7 +150,7 @@ class Attention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k = rotary_norm(q, cos, sin), rotary_norm(k, cos, sin)  # rotary embeddings, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, T_cached + T, D)
@@ -166,47 +184,43 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
-def _sigmoid_scaled(x, scale, out):  # sigmoid(scale * x) into the fp32 buffer out, computed in fp32
-    return (torch.mul(x, scale, out=out) if x.dtype == out.dtype else out.copy_(x).mul_(scale)).sigmoid_()
-
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of soft-capped logits s = cap * tanh(x / cap), 0 where the target is -1.
-    The same numbers (to rounding) as F.cross_entropy(15 * torch.tanh(logits / 15), ...) in a third of
-    the memory passes: it works on 64 rows at a time in fp32 buffers that stay in cache, keeps only the
-    logits (bf16 under autocast) and the row sums, and recomputes the rows in backward. With
-    u = sigmoid(-2x / cap): s - cap = -2 cap u <= 0, so sum(exp(s - cap)) needs no max pass, and
-    d s / d x = 1 - tanh^2 = 4 u (1 - u)."""
-    ROWS = 64
+    """Per-token cross-entropy of the soft-capped logits s = cap * tanh(h W^T / cap) of the head W, 0 where
+    the target is -1: the same numbers (to rounding) as F.cross_entropy(cap * torch.tanh(lm_head(h) / cap)).
+    It multiplies by the head (scaled by -2/cap: 2M weights, not 67M logits), so that z = -2 (h W^T) / cap
+    and u = sigmoid(z) give s = cap (1 - 2u) and exp(s - cap) with no max pass. Working on a few rows at a
+    time in fp32 buffers that stay in cache, forward also writes d loss / d z = -2 cap u (1 - u) (p - onehot)
+    over the logits it no longer needs: backward is just two matmuls, and no second logits-sized tensor is
+    made. backward=False (no grad mode: evaluation) skips that part."""
+    CHUNK = 1 << 18  # logits per chunk on CPU: 1 MB of fp32, in L2 (on GPU 64x that: fewer launches)
 
     @staticmethod
-    def forward(ctx, x, targets, cap):  # x (N, V), targets (N,)
-        N, R, dtype = x.size(0), SoftcapCrossEntropy.ROWS, torch.promote_types(x.dtype, torch.float32)
-        sums, buf = x.new_empty(N, dtype=dtype), x.new_empty(min(R, N), x.size(1), dtype=dtype)
+    def forward(ctx, h, w, targets, cap, backward=True):  # h (N, C), w (V, C), targets (N,)
+        z = F.linear(h, w * (-2 / cap))  # (N, V), bf16 under autocast
+        N, V = z.shape
+        R = max(1, SoftcapCrossEntropy.CHUNK * (1 if z.is_cpu else 64) // V)  # rows per chunk
+        dtype, t = torch.promote_types(z.dtype, torch.float32), targets.clamp(min=0)[:, None]
+        sums, picked = z.new_empty(2, N, 1, dtype=dtype)
+        u, e = z.new_empty(2, min(R, N), V, dtype=dtype)
         for i in range(0, N, R):
-            u = _sigmoid_scaled(x[i:i + R], -2 / cap, buf[:min(R, N - i)])
-            torch.sum(u.mul_(-2 * cap).exp_(), -1, out=sums[i:i + R])  # sum of exp(s - cap)
-        picked = cap * torch.tanh(x.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1).to(dtype) / cap)
-        ctx.save_for_backward(x, sums, targets)
-        ctx.cap = cap
-        return (sums.log() + cap - picked).masked_fill_(targets < 0, 0.0)
+            n, zi = min(R, N - i), z[i:i + R]
+            ui, ei = (torch.sigmoid(zi, out=u[:n]) if z.dtype == dtype else u[:n].copy_(zi).sigmoid_()), e[:n]
+            torch.mul(ui, -2 * cap, out=ei).exp_()  # exp(s - cap)
+            torch.sum(ei, -1, keepdim=True, out=sums[i:i + R])
+            torch.gather(ui, -1, t[i:i + R], out=picked[i:i + R])
+            if backward:
+                ei.mul_(sums[i:i + R].reciprocal()).scatter_add_(-1, t[i:i + R], -sums.new_ones(n, 1))  # p - onehot
+                torch.mul(ei, ui.addcmul_(ui, ui, value=-1), out=zi)  # (p - onehot) u (1 - u) over the logits
+        ctx.save_for_backward(h, w, z, targets)
+        return picked.mul_(2 * cap).add_(sums.log_()).squeeze(-1).masked_fill_(targets < 0, 0.0)
 
     @staticmethod
-    def backward(ctx, grad):  # d loss / d x = g (softmax(s) - onehot(target)) 4 u (1 - u)
-        x, sums, targets = ctx.saved_tensors
-        N, R, cap = x.size(0), SoftcapCrossEntropy.ROWS, ctx.cap
-        g = (4 * grad * (targets >= 0))[:, None]  # (N, 1)
-        log_scale = (g.abs() / sums[:, None]).log()  # folded into the exp: g p = sign(g) exp(s - cap + log|g| / sum)
-        t = targets.clamp(min=0)[:, None]
-        out, (buf, buf2) = torch.empty_like(x), sums.new_empty(2, min(R, N), x.size(1))
-        for i in range(0, N, R):
-            n = min(R, N - i)
-            u = _sigmoid_scaled(x[i:i + R], -2 / cap, buf[:n])
-            e = torch.add(log_scale[i:i + R], u, alpha=-2 * cap, out=buf2[:n]).exp_()
-            e.scatter_add_(-1, t[i:i + R], -g[i:i + R].abs())
-            torch.mul(e, u.addcmul_(u, u, value=-1), out=out[i:i + R])  # u (1 - u)
-        if (g < 0).any():  # a negative weight (RL advantages): the sign that the log could not carry
-            out.mul_(g.sign().to(out.dtype))
-        return out, None, None
+    def backward(ctx, grad):  # with g = 4 grad: d loss / d h = g (dz @ w), d loss / d w = dz^T @ (g h)
+        h, w, dz, targets = ctx.saved_tensors
+        g = (4 * grad * (targets >= 0))[:, None]
+        dh = (dz @ w.to(dz.dtype)).to(h.dtype).mul_(g) if ctx.needs_input_grad[0] else None
+        dw = (dz.t() @ (h * g).to(dz.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -226,8 +240,7 @@ class GPT(nn.Module):
     def _rotary_tables(seq_len, head_dim, base=10000):
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-        return torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)  # (1, T, 1, D): see Rotary.rotate
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D / 2)
 
     @torch.no_grad()
     def init_weights(self):
@@ -259,17 +272,17 @@ class GPT(nn.Module):
         assert t0 + T <= self.cos.size(1), f"sequence of {t0 + T} tokens is past the rotary table"
         cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = norm(self.wte(idx))  # (B, T, C)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
-        logits = self.lm_head(norm(x))[..., :self.config.vocab_size]  # (B, T, V), bf16 under autocast
+        x, head = norm(x), self.lm_head.weight[:self.config.vocab_size]
         if targets is None:
-            return 15 * torch.tanh(logits.float() / 15)  # soft-cap
+            return 15 * torch.tanh(F.linear(x, head).float() / 15)  # soft-capped logits (B, T, V)
         if torch.compiler.is_compiling():  # inductor fuses the plain form into a few loops of its own
-            loss = F.cross_entropy(15 * torch.tanh(logits.float() / 15).view(B * T, -1), targets.reshape(-1),
-                                   ignore_index=-1, reduction="none").view(B, T)
+            loss = F.cross_entropy(15 * torch.tanh(F.linear(x, head).float() / 15).view(B * T, -1),
+                                   targets.reshape(-1), ignore_index=-1, reduction="none").view(B, T)
         else:
-            loss = SoftcapCrossEntropy.apply(logits.reshape(B * T, -1), targets.reshape(-1), 15.0).view(B, T)
+            loss = SoftcapCrossEntropy.apply(x.view(B * T, -1), head, targets.reshape(-1), 15.0,
+                                             torch.is_grad_enabled()).view(B, T)
         if loss_reduction == "none":
             return loss  # (B, T), 0 where the target is -1
         return loss.sum() / (targets != -1).sum().clamp(min=1)
@@ -692,6 +705,8 @@ def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
         dist.barrier()
     return path
 
+MODEL_FORMAT = 2  # bumped when the same weights would compute something else (2: rotary pairs interleaved)
+
 def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     """Write a complete checkpoint into a temp dir (fsynced, meta.json last), then rename it into place.
     A crash at any point leaves either the old set of checkpoints or the new one, never a torn one."""
@@ -707,7 +722,7 @@ def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     _fsync_write(tmp / "rng.pt", lambda f: torch.save(rng, f))
-    meta = {**meta, "stage": stage, "step": step, "saved_at": time.time()}
+    meta = {**meta, "stage": stage, "step": step, "model_format": MODEL_FORMAT, "saved_at": time.time()}
     _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
     _fsync_dir(tmp)
     old = root / f".old_step_{step:06d}_{os.getpid()}"
@@ -752,6 +767,9 @@ def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
         what = "no checkpoint" if step is None else f"no checkpoint at step {step}"
         raise UserError(f"{what} in {stage_dir(stage)}: create it with `{STAGE_COMMANDS[stage]}`")
     meta = json.loads((d / "meta.json").read_text())
+    if meta.get("model_format", 1) != MODEL_FORMAT:
+        raise UserError(f"{d} holds a model of format {meta.get('model_format', 1)}, this model.py reads format "
+                        f"{MODEL_FORMAT} (its rotary pairs changed): retrain from `python pretrain.py`")
     model_state = _torch_load(d / "model.pt", device)
     optim_state = _torch_load(d / "optim.pt", device) if load_optim and (d / "optim.pt").exists() else None
     rng = _torch_load(d / "rng.pt", "cpu") if (d / "rng.pt").exists() else None

@@ -6,9 +6,10 @@ fp32 matmul peak. Not collected by pytest; run it on a quiet machine:
     python tests/bench_pretrain.py [--steps 5] [--batch 32] [--compile 1]
 
 Each figure is the median over --steps timed steps (after 2 warmup steps) of forward + backward +
-optimizer step on random tokens; with --compile 1 both models are also timed under torch.compile
-(the compile time, in the warmup, is printed apart). FLOPs per token are counted the same way for both models (6 x matmul
-weights + attention), so GFLOP/s compare like with like.
+optimizer step on random tokens; the configurations take turns step by step, so that they meet the
+same load on a shared machine. With --compile 1 both models are also timed under torch.compile (the
+compile time, in the warmup, is printed apart). FLOPs per token are counted the same way for both
+models (6 x matmul weights + attention), so GFLOP/s compare like with like.
 """
 
 import argparse
@@ -81,21 +82,15 @@ def flops_per_token(model):
     return 6 * matmul + 12 * L * C * T
 
 
-def time_steps(model, opt, dtype):
-    """(median seconds per step, seconds of the 2 warmup steps: where torch.compile compiles)."""
-    x = torch.randint(0, V, (args.batch, T))
-    y = torch.randint(0, V, (args.batch, T))
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-    times = []
-    for i in range(args.steps + 2):
-        t0 = time.perf_counter()
-        with ctx:
-            loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:]), sum(times[:2])
+def step(model, opt, dtype, x, y):
+    """Seconds of one forward + backward + optimizer step."""
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext():
+        loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def matmul_peak():
@@ -116,7 +111,8 @@ torch.manual_seed(0)
 peak = matmul_peak()
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 5)")
 print(f"{'model':<34}{'dtype':<7}{'compiled':<10}{'ms/step':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}{'warmup s':>10}")
-results = {}
+configs, results = {}, {}
+x, y = torch.randint(0, V, (args.batch, T)), torch.randint(0, V, (args.batch, T))
 for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGPT baseline (AdamW)"), dtypes,
                                                (False, True) if args.compile else (False,)):
     torch.manual_seed(0)
@@ -127,12 +123,17 @@ for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGP
     else:
         model = Baseline()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
-    flops = flops_per_token(model)
     torch._dynamo.reset()  # each compiled model starts from a clean compile cache
-    dt, warm = time_steps(torch.compile(model, dynamic=False) if compiled else model, opt, dtype)
+    run = (torch.compile(model, dynamic=False) if compiled else model, opt, dtype, x, y)
+    warm = step(*run) + step(*run)  # 2 warmup steps: where torch.compile compiles
+    configs[name, dtype, compiled] = run, flops_per_token(model), warm, []
+for _ in range(args.steps):  # the configurations take turns, so that they meet the same load on this shared machine
+    for run, _, _, times in configs.values():
+        times.append(step(*run))
+for (name, dtype, compiled), (_, flops, warm, times) in configs.items():
+    dt = results[name, dtype, compiled] = statistics.median(times)
     tok_s = args.batch * T / dt
     gflops = flops * tok_s / 1e9
-    results[name, dtype, compiled] = dt
     print(f"{name:<34}{dtype:<7}{'yes' if compiled else 'no':<10}{dt * 1000:>9,.0f}{tok_s:>9,.0f}{gflops:>9.1f}"
           f"{100 * gflops / peak:>7.0f}%{warm:>10.1f}", flush=True)
 for dtype, compiled in itertools.product(dtypes, (False, True) if args.compile else (False,)):

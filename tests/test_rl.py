@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import MIRROR, ROOT, read_log, run_script
+import model as M
 from model import GPT, GPTConfig, gsm8k_reward, norm, save_checkpoint
 from tokenizer import Tokenizer
 import rl
@@ -141,17 +142,17 @@ def test_missing_gsm8k_is_one_clear_error(tmp_path):
 # The loss: masks and advantages, in-process on the unigram model
 
 
-def test_gradient_flows_only_through_sampled_tokens(rl_home):
+def test_gradient_flows_only_through_sampled_tokens(rl_home, monkeypatch):
     _, tok = rl_home
     model, _ = unigram_model(tok)
-    out = []
+    out, loss_fn = [], M.SoftcapCrossEntropy.apply
 
-    def keep_logits(module, inputs, logits):  # the head's output, to read its gradient after backward
-        if logits.requires_grad:
-            logits.retain_grad()
-            out.append(logits)
+    def keep_head_input(h, *args):  # what the head reads at each position, to see its gradient after backward
+        h.retain_grad()
+        out.append(h)
+        return loss_fn(h, *args)
 
-    model.lm_head.register_forward_hook(keep_logits)
+    monkeypatch.setattr(M.SoftcapCrossEntropy, "apply", keep_head_input)
     forced = sampled = 0
     for q, conv in enumerate(TRAIN[:3]):  # 3 questions, a group of 4 answers each
         prompt, seqs, masks, rewards, _ = rl.rollout(model, tok, conv, 4, seed=q, max_tokens=12)
@@ -159,7 +160,7 @@ def test_gradient_flows_only_through_sampled_tokens(rl_home):
         assert all(x[r, :len(prompt)].tolist() == prompt for r in range(4))
         loss = rl.pg_loss(model, x, y, torch.tensor([1.0, -1.0, 0.5, -0.5]))  # every sample counts
         loss.backward()
-        g = out[-1].grad.abs().sum(-1)  # (n, L): gradient reaching each position's logits
+        g = out[-1].grad.abs().sum(-1).view(x.shape)  # (n, L): gradient reaching each position's head input
         for r, (s, m) in enumerate(zip(seqs, masks)):
             for j in range(x.size(1)):
                 k = j - (len(prompt) - 1)  # position j predicts completion token k
