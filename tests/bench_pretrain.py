@@ -1,7 +1,7 @@
 """
 Benchmark: one pretraining step of the cpu-preset model (depth 4, width 256, context 256, vocab 8192)
 against a plain nanoGPT-style model of the same size, fp32 and bf16, next to the machine's measured
-fp32 matmul peak. Not collected by pytest; run it on a quiet machine:
+fp32 matmul peak (measured before and after). Not collected by pytest; run it on a quiet machine:
 
     python tests/bench_pretrain.py [--steps 5] [--batch 32] [--compile 1]
 
@@ -108,9 +108,8 @@ dtypes = ("fp32", "bf16") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (
 if len(dtypes) == 1:
     print(f"no bf16 rows: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, it would be emulated")
 torch.manual_seed(0)
-peak = matmul_peak()
-print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 5)")
-print(f"{'model':<34}{'dtype':<7}{'compiled':<10}{'ms/step':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}{'warmup s':>10}")
+peak_before = matmul_peak()
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 configs, results = {}, {}
 x, y = torch.randint(0, V, (args.batch, T)), torch.randint(0, V, (args.batch, T))
 for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGPT baseline (AdamW)"), dtypes,
@@ -130,6 +129,11 @@ for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGP
 for _ in range(args.steps):  # the configurations take turns, so that they meet the same load on this shared machine
     for run, _, _, times in configs.values():
         times.append(step(*run))
+peak_after = matmul_peak()
+peak = max(peak_before, peak_after)  # measured before and after the steps: one busy moment cannot lower it
+print(f"fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 5 before the steps, {peak_before:.1f}, and 5 after, "
+      f"{peak_after:.1f})")
+print(f"{'model':<34}{'dtype':<7}{'compiled':<10}{'ms/step':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}{'warmup s':>10}")
 for (name, dtype, compiled), (_, flops, warm, times) in configs.items():
     dt = results[name, dtype, compiled] = statistics.median(times)
     tok_s = args.batch * T / dt

@@ -152,6 +152,20 @@ def test_newton_schulz_orthogonalises_one_matrix_or_a_stack():
         assert torch.allclose(M.newton_schulz(g), x, atol=1e-2)  # the stack is the same as one at a time
 
 
+def test_muon_step_on_tall_and_wide_matrices_together():
+    torch.manual_seed(0)
+    tall, wide, square = (torch.nn.Parameter(torch.randn(*s)) for s in [(32, 16), (16, 32), (16, 16)])
+    opt = M.MuonAdamW([dict(kind="muon", params=[tall, wide, square], lr=0.1, momentum=0.9, initial_lr=0.1)])
+    before = [p.detach().clone() for p in (tall, wide, square)]
+    grads = [torch.randn_like(p) for p in (tall, wide, square)]
+    for p, g in zip((tall, wide, square), grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, p0, g in zip((tall, wide, square), before, grads):  # one step from zero momentum: lerp(g, 0.1 g, 0.9)
+        scale = max(1, p.size(0) / p.size(1)) ** 0.5
+        assert torch.allclose((p0 - p.detach()) / (0.1 * scale), M.newton_schulz(0.19 * g), atol=1e-2)  # entries ~0.2
+
+
 def test_optimizer_state_round_trips():
     m = trained_tiny_model(steps=3)
     opt = m.setup_optimizer()

@@ -145,14 +145,14 @@ def test_missing_gsm8k_is_one_clear_error(tmp_path):
 def test_gradient_flows_only_through_sampled_tokens(rl_home, monkeypatch):
     _, tok = rl_home
     model, _ = unigram_model(tok)
-    out, loss_fn = [], M.SoftcapCrossEntropy.apply
+    out, loss_fn = [], M.softcap_cross_entropy
 
     def keep_head_input(h, *args):  # what the head reads at each position, to see its gradient after backward
         h.retain_grad()
         out.append(h)
         return loss_fn(h, *args)
 
-    monkeypatch.setattr(M.SoftcapCrossEntropy, "apply", keep_head_input)
+    monkeypatch.setattr(M, "softcap_cross_entropy", keep_head_input)
     forced = sampled = 0
     for q, conv in enumerate(TRAIN[:3]):  # 3 questions, a group of 4 answers each
         prompt, seqs, masks, rewards, _ = rl.rollout(model, tok, conv, 4, seed=q, max_tokens=12)
