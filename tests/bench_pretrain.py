@@ -6,10 +6,10 @@ fp32 matmul peak (measured before and after). Not collected by pytest; run it on
     python tests/bench_pretrain.py [--steps 5] [--batch 32] [--compile 1]
 
 Each figure is the median over --steps timed steps (after 2 warmup steps) of forward + backward +
-optimizer step on random tokens; the configurations take turns step by step, so that they meet the
-same load on a shared machine. With --compile 1 both models are also timed under torch.compile (the
-compile time, in the warmup, is printed apart). FLOPs per token are counted the same way for both
-models (6 x matmul weights + attention), so GFLOP/s compare like with like.
+optimizer step on random tokens; the configurations take turns step by step in a rotating order, so
+that they meet the same load on a shared machine. With --compile 1 both models are also timed under
+torch.compile (the compile time, in the warmup, is printed apart). FLOPs per token are counted the
+same way for both models (6 x matmul weights + attention), so GFLOP/s compare like with like.
 """
 
 import argparse
@@ -126,8 +126,10 @@ for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGP
     run = (torch.compile(model, dynamic=False) if compiled else model, opt, dtype, x, y)
     warm = step(*run) + step(*run)  # 2 warmup steps: where torch.compile compiles
     configs[name, dtype, compiled] = run, flops_per_token(model), warm, []
-for _ in range(args.steps):  # the configurations take turns, so that they meet the same load on this shared machine
-    for run, _, _, times in configs.values():
+order = list(configs.values())
+for i in range(args.steps):  # the configurations take turns, so that they meet the same load on this shared machine,
+    turn = order[i % len(order):] + order[:i % len(order)]  # in a rotating order, forwards then backwards: with a
+    for run, _, _, times in turn[::-1] if (i // len(order)) % 2 else turn:  # fixed one, some places ran ~5% slower
         times.append(step(*run))
 peak_after = matmul_peak()
 peak = max(peak_before, peak_after)  # measured before and after the steps: one busy moment cannot lower it
