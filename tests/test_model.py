@@ -95,6 +95,21 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert set(M.sample_next(logits, rng, 1.0, top_p=0.9).tolist()) == {0, 1}
 
 
+def test_sampling_follows_the_softmax_of_the_candidates():
+    """Frequencies over 40,000 rows match the tempered, top-k / top-p renormalised softmax within 4 standard
+    errors; tokens of probability 0 never come."""
+    logits = torch.tensor([[0.5, float("-inf"), 2.0, -1.0, 1.0, 0.0]]).repeat(40_000, 1)
+    order = logits[0].argsort(descending=True)
+    rng = torch.Generator().manual_seed(0)
+    for kw, keep in ((dict(temperature=1.0), 5), (dict(temperature=0.5), 5), (dict(temperature=1.0, top_k=3), 3),
+                     (dict(temperature=1.0, top_p=0.8), 3), (dict(temperature=2.0, top_k=4, top_p=0.9), 4)):
+        want, kept = torch.zeros(6), order[:keep]
+        want[kept] = (logits[0, kept] / kw["temperature"]).softmax(-1)
+        got = torch.bincount(M.sample_next(logits, rng, **kw), minlength=6).float() / len(logits)
+        se = (want * (1 - want) / len(logits)).sqrt()
+        assert (got - want).abs().le(4 * se + 1e-9).all(), (kw, got, want)
+
+
 def test_calculator_is_safe_and_bounded():
     assert use_calculator("12*3") == "36" and use_calculator("48/2") == "24"
     assert use_calculator("1,000 + 5") == "1005" and use_calculator("7/4") == "1.75"
