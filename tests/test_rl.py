@@ -154,8 +154,8 @@ def test_gradient_flows_only_through_sampled_tokens(rl_home, monkeypatch):
 
     monkeypatch.setattr(M, "softcap_cross_entropy", keep_head_input)
     forced = sampled = 0
-    for q, conv in enumerate(TRAIN[:3]):  # 3 questions, a group of 4 answers each
-        prompt, seqs, masks, rewards, _ = rl.rollout(model, tok, conv, 4, seed=q, max_tokens=12)
+    for q, conv in enumerate(TRAIN):  # 8 questions, a group of 4 answers each: ~3% of tokens open a tool call
+        prompt, seqs, masks, rewards, _ = rl.rollout(model, tok, conv, 4, seed=q, max_tokens=16)
         x, y = rl.group_batch(prompt, seqs, masks, tok.bos_id)
         assert all(x[r, :len(prompt)].tolist() == prompt for r in range(4))
         loss = rl.pg_loss(model, x, y, torch.tensor([1.0, -1.0, 0.5, -0.5]))  # every sample counts
