@@ -467,12 +467,12 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     logits, ids = logits.float() / temperature, None  # ids: the vocab ids of the candidate columns
     if top_k is not None and 0 < top_k < logits.size(-1):
         logits, ids = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
+    elif top_p is not None and top_p < 1.0:
+        logits, ids = logits.sort(dim=-1, descending=True)  # top-p needs them sorted
+    p = logits.softmax(dim=-1)
     if top_p is not None and top_p < 1.0:
-        if ids is None:
-            logits, ids = logits.sort(dim=-1, descending=True)
-        p = logits.softmax(dim=-1)
-        logits = logits.masked_fill(p.cumsum(dim=-1) - p > top_p, float("-inf"))  # smallest set with mass >= top_p
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, K)
+        p = p.masked_fill(p.cumsum(dim=-1) - p > top_p, 0.0)  # the smallest set with mass >= top_p
+    cdf = p.cumsum(dim=-1)  # (B, K), not renormalised after top-p: the draw scales by the total
     u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
     pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # first with cdf > u: never a p = 0
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
