@@ -13,14 +13,14 @@ writes checkpoints/midtrain/step_N and logs/midtrain.jsonl.
 import argparse
 import json
 import math
-import random
 import time
 
+import numpy as np
 import torch
 
-from model import (UserError, compute_cleanup, compute_init, evaluate_loss, generate_batch,
-                   JsonlLogger, load_model, print0, save_checkpoint, step_backward)
-from tokenizer import base_dir, read_conversations
+from model import (UserError, compute_cleanup, compute_init, epoch_order, JsonlLogger, load_model, print0,
+                   print_answers, save_checkpoint, sync, train_step)
+from tokenizer import read_mixture
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -55,13 +55,11 @@ ddp, rank, local_rank, world, device = compute_init(args.seed)
 master = rank == 0
 source = ("midtrain", None) if args.resume else ("pretrain", None if args.source_step < 0 else args.source_step)
 model, tokenizer, src_meta, optim_state = load_model(source[0], device, step=source[1], load_optim=True)
-optim_state = optim_state if args.resume else None  # a new stage starts with fresh optimizer moments
-config = model.config
 inherited = {}
 for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
     if getattr(args, name) == -1:  # shape flags inherit from the checkpoint we start from
-        inherited[name] = src_meta["args"][name] if name != "total_batch_size" else src_meta["total_batch"]
-        setattr(args, name, inherited[name])
+        setattr(args, name, src_meta["args"][name])
+        inherited[name] = getattr(args, name)
 print0(f"loaded {source[0]} step {src_meta['step']}; inherited {inherited}")
 B, T = args.device_batch_size, args.max_seq_len
 if args.total_batch_size % (B * T * world):
@@ -70,12 +68,12 @@ if args.total_batch_size % (B * T * world):
 grad_accum = args.total_batch_size // (B * T * world)
 lr_frac = args.init_lr_frac
 optimizer = model.setup_optimizer(args.matrix_lr * lr_frac, args.embedding_lr * lr_frac, args.unembedding_lr * lr_frac)
-if optim_state:
+if args.resume:  # a new stage starts with fresh optimizer moments
     optimizer.load_state_dict(optim_state)
 model.train()
 
 # -----------------------------------------------------------------------------
-# Data: the mixture. A source's weight is how many times its rows appear per pass.
+# Data: the mixture, rendered once on every core. A source's weight is how many times its rows appear per pass.
 MIXTURE = {
     "smoltalk": 1,  # general chat (online only)
     "identity": 8,  # who the assistant is: small set, seen often
@@ -84,76 +82,50 @@ MIXTURE = {
     "spelling": 1,  # letters and counting, with str.count tool calls
     "dolly": 1,  # short instructions
 }
-
-def load_mixture(folder):
-    rows, n_bad = [], 0
-    for name, weight in MIXTURE.items():
-        path = base_dir() / "data" / "chat" / folder / f"{name}.jsonl"
-        if not path.exists():
-            print0(f"  {name:<20} skipped: {path} not found (online-only source, or run `python data/chat_data.py`)")
-            continue
-        convs, bad = read_conversations(path, skip_bad=args.skip_bad)
-        n_bad += bad
-        rows += convs * weight
-        print0(f"  {name:<20} x{weight}  {len(convs):>7,} conversations" + (f" ({bad} bad lines skipped)" if bad else ""))
-    if not rows:
-        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
-    return rows, n_bad
-
 print0("mixture:")
-train_convs, n_bad = load_mixture("")
+train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0)
 print0("validation:")
-val_convs, _ = load_mixture("val")
-
-def render(conv):
-    """(ids, targets) of one conversation, cut to T+1 tokens: targets are -1 where the mask is 0."""
-    ids, mask = tokenizer.render_conversation(conv, max_tokens=T + 1)
-    return ids, [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, print0)
+train_rows, val_rows = tokenizer.render_all(train_convs, T + 1), tokenizer.render_all(val_convs, T + 1)
 
 class Lane:
     """Conversations (every n_lanes-th of the shuffled mixture, reshuffled each epoch) packed best-fit
     into rows of T+1 tokens without crossing rows; the rest of a row is padding with target -1."""
 
-    def __init__(self, convs, lane, n_lanes, state=None, buffer_size=16):
-        self.convs, self.lane, self.n_lanes, self.buffer_size = convs, lane, n_lanes, buffer_size
-        self.pos, self.pieces, self._orders, self.skipped = 0, [], {}, 0
-        if state:
-            self.pos, self.skipped = state["pos"], state["skipped"]
-            self.pieces = [(p, *render(self._conv(p))) for p in state["pieces"]]
+    def __init__(self, rows, lane, n_lanes, state=None, buffer_size=16):
+        self.rows, self.lane, self.n_lanes, self.buffer_size = rows, lane, n_lanes, buffer_size
+        self.pos, self.skipped = (state["pos"], state["skipped"]) if state else (0, 0)
+        self.pieces = [(p, *self._row(p)) for p in state["pieces"]] if state else []  # (position, ids, targets)
 
-    def _conv(self, pos):
-        epoch, i = divmod(pos * self.n_lanes + self.lane, len(self.convs))
-        if epoch not in self._orders:
-            self._orders = {epoch: random.Random(args.seed + epoch).sample(range(len(self.convs)), len(self.convs))}
-        return self.convs[self._orders[epoch][i]]
+    def _row(self, pos):
+        epoch, i = divmod(pos * self.n_lanes + self.lane, len(self.rows))
+        return self.rows[epoch_order(len(self.rows), args.seed, epoch)[i]]
 
     def _pull(self):  # the next conversation with at least one target (not all cut off by T)
-        for _ in range(len(self.convs)):
-            ids, tgt = render(self._conv(self.pos))
+        for _ in range(len(self.rows)):
+            ids, tgt = self._row(self.pos)
             self.pos += 1
-            if any(t >= 0 for t in tgt):
+            if (tgt >= 0).any():
                 return self.pieces.append((self.pos - 1, ids, tgt))
             self.skipped += 1
         raise UserError(f"no conversation keeps an assistant token within --max-seq-len {T}: raise it")
 
     def batch(self):
-        xs, ys = [], []
-        for _ in range(B):
-            ids, tgt = [], []
+        x, y = np.full((B, T), tokenizer.bos_id), np.full((B, T), -1)  # padding: <|bos|>, no target
+        for b in range(B):
+            n = 0
             while True:
                 while len(self.pieces) < self.buffer_size:
                     self._pull()
-                fits = [p for p in self.pieces if len(p[1]) <= T + 1 - len(ids)]
+                fits = [p for p in self.pieces if len(p[1]) <= T + 1 - n]
                 if not fits:
                     break
                 best = max(fits, key=lambda p: len(p[1]))
                 self.pieces.remove(best)
-                tgt += ([-1] if ids else []) + best[2]  # predicting the next conversation's <|bos|>: untrained
-                ids += best[1]
-            pad = T + 1 - len(ids)
-            xs.append(ids[:T] + [tokenizer.bos_id] * max(0, pad - 1))
-            ys.append((tgt + [-1] * pad)[:T])
-        return torch.tensor(xs, device=device), torch.tensor(ys, device=device)
+                ids, tgt = best[1][:T - n], best[2][:T - n]  # the last token of a full row is only a target
+                x[b, n:n + len(ids)], y[b, n:n + len(tgt)] = ids, tgt  # y[b, n - 1] (-1): the next <|bos|>, untrained
+                n += len(best[1])
+        return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
     def state(self):
         return {"pos": self.pos, "pieces": [p[0] for p in self.pieces], "skipped": self.skipped}
@@ -163,16 +135,15 @@ lane_states = src_meta["lanes"] if args.resume else [None] * n_lanes
 if len(lane_states) != n_lanes:
     raise UserError(f"--resume needs the batch layout of the checkpoint ({len(lane_states)} lanes, now {n_lanes}): "
                     "use the same batch sizes and number of processes")
-lanes = [Lane(train_convs, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
+lanes = [Lane(train_rows, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
 num_steps = args.num_steps
 if num_steps == -1:  # one pass: the mixture's tokens over the tokens per step
-    total_tokens = sum(len(render(c)[0]) for c in train_convs)
-    num_steps = max(1, math.ceil(total_tokens / args.total_batch_size))
+    num_steps = max(1, math.ceil(sum(len(ids) for ids, _ in train_rows) / args.total_batch_size))
 print0(f"{len(train_convs):,} training rows, {n_bad} bad lines skipped; {num_steps} steps of "
        f"{args.total_batch_size:,} tokens ({B} x {T} x {world} processes x {grad_accum} accumulation)")
 
 def val_batches():  # the same val rows every time
-    lane = Lane(val_convs, rank, world)
+    lane = Lane(val_rows, rank, world)
     return (lane.batch() for _ in range(max(1, args.eval_rows // (B * world))))
 
 # -----------------------------------------------------------------------------
@@ -185,42 +156,30 @@ t_start = time.time()
 for step in range(start_step, num_steps + 1):
     last = step == num_steps
     if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
-        model.eval()
-        val_loss = evaluate_loss(model, val_batches())["loss"]
-        print0(f"step {step}/{num_steps} | val loss {val_loss:.4f}")
-        logger.log(step=step, val_loss=val_loss)
-        model.train()
+        val_loss = logger.eval(model, val_batches(), step, num_steps)
     if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-        meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args),
-                    total_batch=args.total_batch_size, num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage="pretrain", step=src_meta["step"]),
+        meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
+                    num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage="pretrain", step=src_meta["step"]),
                     metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
         save_checkpoint("midtrain", step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
     if last:
         break
 
+    sync(device)
     t0 = time.time()
     batches = [lane.batch() for lane in lanes]
+    wait = time.time() - t0
     if args.dump_batches:
         with open(args.dump_batches, "a") as f:
             f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
-    train_loss = step_backward(model, batches)
-    warmdown = max(1, round(args.warmdown_ratio * num_steps))
-    lrm = min(1.0, (num_steps - step) / warmdown)
+    lrm = min(1.0, (num_steps - step) / max(1, round(args.warmdown_ratio * num_steps)))  # flat, then linear to 0
     optimizer.set_lr(lrm)
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    if not math.isfinite(train_loss):
-        raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped; the last good checkpoint is intact. "
-                         "Lower --init-lr-frac and rerun")
+    train_loss = train_step(model, optimizer, batches, step)
+    sync(device)
     logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr * lr_frac, time.time() - t0,
-                      args.total_batch_size, flops_per_token, skipped=sum(lane.skipped for lane in lanes))
+                      args.total_batch_size, flops_per_token, wait, skipped=sum(lane.skipped for lane in lanes))
 
-# a few answers from the final model, to see what it learned
-if master:
-    model.eval()
-    for question in ["What is 12 times 34?", "Who are you?", "How many 'r' are in 'strawberry'?"]:
-        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question}]})
-        out, _ = generate_batch(model, ids, max_tokens=64, temperature=0, tokenizer=tokenizer)
-        print0(f"  {question} -> {tokenizer.decode(out[0])!r}")
+if master:  # a few answers from the final model, to see what it learned
+    print_answers(model, tokenizer, ["What is 12 times 34?", "Who are you?", "How many 'r' are in 'strawberry'?"])
 print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
 compute_cleanup()

@@ -2,12 +2,12 @@
 model.py: everything the stages must agree on, in one file.
 
     GPTConfig, GPT          the transformer (nanochat style, see the list below)
-    KVCache, generate       streaming generation with a KV cache and the calculator tool
     MuonAdamW               Muon for the block matrices, AdamW for the rest, one class for 1 or N processes
+    KVCache, generate       streaming generation with a KV cache and the calculator tool
     runtime                 device/dtype, torchrun init, print0, JSONL logs, atomic checkpoints
 
 Design choices of the model, one line each:
-- rotary position embeddings (no learned positions) on q and k, pairs (x[2i], x[2i+1]) as complex numbers;
+- rotary position embeddings (no learned positions) on q and k: the two halves of a head turn as pairs;
 - QK-norm: q and k are RMS-normalised after rotary, which keeps attention logits tame;
 - RMSNorm without learnable parameters, pre-norm, plus a norm after the token embedding;
 - ReLU-squared MLP (4x wide): cheap and slightly better than GELU at this scale;
@@ -17,29 +17,24 @@ Design choices of the model, one line each:
 - F.scaled_dot_product_attention (flash attention on GPU);
 - vocab padded to a multiple of 64 for fast matmuls (padded logits are cut off);
 - init: output projections zero (each block starts as the identity), a tiny head (std 1e-3).
+Speed comes from torch.compile (the stages compile model and optimizer where a compiler works): the code
+is the plain PyTorch that compile fuses. Two CPU pieces that measured >= 10% of a step sit in "Speed" at
+the end, each tested against the plain code it stands in for.
 """
 
 import ast
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-
-# Every step frees and re-allocates large CPU tensors (the (B, T, V) logits: 256 MB in the cpu preset);
-# backed by transparent huge pages each costs 512x fewer page faults: 3x faster to fill when fresh
-# (PyTorch's own switch, read at the first large allocation; a no-op off Linux).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-if sys.platform == "linux":  # and glibc keeps freed blocks (no mmap/trim), so later steps reuse faulted-in pages:
-    with contextlib.suppress(OSError, AttributeError):  # eager CPU steps 1.25x faster; RSS stays at its peak
-        _libc = ctypes.CDLL(None)
-        _libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets its own mapping
-        _libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
 
 import torch
 import torch.nn as nn
@@ -60,78 +55,19 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
 
-# Three elementwise pieces as autograd Functions with hand-written backwards: autograd's own would
-# allocate and re-read several more activation-sized tensors each, ~15% of an eager CPU step.
+def norm(x):  # RMSNorm without a learnable scale
+    return F.rms_norm(x, (x.size(-1),))
 
-class RMSNorm(torch.autograd.Function):
-    """x / rms(x) over the last dim, no learnable scale; backward: r * (g - y * mean(g * y))."""
+def rotary(x, cos, sin):  # x (B, T, H, D); cos, sin (1, T, 1, D/2): pairs (x1[i], x2[i]) turn by the angles
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
-    @staticmethod
-    def forward(ctx, x):  # statistics in fp32 for bf16 input too; 2 passes: the norms, then the scaling
-        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-        ms = ms.square_().div_(x.size(-1))
-        r = ms.add_(torch.finfo(x.dtype).eps).rsqrt_()  # (..., 1)
-        y = torch.mul(x, r, out=torch.empty_like(x))
-        ctx.save_for_backward(y, r)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, r = ctx.saved_tensors
-        m = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
-        return torch.addcmul(g, y, m.to(y.dtype), value=-1).mul_(r.to(y.dtype))
-
-class RotaryNorm(torch.autograd.Function):
-    """RMSNorm(rotary(x)) for queries and keys: each pair (x[2i], x[2i+1]), as a complex number, turns by
-    the position's angle (one complex multiply), then the head vector is scaled to rms 1 (a rotation keeps
-    the norm). Backward, with y the output and r = 1 / rms(x): dx = r R^T (g - y mean(g y)), R^T the turn
-    back. 3 passes forward and 4 backward, where rotary and RMSNorm apart take 6 and 6."""
-
-    @staticmethod
-    def turn(x, cos, sin):  # x (..., D) real, cos/sin (1, T, 1, D/2): x's pairs times cos + i sin
-        pairs = torch.view_as_complex(x.view(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(pairs * torch.complex(cos, sin)).view(x.shape)
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):  # x: (B, T, H, D)
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # complex needs fp32; bf16 comes back below
-        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
-        r = ms.add_(torch.finfo(x.dtype).eps).rsqrt_()  # as in RMSNorm
-        y = RotaryNorm.turn(xf, cos.to(xf.dtype), sin.to(xf.dtype)).mul_(r).to(x.dtype)
-        ctx.save_for_backward(y, r, cos, sin)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, r, cos, sin = ctx.saved_tensors
-        gf, yf = g.to(r.dtype), y.to(r.dtype)
-        t = torch.addcmul(gf, yf, torch.linalg.vecdot(gf, yf).div_(y.size(-1)).unsqueeze(-1), value=-1).mul_(r)
-        return RotaryNorm.turn(t, cos.to(r.dtype), -sin.to(r.dtype)).to(g.dtype), None, None
-
-    @staticmethod
-    def plain(x, cos, sin):  # the same in plain torch, for torch.compile (inductor has no complex numbers)
-        a, b = x.float().view(*x.shape[:-1], -1, 2).unbind(-1)
-        y = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
-        return F.rms_norm(y, y.shape[-1:], eps=torch.finfo(x.dtype).eps).to(x.dtype)
-
-class ReluSquared(torch.autograd.Function):
-    """relu(x)^2; backward: 2 relu(x) g."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = F.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, g):
-        (r,) = ctx.saved_tensors
-        return torch.addcmul(r.new_zeros(()).expand_as(r), g, r, value=2)  # 2 g r in one pass
-
-norm = RMSNorm.apply
-
-def rotary_norm(x, cos, sin):
-    return RotaryNorm.plain(x, cos, sin) if torch.compiler.is_compiling() else RotaryNorm.apply(x, cos, sin)
+def rotary_tables(seq_len, head_dim, base=10000):
+    """cos and sin of the angle of every position and pair: (1, T, 1, D/2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -150,7 +86,7 @@ class Attention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = rotary_norm(q, cos, sin), rotary_norm(k, cos, sin)  # rotary embeddings, then QK-norm
+        q, k = norm(rotary(q, cos, sin)), norm(rotary(k, cos, sin))  # rotary embeddings, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, T_cached + T, D)
@@ -172,7 +108,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(ReluSquared.apply(self.c_fc(x)))
+        return self.c_proj(F.relu(self.c_fc(x)).square())
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
@@ -184,48 +120,6 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of the soft-capped logits s = cap * tanh(h W^T / cap) of the head W, 0 where
-    the target is -1: the same numbers (to rounding) as F.cross_entropy(cap * torch.tanh(lm_head(h) / cap)).
-    It multiplies by the head (scaled by -2/cap: 2M weights, not 67M logits), so that z = -2 (h W^T) / cap
-    and u = sigmoid(z) give s = cap (1 - 2u) and exp(s - cap) with no max pass. Working on a few rows at a
-    time in fp32 buffers that stay in cache, forward also writes d loss / d z = -2 cap u (1 - u) (p - onehot)
-    over the logits it no longer needs: backward is just two matmuls, and no second logits-sized tensor is
-    made. backward=False (no grad mode: evaluation) skips that part."""
-    CHUNK = 1 << 18  # logits per chunk on CPU: 1 MB of fp32, in L2 (on GPU 64x that: fewer launches)
-
-    @staticmethod
-    def forward(ctx, h, w, targets, cap, backward=True):  # h (N, C), w (V, C), targets (N,)
-        z = F.linear(h, w * (-2 / cap))  # (N, V), bf16 under autocast
-        N, V = z.shape
-        R = max(1, SoftcapCrossEntropy.CHUNK * (1 if z.is_cpu else 64) // V)  # rows per chunk
-        dtype, t = torch.promote_types(z.dtype, torch.float32), targets.clamp(min=0)[:, None]
-        sums, picked = z.new_empty(2, N, 1, dtype=dtype)
-        u, e = z.new_empty(2, min(R, N), V, dtype=dtype)
-        for i in range(0, N, R):
-            n, zi = min(R, N - i), z[i:i + R]
-            ui, ei = (torch.sigmoid(zi, out=u[:n]) if z.dtype == dtype else u[:n].copy_(zi).sigmoid_()), e[:n]
-            torch.mul(ui, -2 * cap, out=ei).exp_()  # exp(s - cap)
-            torch.sum(ei, -1, keepdim=True, out=sums[i:i + R])
-            torch.gather(ui, -1, t[i:i + R], out=picked[i:i + R])
-            if backward:
-                ei.mul_(sums[i:i + R].reciprocal()).scatter_add_(-1, t[i:i + R], -sums.new_ones(n, 1))  # p - onehot
-                torch.mul(ei, ui.addcmul_(ui, ui, value=-1), out=zi)  # (p - onehot) u (1 - u) over the logits
-        ctx.save_for_backward(h, w, z, targets)
-        return picked.mul_(2 * cap).add_(sums.log_()).squeeze(-1).masked_fill_(targets < 0, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad):  # with g = 4 grad: d loss / d h = g (dz @ w), d loss / d w = dz^T @ (g h)
-        h, w, dz, targets = ctx.saved_tensors
-        g = (4 * grad * (targets >= 0))[:, None]
-        dh = (dz @ w.to(dz.dtype)).to(h.dtype).mul_(g) if ctx.needs_input_grad[0] else None
-        dw = (dz.t() @ (h * g).to(dz.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None
-
-# left out of torch.compile graphs (a graph break): inductor's own soft-capped loss makes a compiled bf16 CPU
-# step ~20% slower than this Function does
-softcap_cross_entropy = torch.compiler.disable(SoftcapCrossEntropy.apply)
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -235,16 +129,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
         # rotary tables for 10x the training context, so generation may run past it
-        head_dim = config.n_embd // config.n_head
-        cos, sin = self._rotary_tables(config.sequence_len * 10, head_dim)
-        self.register_buffer("cos", cos, persistent=False)  # (1, T, 1, D)
+        cos, sin = rotary_tables(config.sequence_len * 10, config.n_embd // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)  # (1, T, 1, D/2)
         self.register_buffer("sin", sin, persistent=False)
-
-    @staticmethod
-    def _rotary_tables(seq_len, head_dim, base=10000):
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D / 2)
 
     @torch.no_grad()
     def init_weights(self):
@@ -278,16 +165,24 @@ class GPT(nn.Module):
         x = norm(self.wte(idx))  # (B, T, C)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
-        x, head = norm(x), self.lm_head.weight[:self.config.vocab_size]
+        x = norm(x)
         if targets is None:
-            return 15 * torch.tanh(F.linear(x, head).float() / 15)  # soft-capped logits (B, T, V)
-        loss = softcap_cross_entropy(x.view(B * T, -1), head, targets.reshape(-1), 15.0,
-                                     torch.is_grad_enabled()).view(B, T)
+            return self.logits(x)
+        if x.is_cpu:  # the same numbers as below, 1.3x faster and in less memory: see "Speed" at the end
+            loss = softcap_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:self.config.vocab_size],
+                                         targets.flatten(), torch.is_grad_enabled())
+        else:
+            loss = F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        loss = loss.view(B, T)
         if loss_reduction == "none":
             return loss  # (B, T), 0 where the target is -1
-        return loss.sum() / (targets != -1).sum().clamp(min=1)
+        return loss.sum() / (targets >= 0).sum().clamp(min=1)  # 0, not nan, when no token has a target
 
-    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0):
+    def logits(self, x):  # (B, T, V) in fp32 for the softmax, soft-capped: they stay within +-15
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        return 15 * torch.tanh(logits / 15)
+
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, compile=False):
         """Muon for the 2-D block matrices, AdamW for embedding and head; Adam lrs scale as 1/sqrt(width)."""
         scale = (self.config.n_embd / 768) ** -0.5
         groups = [
@@ -297,33 +192,47 @@ class GPT(nn.Module):
         ]
         for g in groups:
             g["initial_lr"], g["weight_decay"] = g["lr"], weight_decay
-        return MuonAdamW(groups)
+        return MuonAdamW(groups, compile)
 
 # -----------------------------------------------------------------------------
 # Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
 
-# bf16 where the hardware multiplies it natively (CUDA, CPUs with AVX-512/AMX bf16), as nanochat does: 2-4x faster
-NS_BF16_ON_CPU = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
 def newton_schulz(G, steps=5):
     """Approximately orthogonalise G (..., m, n) (the 'zeroth power' U V^T of its SVD), as in Muon; a
-    stack of same-shape matrices goes through one batched matmul chain."""
+    stack of same-shape matrices goes through one batched matmul chain, in bf16 on a GPU (as nanochat)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.reshape(-1, *G.shape[-2:])
-    X = X.bfloat16() if X.is_cuda or (X.device.type == "cpu" and NS_BF16_ON_CPU) else X.float()
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
+    X = G.bfloat16() if G.is_cuda else G.float()
+    if G.size(-2) > G.size(-1):
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
-    return (X.mT if transposed else X).to(G.dtype).view(G.shape)
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if G.size(-2) > G.size(-1) else X).to(G.dtype)
+
+def muon_update(params, grads, bufs, lr, momentum, steps):
+    """Nesterov momentum on stacks of same-shape matrices (N, m, n), orthogonalised, then the step:
+    tall matrices step sqrt(m / n) further, so every matrix moves its outputs by about the same."""
+    bufs.lerp_(grads, 1 - momentum)
+    update = newton_schulz(grads.lerp_(bufs, momentum), steps)
+    params.sub_(update * lr * max(1, params.size(-2) / params.size(-1)) ** 0.5)
+
+def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
+    """AdamW for one tensor (decoupled weight decay is applied before, to every group)."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + eps
+    p.sub_(exp_avg / denom * (lr / (1 - beta1**step)))
 
 class MuonAdamW(torch.optim.Optimizer):
-    def __init__(self, param_groups):
+    """compile=True runs both updates through torch.compile (one fused kernel chain per shape); the
+    step and lr go in as 0-d tensors, so a new value never recompiles."""
+
+    def __init__(self, param_groups, compile=False):
         defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
         super().__init__(param_groups, defaults)
+        wrap = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
+        self.muon, self.adamw = wrap(muon_update), wrap(adamw_update)
 
     @torch.no_grad()
     def all_reduce_grads(self):
@@ -348,40 +257,25 @@ class MuonAdamW(torch.optim.Optimizer):
             self.all_reduce_grads()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            lr = torch.tensor(group["lr"])
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             if group["kind"] == "muon":
-                self._muon(params, group)
-            elif params:
-                self._adamw(params, group)
-
-    def _muon(self, params, group):
-        """Nesterov momentum, then Newton-Schulz on all matrices of one shape at once."""
-        by_shape = {}
-        for p in params:
-            by_shape.setdefault(p.shape, []).append(p)
-        for shape, ps in by_shape.items():
-            for p in ps:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs, grads = [self.state[p]["momentum_buffer"] for p in ps], [p.grad for p in ps]
-            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-            g = newton_schulz(torch.stack(grads).lerp_(torch.stack(bufs), group["momentum"]), group["ns_steps"])
-            torch._foreach_add_(ps, g.unbind(0), alpha=-group["lr"] * max(1, shape[-2] / shape[-1]) ** 0.5)
-
-    def _adamw(self, params, group):
-        """AdamW in torch.optim.AdamW(fused=True)'s kernel: one pass over each tensor, not seven (CPU: 5x faster)."""
-        states = [self.state[p] for p in params]
-        for p, s in zip(params, states):
-            if "step" not in s:
-                s.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            s["step"] = s["step"].to(p.device, torch.float32)  # a loaded state keeps it on the CPU
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)  # the kernel reads the step, the caller counts it (as torch.optim does)
-        b1, b2 = group["betas"]
-        torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                            [s["exp_avg_sq"] for s in states], [], steps, lr=group["lr"], beta1=b1, beta2=b2,
-                            weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)
+                by_shape = {}
+                for p in params:
+                    by_shape.setdefault(p.shape, []).append(p)
+                for ps in by_shape.values():  # the momentum buffers stay per tensor: a plain state_dict
+                    bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+                    stacks = [torch.stack(ts) for ts in (ps, [p.grad for p in ps], bufs)]
+                    self.muon(*stacks, lr, torch.tensor(group["momentum"]), group["ns_steps"])
+                    torch._foreach_copy_(ps + bufs, [*stacks[0].unbind(), *stacks[2].unbind()])
+                continue
+            for p in params:
+                s = self.state[p]
+                if "step" not in s:
+                    s.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                s["step"] += 1  # a 0-d CPU tensor, as torch.optim keeps it
+                self.adamw(p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"], lr, *group["betas"], group["eps"])
 
 # -----------------------------------------------------------------------------
 # Generation: KV cache, sampling, the calculator tool
@@ -409,42 +303,17 @@ class KVCache:
         if self.k is not None:
             self.k, self.v = self.k.expand(-1, n, -1, -1, -1).clone(), self.v.expand(-1, n, -1, -1, -1).clone()
 
-_ALLOWED_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-                ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
-                ast.Pow: lambda a, b: a**b}
-
-def _calc(node):
-    """Evaluate a tiny arithmetic AST; every operation is bounded so it always finishes fast."""
-    if isinstance(node, ast.Expression):
-        return _calc(node.body)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _calc(node.operand)
-        return -v if isinstance(node.op, ast.USub) else +v
-    if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_OPS:
-        a, b = _calc(node.left), _calc(node.right)
-        if not all(isinstance(x, (int, float)) for x in (a, b)) or max(abs(a), abs(b)) > 1e15:
-            raise ValueError("only numbers below 1e15")
-        if isinstance(node.op, ast.Pow) and (abs(b) > 64 or abs(a) > 1e6):
-            raise ValueError("power too large")  # 2**10**9 would hang: the time limit by construction
-        return _ALLOWED_OPS[type(node.op)](a, b)
-    # 'strawberry'.count('r'): the one method the spelling tasks use
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
-            and len(node.args) == 1 and not node.keywords):
-        s, sub = _calc(node.func.value), _calc(node.args[0])
-        if isinstance(s, str) and isinstance(sub, str) and len(s) < 1000:
-            return s.count(sub)
-    raise ValueError(f"not allowed: {ast.dump(node)[:40]}")
-
 def use_calculator(expr):
-    """The calculator tool: arithmetic on numbers and str.count; None when the expression is not allowed."""
+    """The calculator tool: arithmetic (+ - * / // % and parentheses, no powers: 2**10**9 would never end)
+    and 'strawberry'.count('r'); the result as text, or None when the expression is not one of those."""
     expr = expr.replace(",", "").strip()
-    if not expr or len(expr) > 200:
+    if m := re.fullmatch(r"""(['"])(.{0,999}?)\1\.count\((['"])(.*?)\3\)""", expr):
+        return str(m[2].count(m[4]))
+    if not re.fullmatch(r"[\d.+\-*/%() ]{1,200}", expr) or "**" in expr:
         return None
-    try:
-        value = _calc(ast.parse(expr, mode="eval"))
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
+    try:  # only digits and operators: eval can reach nothing but arithmetic
+        value = eval(expr, {"__builtins__": {}})
+    except (SyntaxError, ZeroDivisionError, OverflowError, MemoryError, RecursionError, TypeError, ValueError):
         return None
     if isinstance(value, float):
         value = int(value) if value.is_integer() else round(value, 6)
@@ -496,24 +365,49 @@ def evaluate_loss(model, batches, token_bytes=None):
     nats, n, byte_nats, nbytes = sums.tolist()
     return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
 
-def step_backward(model, batches):
-    """Backward the mean loss over every target token of one optimizer step: all micro-batches of all
-    ranks weigh each token the same (a micro-batch without targets adds zero, never a nan). Returns
-    that mean loss, the same float on every rank."""
+def train_step(model, optimizer, batches, step):
+    """One optimizer step: backward the mean loss over every target token of the micro-batches (all ranks
+    weigh each token the same; a micro-batch without targets adds zero, never a nan), then the update.
+    Returns that mean loss, the same float on every rank, read only once the update is queued (no device
+    sync before). A nan loss stops the run; so does running out of GPU memory, with the batch that fits."""
     device = model.get_device()
     world = dist.get_world_size() if dist.is_initialized() else 1
     n = sum((y >= 0).sum() for _, y in batches).double()
     total = torch.zeros((), device=device, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(n)
-    for x, y in batches:
-        with amp_ctx(device):
-            loss = model(x, y, loss_reduction="none").sum() / n.clamp(min=1)
-        (loss * world).backward()  # x world: the optimizer averages gradients over ranks
-        total += loss.detach()
+    try:
+        for x, y in batches:
+            with amp_ctx(device):
+                loss = model(x, y, loss_reduction="none").sum() / n.clamp(min=1)
+            (loss * world).backward()  # x world: the optimizer averages gradients over ranks
+            total += loss.detach()
+        optimizer.step()
+    except torch.OutOfMemoryError:
+        B = batches[0][0].size(0)
+        fit = max(d for d in range(1, B) if B % d == 0) if B > 1 else 0
+        raise UserError(f"out of GPU memory with --device-batch-size {B}: " + (f"--device-batch-size {fit} keeps the "
+                        "same total batch (more accumulation steps)" if fit else "lower --max-seq-len")) from None
+    model.zero_grad(set_to_none=True)
     if world > 1:
         dist.all_reduce(total)
-    return total.item()
+    if not math.isfinite(loss := total.item()):
+        raise SystemExit(f"error: loss is {loss} at step {step}: stopped without saving; the last good checkpoint in "
+                         f"{base_dir() / 'checkpoints'} is intact. Lower the learning rates and rerun (or --resume)")
+    return loss
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):
+    """The order of n items in an epoch: the same permutation on every rank and in every run."""
+    return random.Random(seed + epoch).sample(range(n), n)
+
+def print_answers(model, tokenizer, questions, max_tokens=64):
+    """Greedy replies of a chat model, to see what it learned."""
+    model.eval()
+    for question in questions:
+        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question}]})
+        out, _ = generate_batch(model, ids, max_tokens=max_tokens, temperature=0, tokenizer=tokenizer)
+        print0(f"  {question} -> {tokenizer.decode(out[0])!r}")
 
 class _Row:
     """Per-sample state: tokens the tool forces next, the python expression being written, done."""
@@ -610,6 +504,24 @@ def amp_ctx(device):
         want = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return torch.autocast(device_type, dtype=torch.bfloat16) if want == "bf16" else contextlib.nullcontext()
 
+def compile_ok(device):
+    """Can torch.compile run here? On a GPU, yes; on a CPU when inductor finds a working C++ compiler
+    (else one warning line, and the caller runs eagerly)."""
+    if device.type == "cpu":
+        try:
+            import torch._inductor.cpp_builder as cpp
+            cpp.get_cpp_compiler()
+        except Exception as e:
+            print0(f"warning: torch.compile needs a C++ compiler ({type(e).__name__}): running eagerly "
+                   "(apt install g++)", file=sys.stderr)
+            return False
+        torch._dynamo.config.suppress_errors = True  # a graph that still fails to build runs eagerly
+    return device.type in ("cpu", "cuda")
+
+def sync(device):  # wait for the GPU's queued work, so that a timer measures it
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 def compute_init(seed=42):
     """Set up one process: (ddp, rank, local_rank, world_size, device). Distributed only under torchrun."""
     device_type = autodetect_device()
@@ -638,7 +550,7 @@ class JsonlLogger:
 
     def __init__(self, stage, resume_step=None, enabled=True, world=1):
         self.path = base_dir() / "logs" / f"{stage}.jsonl"
-        self.enabled, self.world = enabled, world
+        self.enabled, self.world, self.stepped = enabled, world, False
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -652,25 +564,44 @@ class JsonlLogger:
                     pass  # a torn last line from a killed run
         self.path.write_text("".join(keep))
 
+    def eval(self, model, batches, step, num_steps, token_bytes=None):
+        """evaluate_loss over the batches: val bpb with token_bytes, else val loss; printed, logged, returned."""
+        model.eval()
+        name = "loss" if token_bytes is None else "bpb"
+        value = evaluate_loss(model, batches, token_bytes)[name]
+        model.train()
+        print0(f"step {step}/{num_steps} | val {name} {value:.4f}")
+        self.log(step=step, **{f"val_{name}": value})
+        return value
+
     def log(self, **row):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
 
-    def train_step(self, step, num_steps, loss, lr, dt, tokens, flops_per_token, **extra):
-        """The one line per step every stage prints, and the same numbers as a log row."""
+    def train_step(self, step, num_steps, loss, lr, dt, tokens, flops_per_token, wait=0.0, **extra):
+        """The one line per step every stage prints (wait: seconds the step waited for its data), and the
+        same numbers as a log row; after the first step, the peak GPU memory."""
         tok_per_s = tokens / dt
-        flops = flops_per_token * tok_per_s
-        peak = PEAK_FLOPS.get(torch.cuda.get_device_name() if torch.cuda.is_available() else "", None)
-        speed = f"mfu {100 * flops / (peak * self.world):.0f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
+        flops, peak = flops_per_token * tok_per_s, peak_flops() * self.world
+        speed = f"mfu {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
         more = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
-        print0(f"step {step}/{num_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:,.0f} ms | "
-               f"{tok_per_s:,.0f} tok/s | {speed}{more}")
-        self.log(step=step, num_steps=num_steps, loss=loss, lr=lr, dt=dt, tok_per_s=tok_per_s, gflops=flops / 1e9,
-                 **({"mfu": flops / (peak * self.world)} if peak else {}), **extra)
+        print0(f"step {step}/{num_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:,.0f} ms | wait {wait * 1000:,.0f} ms"
+               f" | {tok_per_s:,.0f} tok/s | {speed}{more}")
+        if not self.stepped and torch.cuda.is_available():
+            print0(f"peak GPU memory after the first step: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        self.stepped = True
+        self.log(step=step, num_steps=num_steps, loss=loss, lr=lr, dt=dt, wait=wait, tok_per_s=tok_per_s,
+                 gflops=flops / 1e9, **({"mfu": flops / peak} if peak else {}), **extra)
 
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
-              "NVIDIA A100-SXM4-40GB": 312e12}  # dense bf16 per GPU, for MFU
+# dense bf16 tensor-core FLOP/s per GPU, for MFU (the first name contained in the device's name wins)
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+             ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12), ("3090", 71e12)]
+
+def peak_flops():
+    """This process's GPU's peak from PEAK_BF16, 0 on a CPU or an unknown GPU (they print GFLOP/s)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return next((f for key, f in PEAK_BF16 if key in name), 0.0)
 
 # -----------------------------------------------------------------------------
 # Checkpoints: checkpoints/<stage>/step_NNNNNN/{model.pt, optim.pt, meta.json}, written atomically
@@ -709,7 +640,7 @@ def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
         dist.barrier()
     return path
 
-MODEL_FORMAT = 2  # bumped when the same weights would compute something else (2: rotary pairs interleaved)
+MODEL_FORMAT = 3  # bumped when the same weights would compute something else (3: rotary on half-split heads)
 
 def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     """Write a complete checkpoint into a temp dir (fsynced, meta.json last), then rename it into place.
@@ -801,3 +732,52 @@ def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     model.load_state_dict(model_state)
     model.eval()
     return (model, tokenizer, meta, optim_state) if load_optim else (model, tokenizer, meta)
+
+# -----------------------------------------------------------------------------
+# Speed: what a CPU step needs beyond torch.compile. Each piece is measured in tests/bench_pretrain.py
+# (it stays only for >= 10% of a cpu-preset step) and tested against the plain code it replaces.
+
+# Every step frees and re-allocates large tensors (activations, the loss's (N, V) logits). glibc keeps freed
+# blocks for reuse (no mmap, no trim) and PyTorch puts large ones on transparent huge pages: later steps
+# reuse pages that are already mapped instead of faulting fresh ones in (1.07-1.17x steps); the price is
+# that a CPU run's memory stays at its peak (+19% RSS on the cpu preset).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+if sys.platform == "linux":
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets its own mapping
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row F.cross_entropy(15 tanh(h @ w.T / 15), targets) (0 where the target is -1), a few rows at a
+    time in fp32 buffers that stay in cache. With z = h @ (w * 2/15).T and u = sigmoid(z), the soft-capped
+    logits are s = 30 u - 15: exp(30 u) needs no max pass (it stays below e^30). Forward also writes
+    d loss / d z / 30 = (softmax - onehot) u (1 - u) over the z it has used, so backward is two matmuls and
+    no fp32 (N, V) tensor is ever made: 1.3x faster cpu-preset steps than the compiled plain loss."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, backward, rows=32):  # h (N, C), w (V, C), targets (N,)
+        z = F.linear(h, w * (2 / 15))  # (N, V), bf16 under autocast
+        kw = dict(device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
+        t, loss, (u, e) = targets.clamp(min=0)[:, None], torch.empty(len(z), **kw), torch.empty(2, min(rows, len(z)), z.size(1), **kw)
+        for i in range(0, len(z), rows):
+            zi, ui, ei, ti = z[i:i + rows], u[:len(z) - i], e[:len(z) - i], t[i:i + rows]
+            ui.copy_(zi).sigmoid_()
+            sums = torch.mul(ui, 30, out=ei).exp_().sum(1, keepdim=True)
+            loss[i:i + rows] = (sums.log() - 30 * ui.gather(1, ti)).squeeze(1)  # logsumexp(s) - s[target]
+            if backward:
+                ei.div_(sums).scatter_add_(1, ti, -torch.ones_like(sums))  # softmax - onehot
+                torch.mul(ei, ui.addcmul_(ui, ui, value=-1), out=zi)
+        ctx.save_for_backward(h, w, z, targets)
+        return loss.masked_fill_(targets < 0, 0.0)
+
+    @staticmethod
+    def backward(ctx, g):  # d loss / d h = 4 g dz @ w, d loss / d w = 4 dz.T @ (g h)   (4 = 30 x 2/15)
+        h, w, dz, targets = ctx.saved_tensors
+        g = (4 * g * (targets >= 0))[:, None]
+        dh = (dz @ w.to(dz.dtype)).to(h.dtype).mul_(g) if ctx.needs_input_grad[0] else None
+        dw = (dz.t() @ (h * g).to(dz.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
+
+# a graph break under torch.compile: the Function runs as written
+softcap_cross_entropy = torch.compiler.disable(SoftcapCrossEntropy.apply)

@@ -1,249 +1,273 @@
 """
 pretrain.py: train the base model on raw text, from one --depth dial.
 
-    python pretrain.py --depth 4 --max-seq-len 256 --device-batch-size 8     # CPU, small
+    python pretrain.py --depth 4                                              # CPU, small
     python pretrain.py --depth 20                                             # one GPU
     torchrun --standalone --nproc_per_node=8 pretrain.py --depth 20           # 8 GPUs
     python pretrain.py --resume                                               # continue the latest checkpoint
 
 Reads the corpus from $FLATCHAT_HOME/data/pretrain/{train,val} (`python data/corpus.py`) and the
 tokenizer (`python tokenizer.py train`); writes checkpoints/pretrain/step_N and logs/pretrain.jsonl.
+The corpus is tokenized once, on every core, into data/tokens/ (reused while the corpus is unchanged);
+the loop then packs rows from memory-mapped token arrays, so a step never waits for the tokenizer.
+The script runs under `if __name__ == "__main__"` so that tests and benchmarks can import the data code.
 """
 
 import argparse
+import bisect
 import math
+import os
 import time
 
+import numpy as np
 import torch
 
-from model import (GPT, GPTConfig, UserError, compute_cleanup, compute_init, evaluate_loss,
-                   generate_batch, JsonlLogger, step_backward, load_checkpoint, load_tokenizer, print0, save_checkpoint)
+from model import (GPT, GPTConfig, UserError, compile_ok, compute_cleanup, compute_init, generate_batch,
+                   JsonlLogger, load_checkpoint, load_tokenizer, print0, save_checkpoint, sync, train_step)
 from tokenizer import base_dir, corpus_files, iter_documents
 
 # -----------------------------------------------------------------------------
-# Arguments
-parser = argparse.ArgumentParser(description="Pretrain the base model.")
-# model
-parser.add_argument("--depth", type=int, default=20, help="number of layers; sets width (depth x 64), heads, batch, lrs, horizon")
-parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
-# horizon (the first of these that is set wins)
-parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = from the token target)")
-parser.add_argument("--target-tokens", type=int, default=-1, help="training tokens (-1 = ratio x parameters)")
-parser.add_argument("--param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla: 20)")
-# batch
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per process (lower it on OOM)")
-parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = from depth)")
-# optimization
-parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
-parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
-parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (0 = off)")
-parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup")
-parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end")
-parser.add_argument("--final-lr-frac", type=float, default=0.0, help="lr at the end as a fraction of the peak")
-# evaluation, samples, checkpoints
-parser.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evaluations (-1 = only at the end)")
-parser.add_argument("--eval-tokens", type=int, default=10 * 524288, help="val tokens per evaluation")
-parser.add_argument("--sample-every", type=int, default=2000, help="steps between samples (-1 = only at the end)")
-parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
-parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
-# runtime
-parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model (1/0, -1 = on GPU only)")
-parser.add_argument("--seed", type=int, default=42, help="random seed of the init")
-args = parser.parse_args()
+# Data: the corpus as token shards, then documents packed into rows of T+1 tokens that start with <|bos|>
 
-# -----------------------------------------------------------------------------
-# Init: processes, tokenizer, the model shape from the depth dial
-ddp, rank, local_rank, world, device = compute_init(args.seed)
-master = rank == 0
-tokenizer = load_tokenizer()
-n_embd = args.depth * 64
-n_head = max(1, (n_embd + 127) // 128)  # head dim 128
-config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=args.depth,
-                   n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
-with torch.device("meta"):  # count parameters without allocating them
-    shape_only = GPT(config)
-num_params = shape_only.num_params()
-matrix_params = num_params - 2 * shape_only.padded_vocab * n_embd
-B, T = args.device_batch_size, args.max_seq_len
-total_batch = args.total_batch_size
-if total_batch == -1:  # bigger models like bigger batches: ~5e-3 tokens per matrix parameter, a power of 2
-    total_batch = 2 ** min(19, max(12, round(math.log2(5e-3 * matrix_params))))
-if total_batch % (B * T * world):
-    raise UserError(f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x world "
-                    f"= {B * T * world}: change one of them")
-grad_accum = total_batch // (B * T * world)
-target_tokens = args.target_tokens if args.target_tokens > 0 else int(args.param_data_ratio * num_params)
-num_steps = args.num_steps if args.num_steps > 0 else max(1, target_tokens // total_batch)
-
-# -----------------------------------------------------------------------------
-# Model + optimizer (fresh, or from the latest checkpoint with --resume)
-model = GPT(config).to(device)
-model.init_weights()
-optimizer = model.setup_optimizer(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.weight_decay)
-start_step, resume_meta = 0, None
-if args.resume:
-    model_state, optim_state, resume_meta, rng = load_checkpoint("pretrain", device=device, load_optim=True)
-    if resume_meta["model_config"] != vars(config) or resume_meta["lanes_total"] != grad_accum * world:
-        raise UserError("--resume needs the same model shape, batch sizes and world size as the checkpoint "
-                        f"({resume_meta['args']}); pass the original flags")
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optim_state)
-    torch.set_rng_state(rng["cpu"])
-    start_step = resume_meta["step"]
-orig_model = model  # uncompiled, for sampling with the KV cache and for saving
-if args.compile == 1 or (args.compile == -1 and device.type == "cuda"):
-    model = torch.compile(model, dynamic=False)
-    # on a CPU, a missing or broken C++ toolchain makes inductor fail: run those graphs eagerly, with a warning
-    torch._dynamo.config.suppress_errors = device.type == "cpu"
-flops_per_token = orig_model.estimate_flops()
-print0(f"model: depth {args.depth}, width {n_embd}, {n_head} heads, {num_params:,} parameters, "
-       f"{flops_per_token / 1e6:.1f} MFLOP/token")
-print0(f"batch: {total_batch:,} tokens/step = {B} rows x {T} tokens x {world} processes x {grad_accum} accumulation")
-print0(f"horizon: {num_steps:,} steps = {num_steps * total_batch:,} tokens "
-       f"({num_steps * total_batch / num_params:.1f} per parameter)")
-
-# -----------------------------------------------------------------------------
-# Data: documents packed into rows of T+1 tokens, each row starting with <|bos|>
+def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
+    """[(tokens, starts)] per corpus file: all its documents' ids in one memory-mapped array, and where each
+    document starts (len = documents + 1). Encoded once by num_proc processes into data/tokens/<tokenizer
+    hash>/, named after the file's size and mtime, so an edited corpus is encoded again; written to a temp
+    name and renamed, so a killed run leaves no half shard. write=False (other ranks) waits for them."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    shards = []
+    for f in files:
+        st = f.stat()
+        folder = base_dir() / "data" / "tokens" / tokenizer.hash[:16] / f.parent.name
+        bin_path, idx_path = (folder / f"{f.name}.{st.st_size}.{st.st_mtime_ns}{ext}" for ext in (".bin", ".idx.npy"))
+        if write and not bin_path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob(f"{f.name}.*"):  # another version of this file, or a killed run's temp file
+                old.unlink()
+            t0, lengths, tmp = time.time(), [], bin_path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as out:
+                for ids in tokenizer.map("encode", list(iter_documents(f)), num_proc, chunksize=4):
+                    out.write(np.asarray(ids, dtype).tobytes())
+                    lengths.append(len(ids))
+            np.save(idx_path, np.cumsum([0] + lengths))
+            os.replace(tmp, bin_path)  # last: its existence means the shard is complete
+            print0(f"tokenized {f} ({len(lengths):,} documents, {sum(lengths):,} tokens) in {time.time() - t0:.1f} s")
+        while not bin_path.exists():  # another rank of this node is writing it
+            time.sleep(0.2)
+        shards.append((np.memmap(bin_path, dtype, mode="r"), np.load(idx_path)))
+    return shards
 
 class Lane:
-    """One stream of documents (every n_lanes-th document of the corpus) packed into rows, best fit:
-    each row takes the longest buffered piece that still fits; when none fits, the longest piece is
-    split and its rest waits in the buffer as a new piece starting with <|bos|> (never cropped away)."""
+    """One stream of documents (lane r takes documents r, r + n_lanes, ... of the corpus, which repeats in
+    epochs) packed into rows, best fit: each row takes the longest buffered piece that still fits; when
+    none fits, the longest piece is split and its rest waits in the buffer, to start a later row with
+    <|bos|> (never cropped away). Its state is two numbers per buffered piece: resuming is instant."""
 
-    def __init__(self, files, lane, n_lanes, state=None, buffer_size=32):
-        self.files, self.lane, self.n_lanes, self.buffer_size = files, lane, n_lanes, buffer_size
-        self.bos = tokenizer.bos_id
-        self.docs = self._stream()
-        self.pieces = []  # [position of the doc in this lane's stream, offset into its tokens, tokens]
-        self.next_pos = 0
-        if state:  # replay the stream up to where it stood, re-tokenizing the buffered documents
-            texts = {pos: None for pos, _ in state["pieces"]}
-            while self.next_pos < state["next_pos"]:
-                pos, text = next(self.docs)
-                self.next_pos = pos + 1
-                if pos in texts:
-                    texts[pos] = text
-            self.pieces = [[pos, off, [self.bos] + tokenizer.encode(texts[pos])[off:]] for pos, off in state["pieces"]]
+    def __init__(self, shards, lane, n_lanes, bos, state=None, buffer_size=32):
+        self.shards, self.lane, self.n_lanes, self.buffer_size = shards, lane, n_lanes, buffer_size
+        self.first = np.cumsum([0] + [len(starts) - 1 for _, starts in shards]).tolist()  # first doc of each shard
+        self.per_epoch = len(range(lane, self.first[-1], n_lanes))
+        if self.per_epoch == 0:
+            raise UserError(f"the corpus has {self.first[-1]} documents, too few for {n_lanes} lanes (processes x "
+                            "accumulation steps): add documents or lower --total-batch-size")
+        self.bos = np.array([bos], shards[0][0].dtype)
+        state = state or {"next_pos": 0, "pieces": []}
+        self.next_pos = state["next_pos"]
+        self.pieces = [[pos, off, self.doc(pos)[off:]] for pos, off in state["pieces"]]  # [doc position, offset, ids]
 
-    def _stream(self):  # (position, text), forever: the corpus repeats in epochs
-        pos = 0
-        while True:
-            n = 0
-            for f in self.files:
-                for text in iter_documents(f):
-                    if n % self.n_lanes == self.lane:
-                        yield pos, text
-                        pos += 1
-                    n += 1
-            if pos == 0:
-                raise UserError(f"no documents for lane {self.lane} in {self.files[0].parent}: rerun `python data/corpus.py`")
+    def doc(self, pos):  # the ids of this lane's pos-th document
+        n = self.lane + self.n_lanes * (pos % self.per_epoch)
+        k = bisect.bisect_right(self.first, n) - 1
+        tokens, starts = self.shards[k]
+        j = n - self.first[k]
+        return tokens[starts[j]:starts[j + 1]]
 
     def row(self, size):
-        row = []
-        while len(row) < size:
+        parts, room = [], size
+        while room > 0:
             while len(self.pieces) < self.buffer_size:
-                pos, text = next(self.docs)
-                self.next_pos = pos + 1
-                self.pieces.append([pos, 0, [self.bos] + tokenizer.encode(text)])
-            room = size - len(row)
-            fits = [p for p in self.pieces if len(p[2]) <= room]
+                self.pieces.append([self.next_pos, 0, self.doc(self.next_pos)])
+                self.next_pos += 1
+            fits = [p for p in self.pieces if len(p[2]) < room]  # with its <|bos|>
             if fits:
                 best = max(fits, key=lambda p: len(p[2]))
                 self.pieces.remove(best)
-                row += best[2]
+                parts += [self.bos, best[2]]
+                room -= len(best[2]) + 1
             else:  # split the longest piece: its rest continues in a later row
                 p = max(self.pieces, key=lambda p: len(p[2]))
-                row += p[2][:room]
-                p[1] += room - 1
-                p[2] = [self.bos] + p[2][room:]
-        return row
+                parts += [self.bos, p[2][:room - 1]]
+                p[1], p[2], room = p[1] + room - 1, p[2][room - 1:], 0
+        return np.concatenate(parts)
 
-    def batch(self, B, T):
-        rows = torch.tensor([self.row(T + 1) for _ in range(B)], dtype=torch.long)
-        x, y = rows[:, :-1], rows[:, 1:]
-        if device.type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+    def batch(self, B, T, device="cpu"):
+        rows = torch.from_numpy(np.stack([self.row(T + 1) for _ in range(B)]).astype(np.int64))
+        if torch.device(device).type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        return rows[:, :-1].to(device), rows[:, 1:].to(device)
 
     def state(self):
         return {"next_pos": self.next_pos, "pieces": [[p[0], p[1]] for p in self.pieces]}
 
-# Lanes make the batch independent of the process count: the global batch is world x grad_accum
-# micro-batches, micro-batch m of rank r always comes from lane r*grad_accum + m, so 2 processes
-# and 1 process with 2 accumulation steps see exactly the same rows.
-n_lanes = world * grad_accum
-train_files = corpus_files("train")
-lane_states = resume_meta["lanes"] if resume_meta else [None] * n_lanes
-lanes = [Lane(train_files, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
-val_files = corpus_files("val")
-val_steps = max(1, args.eval_tokens // (B * T * world))
+if __name__ == "__main__":
+    # -------------------------------------------------------------------------
+    # Arguments
+    parser = argparse.ArgumentParser(description="Pretrain the base model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model
+    parser.add_argument("--depth", type=int, default=20, help="number of layers; sets width (depth x 64), heads, batch, lrs, horizon")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    # horizon (the first of these that is set wins)
+    parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = from the token target)")
+    parser.add_argument("--target-tokens", type=int, default=-1, help="training tokens (-1 = ratio x parameters)")
+    parser.add_argument("--param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla: 20)")
+    # batch
+    parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per process (-1 = 32 on a GPU, "
+                        "8,192 tokens' worth on a CPU, fewer when the total batch is smaller; lower it on OOM)")
+    parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = from depth)")
+    # optimization
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (0 = off)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup")
+    parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end")
+    parser.add_argument("--final-lr-frac", type=float, default=0.0, help="lr at the end as a fraction of the peak")
+    # evaluation, samples, checkpoints
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evaluations (-1 = only at the end)")
+    parser.add_argument("--eval-tokens", type=int, default=-1, help="val tokens per evaluation (-1 = 10 x the total batch)")
+    parser.add_argument("--sample-every", type=int, default=2000, help="steps between samples (-1 = only at the end)")
+    parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
+    parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
+    # runtime
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--compile", type=int, default=1, help="torch.compile model and optimizer where a compiler works (1/0)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed of the init")
+    args = parser.parse_args()
 
-def val_batches():  # the same val rows at every evaluation: a fresh lane per rank
-    lane = Lane(val_files, rank, world)
-    return (lane.batch(B, T) for _ in range(val_steps))
+    # -------------------------------------------------------------------------
+    # Init: processes, tokenizer, the model shape and the batch from the depth dial
+    ddp, rank, local_rank, world, device = compute_init(args.seed)
+    master = rank == 0
+    tokenizer = load_tokenizer()
+    n_embd = args.depth * 64
+    n_head = max(1, (n_embd + 127) // 128)  # head dim 128
+    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=args.depth,
+                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    with torch.device("meta"):  # count parameters without allocating them
+        shape_only = GPT(config)
+    num_params = shape_only.num_params()
+    matrix_params = num_params - 2 * shape_only.padded_vocab * n_embd
+    T, total_batch = args.max_seq_len, args.total_batch_size
+    if total_batch == -1:  # bigger models like bigger batches: ~5e-3 tokens per matrix parameter, a power of 2,
+        total_batch = max(T * world, 2 ** min(19, max(12, round(math.log2(5e-3 * matrix_params)))))  # >= a row each
+    B = args.device_batch_size
+    if B == -1:  # as many rows as fit the total batch, at most 32 (GPU) or 8,192 tokens (CPU: memory and cache)
+        B = min(32 if device.type == "cuda" else max(1, 8192 // T), max(1, total_batch // (T * world)))
+        while total_batch % (B * T * world):
+            B -= 1
+    if total_batch % (B * T * world):
+        raise UserError(f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x world "
+                        f"= {B * T * world}: change one of them")
+    grad_accum = total_batch // (B * T * world)
+    args.device_batch_size, args.total_batch_size = B, total_batch  # the checkpoint records what was used
+    target_tokens = args.target_tokens if args.target_tokens > 0 else int(args.param_data_ratio * num_params)
+    num_steps = args.num_steps if args.num_steps > 0 else max(1, target_tokens // total_batch)
 
-# -----------------------------------------------------------------------------
-# Schedules
+    # -------------------------------------------------------------------------
+    # Model + optimizer (fresh, or from the latest checkpoint with --resume), compiled where a compiler works
+    use_compile = args.compile == 1 and compile_ok(device)
+    model = GPT(config).to(device)
+    model.init_weights()
+    optimizer = model.setup_optimizer(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.weight_decay, use_compile)
+    start_step, resume_meta = 0, None
+    if args.resume:
+        model_state, optim_state, resume_meta, rng = load_checkpoint("pretrain", device=device, load_optim=True)
+        if resume_meta["model_config"] != vars(config) or resume_meta["lanes_total"] != grad_accum * world:
+            raise UserError("--resume needs the same model shape, batch sizes and world size as the checkpoint "
+                            f"({resume_meta['args']}); pass the original flags")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        torch.set_rng_state(rng["cpu"])
+        start_step = resume_meta["step"]
+    orig_model = model  # uncompiled, for sampling with the KV cache and for saving
+    if use_compile:
+        model = torch.compile(model, dynamic=False)
+    flops_per_token = orig_model.estimate_flops()
+    print0(f"model: depth {args.depth}, width {n_embd}, {n_head} heads, {num_params:,} parameters, "
+           f"{flops_per_token / 1e6:.1f} MFLOP/token{', compiled' if use_compile else ''}")
+    print0(f"batch: {total_batch:,} tokens/step = {B} rows x {T} tokens x {world} processes x {grad_accum} accumulation")
+    print0(f"horizon: {num_steps:,} steps = {num_steps * total_batch:,} tokens "
+           f"({num_steps * total_batch / num_params:.1f} per parameter)")
 
-def lr_multiplier(step):
-    warmup, warmdown = round(args.warmup_ratio * num_steps), round(args.warmdown_ratio * num_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_steps - warmdown:
-        return 1.0
-    progress = (num_steps - step) / warmdown
-    return progress + (1 - progress) * args.final_lr_frac
+    # -------------------------------------------------------------------------
+    # Data: lanes make the batch independent of the process count. The global batch is world x grad_accum
+    # micro-batches; micro-batch m of rank r always comes from lane r * grad_accum + m, so 2 processes and
+    # 1 process with 2 accumulation steps see exactly the same rows.
+    train_shards = token_shards(corpus_files("train"), tokenizer, write=local_rank == 0)
+    val_shards = token_shards(corpus_files("val"), tokenizer, write=local_rank == 0)
+    n_lanes = world * grad_accum
+    lane_states = resume_meta["lanes"] if resume_meta else [None] * n_lanes
+    lanes = [Lane(train_shards, rank * grad_accum + m, n_lanes, tokenizer.bos_id, lane_states[rank * grad_accum + m])
+             for m in range(grad_accum)]
+    val_steps = max(1, (args.eval_tokens if args.eval_tokens > 0 else 10 * total_batch) // (B * T * world))
 
-def muon_momentum(step):  # 0.85 -> 0.95 over the first 300 steps
-    frac = min(step / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
+    def val_batches():  # the same val rows at every evaluation: a fresh lane per rank
+        lane = Lane(val_shards, rank, world, tokenizer.bos_id)
+        return (lane.batch(B, T, device) for _ in range(val_steps))
 
-# -----------------------------------------------------------------------------
-# Training loop: eval, sample and save at the top of a step; the last iteration only does those
-logger = JsonlLogger("pretrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
-prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "If 5 apples cost 10 dollars,"]
-val_bpb, min_val_bpb = (resume_meta["metrics"]["val_bpb"], resume_meta["metrics"]["min_val_bpb"]) if resume_meta else (None, float("inf"))
-t_start = time.time()
-for step in range(start_step, num_steps + 1):
-    last = step == num_steps
-    if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
-        model.eval()
-        val_bpb = evaluate_loss(model, val_batches(), tokenizer.token_bytes)["bpb"]
-        min_val_bpb = min(min_val_bpb, val_bpb)
-        print0(f"step {step}/{num_steps} | val bpb {val_bpb:.4f}")
-        logger.log(step=step, val_bpb=val_bpb)
-        model.train()
-    if master and (last or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
-        orig_model.eval()
-        for prompt in prompts:
-            ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-            out, _ = generate_batch(orig_model, ids, max_tokens=24, temperature=0, tokenizer=tokenizer)
-            print0(f"  sample: {prompt}{tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])!r}")
-        orig_model.train()
-    if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-        meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes_total=n_lanes,
-                    total_batch=total_batch, world_size=world, num_steps=num_steps, train_time=time.time() - t_start,
-                    metrics=dict(val_bpb=val_bpb, min_val_bpb=min_val_bpb))
-        save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
-    if last:
-        break
+    # -------------------------------------------------------------------------
+    # Schedules
+    def lr_multiplier(step):
+        warmup, warmdown = round(args.warmup_ratio * num_steps), round(args.warmdown_ratio * num_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        if step <= num_steps - warmdown:
+            return 1.0
+        progress = (num_steps - step) / warmdown
+        return progress + (1 - progress) * args.final_lr_frac
 
-    # one optimizer step over grad_accum micro-batches
-    t0 = time.time()
-    train_loss = step_backward(model, [lane.batch(B, T) for lane in lanes])
-    lrm = lr_multiplier(step)
-    optimizer.set_lr(lrm)
-    optimizer.param_groups[0]["momentum"] = muon_momentum(step)  # group 0: the Muon matrices
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    dt = time.time() - t0
-    if not math.isfinite(train_loss):
-        raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped without saving; the last good "
-                         f"checkpoint in {base_dir() / 'checkpoints' / 'pretrain'} is intact. Lower the learning "
-                         "rates and rerun (or --resume)")
-    logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr, dt, total_batch, flops_per_token)
+    def muon_momentum(step):  # 0.85 -> 0.95 over the first 300 steps
+        frac = min(step / 300, 1)
+        return (1 - frac) * 0.85 + frac * 0.95
 
-print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val bpb {val_bpb:.4f}")
-compute_cleanup()
+    # -------------------------------------------------------------------------
+    # Training loop: eval, sample and save at the top of a step; the last iteration only does those
+    logger = JsonlLogger("pretrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
+    prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "If 5 apples cost 10 dollars,"]
+    val_bpb, min_val_bpb = (resume_meta["metrics"]["val_bpb"], resume_meta["metrics"]["min_val_bpb"]) if resume_meta else (None, float("inf"))
+    t_start = time.time()
+    for step in range(start_step, num_steps + 1):
+        last = step == num_steps
+        if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
+            val_bpb = logger.eval(model, val_batches(), step, num_steps, tokenizer.token_bytes)
+            min_val_bpb = min(min_val_bpb, val_bpb)
+        if master and (last or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
+            orig_model.eval()
+            for prompt in prompts:
+                ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+                out, _ = generate_batch(orig_model, ids, max_tokens=24, temperature=0, tokenizer=tokenizer)
+                print0(f"  sample: {prompt}{tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])!r}")
+            orig_model.train()
+        if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
+            meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes_total=n_lanes,
+                        total_batch=total_batch, world_size=world, num_steps=num_steps, train_time=time.time() - t_start,
+                        metrics=dict(val_bpb=val_bpb, min_val_bpb=min_val_bpb))
+            save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
+        if last:
+            break
+
+        # one optimizer step over grad_accum micro-batches
+        sync(device)
+        t0 = time.time()
+        batches = [lane.batch(B, T, device) for lane in lanes]
+        wait = time.time() - t0
+        lrm = lr_multiplier(step)
+        optimizer.set_lr(lrm)
+        optimizer.param_groups[0]["momentum"] = muon_momentum(step)  # group 0: the Muon matrices
+        train_loss = train_step(model, optimizer, batches, step)
+        sync(device)
+        logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr, time.time() - t0, total_batch,
+                          flops_per_token, wait)
+
+    print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val bpb {val_bpb:.4f}")
+    compute_cleanup()

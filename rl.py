@@ -18,15 +18,13 @@ The script runs under `if __name__ == "__main__"` so that tests can import the f
 """
 
 import argparse
-import functools
 import math
-import random
 import time
 
 import torch
 import torch.distributed as dist
 
-from model import (UserError, amp_ctx, compute_cleanup, compute_init, generate_batch, gsm8k_reward, JsonlLogger,
+from model import (UserError, amp_ctx, compute_cleanup, compute_init, epoch_order, generate_batch, gsm8k_reward, JsonlLogger,
                    load_model, print0, save_checkpoint)
 from tokenizer import base_dir, read_conversations
 
@@ -144,15 +142,11 @@ if __name__ == "__main__":
     print0(f"{len(train):,} train questions, {len(evals)} eval questions; {num_steps} steps of {args.examples_per_step} "
            f"questions x {args.num_samples} samples ({Q} per process x {world})")
 
-    @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch):
-        return random.Random(args.seed + epoch).sample(range(len(train)), len(train))
-
     def question(pos):
         """The pos-th question of the stream; its samples are seeded by pos alone, so a resumed run (or
         another number of processes) draws exactly the same answers."""
         epoch, i = divmod(pos, len(train))
-        return train[epoch_order(epoch)[i]], args.seed + pos
+        return train[epoch_order(len(train), args.seed, epoch)[i]], args.seed + pos
 
     def evaluate_gsm8k():
         """pass@1 (mean correctness of the k samples) and pass@k (any of the k right) over the eval slice,

@@ -13,15 +13,14 @@ writes checkpoints/sft/step_N and logs/sft.jsonl.
 
 import argparse
 import json
-import math
-import random
 import time
 
+import numpy as np
 import torch
 
-from model import (UserError, compute_cleanup, compute_init, evaluate_loss, generate_batch,
-                   JsonlLogger, load_model, print0, save_checkpoint, step_backward)
-from tokenizer import base_dir, read_conversations
+from model import (UserError, compute_cleanup, compute_init, epoch_order, JsonlLogger, load_model, print0,
+                   print_answers, save_checkpoint, sync, train_step)
+from tokenizer import read_mixture
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -72,66 +71,55 @@ if args.resume:
 model.train()
 
 # -----------------------------------------------------------------------------
-# Data: the SFT mixture (a source's weight is how many times its rows appear per epoch)
+# Data: the SFT mixture (a source's weight is how many times its rows appear per epoch), rendered once
 MIXTURE = {"smoltalk": 1, "identity": 4, "arc_easy_train": 1, "arc_challenge_train": 1, "mmlu_dev": 1,
            "gsm8k_train": 1, "spelling": 1, "dolly": 1}
-
-def load_mixture(folder):
-    rows, n_bad = [], 0
-    for name, weight in MIXTURE.items():
-        path = base_dir() / "data" / "chat" / folder / f"{name}.jsonl"
-        if path.exists():
-            convs, bad = read_conversations(path, skip_bad=args.skip_bad)
-            rows, n_bad = rows + convs * weight, n_bad + bad
-            print0(f"  {name:<20} x{weight}  {len(convs):>7,} conversations")
-    if not rows:
-        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
-    return rows, n_bad
-
 print0("mixture (sources not listed are absent: online-only, or not fetched yet):")
-train_convs, n_bad = load_mixture("")
-val_convs, _ = load_mixture("val")
+train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0)
+val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, lambda _: None)
+train_rows, val_rows = tokenizer.render_all(train_convs, T + 1), tokenizer.render_all(val_convs, T + 1)
 
 class Lane:
-    """Every n_lanes-th conversation of the shuffled mixture (reshuffled each epoch), one per row.
-    A row whose targets are all -1 (the assistant's part was cut off by --max-seq-len) is skipped."""
+    """Every n_lanes-th conversation of the shuffled mixture (reshuffled each epoch), one per row, padded
+    to the longest row of the batch. A row whose targets are all -1 (the assistant's part was cut off by
+    --max-seq-len) is skipped."""
 
-    def __init__(self, convs, lane, n_lanes, state=None):
-        self.convs, self.lane, self.n_lanes = convs, lane, n_lanes
+    def __init__(self, rows, lane, n_lanes, state=None):
+        self.rows, self.lane, self.n_lanes = rows, lane, n_lanes
         self.pos, self.skipped = (state["pos"], state["skipped"]) if state else (0, 0)
-        self.order = {}
 
     def next_row(self):
         while True:
-            epoch, i = divmod(self.pos * self.n_lanes + self.lane, len(self.convs))
-            if epoch not in self.order:
-                self.order = {epoch: random.Random(args.seed + epoch).sample(range(len(self.convs)), len(self.convs))}
+            epoch, i = divmod(self.pos * self.n_lanes + self.lane, len(self.rows))
+            ids, targets = self.rows[epoch_order(len(self.rows), args.seed, epoch)[i]]
             self.pos += 1
-            ids, mask = tokenizer.render_conversation(self.convs[self.order[epoch][i]], max_tokens=T + 1)
-            targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-            if any(t >= 0 for t in targets):
+            if (targets >= 0).any():
                 return ids[:-1], targets
             self.skipped += 1
 
-    def batch(self):  # rows padded to the longest one in the batch
+    def batch(self):
         rows = [self.next_row() for _ in range(B)]
-        L = max(len(x) for x, _ in rows)
-        x = [ids + [tokenizer.bos_id] * (L - len(ids)) for ids, _ in rows]
-        y = [t + [-1] * (L - len(t)) for _, t in rows]
-        return torch.tensor(x, device=device), torch.tensor(y, device=device)
+        L = max(len(ids) for ids, _ in rows)
+        x, y = np.full((B, L), tokenizer.bos_id), np.full((B, L), -1)  # padding: <|bos|>, no target
+        for b, (ids, targets) in enumerate(rows):
+            x[b, :len(ids)], y[b, :len(targets)] = ids, targets
+        return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+    def state(self):
+        return {"pos": self.pos, "skipped": self.skipped}
 
 n_lanes = world * grad_accum
 lane_states = src_meta["lanes"] if args.resume else [None] * n_lanes
 if len(lane_states) != n_lanes:
     raise UserError(f"--resume needs the batch layout of the checkpoint ({len(lane_states)} lanes, now {n_lanes}): "
                     "use the same --device-batch-size, --examples-per-step and number of processes")
-lanes = [Lane(train_convs, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
+lanes = [Lane(train_rows, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
 num_steps = args.num_steps if args.num_steps > 0 else max(1, int(args.num_epochs * len(train_convs)) // args.examples_per_step)
 print0(f"{len(train_convs):,} conversations ({n_bad} bad lines skipped), {num_steps} steps of "
        f"{args.examples_per_step} ({B} x {world} processes x {grad_accum} accumulation)")
 
 def val_batches():
-    lane = Lane(val_convs, rank, world)
+    lane = Lane(val_rows, rank, world)
     return (lane.batch() for _ in range(max(1, args.eval_rows // (B * world))))
 
 # -----------------------------------------------------------------------------
@@ -144,40 +132,31 @@ t_start = time.time()
 for step in range(start_step, num_steps + 1):
     last = step == num_steps
     if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
-        model.eval()
-        val_loss = evaluate_loss(model, val_batches())["loss"]
-        print0(f"step {step}/{num_steps} | val loss {val_loss:.4f}")
-        logger.log(step=step, val_loss=val_loss)
-        model.train()
+        val_loss = logger.eval(model, val_batches(), step, num_steps)
     if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
         meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
                     num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage=stage, step=src_meta["step"]),
                     metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
-        save_checkpoint("sft", step, model, optimizer, meta, args.keep, [dict(pos=lane.pos, skipped=lane.skipped) for lane in lanes])
+        save_checkpoint("sft", step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
     if last:
         break
 
+    sync(device)
     t0 = time.time()
     batches = [lane.batch() for lane in lanes]
+    wait = time.time() - t0
     if args.dump_batches:
         with open(args.dump_batches, "a") as f:
             f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
-    train_loss = step_backward(model, batches)
     lrm = 1.0 - step / num_steps  # linear decay to 0
     optimizer.set_lr(lrm)
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    if not math.isfinite(train_loss):
-        raise SystemExit(f"error: loss is {train_loss} at step {step}: stopped; the last good checkpoint is intact. "
-                         "Lower --init-lr-frac and rerun")
+    train_loss = train_step(model, optimizer, batches, step)
+    sync(device)
     logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr * frac, time.time() - t0,
-                      sum(x.numel() for x, _ in batches) * world, flops_per_token, skipped=sum(lane.skipped for lane in lanes))
+                      sum(x.numel() for x, _ in batches) * world, flops_per_token, wait,
+                      skipped=sum(lane.skipped for lane in lanes))
 
 if master:
-    model.eval()
-    for question in ["What is 12 times 34?", "Who are you?", "Spell the word 'apple' letter by letter."]:
-        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question}]})
-        out, _ = generate_batch(model, ids, max_tokens=64, temperature=0, tokenizer=tokenizer)
-        print0(f"  {question} -> {tokenizer.decode(out[0])!r}")
+    print_answers(model, tokenizer, ["What is 12 times 34?", "Who are you?", "Spell the word 'apple' letter by letter."])
 print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
 compute_cleanup()

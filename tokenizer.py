@@ -6,14 +6,15 @@ flatchat tokenizer: byte-level BPE with a GPT-4 style pre-split, the chat format
 
     tok = Tokenizer.load(base_dir() / "tokenizer"); ids = tok.encode("Hello"); tok.decode(ids)
 
-Ids 0..255 are raw bytes, then one id per merge in training order, then the special tokens.
-The encoder gives exactly the ids of a tiktoken Encoding built from the same merges (tested), and
-the saved file is plain JSON (pattern, merges, special tokens): loading it cannot run code.
+Ids 0..255 are raw bytes, then one id per merge in training order, then the special tokens. The
+encoder gives exactly the ids of a tiktoken Encoding built from the same merges (tested); the saved
+file is plain JSON (pattern, merges, special tokens): loading it cannot run code.
 """
 import argparse
 import array
 import collections
 import contextlib
+import ctypes
 import gc
 import hashlib
 import heapq
@@ -22,9 +23,10 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +87,7 @@ def split(text, pattern=SPLIT_PATTERN):
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
 
-def _count(texts, pattern, counts):
-    """Add the chunks of texts to the Counter counts."""
+def _count(texts, pattern, counts):  # add the chunks of texts to the Counter counts
     for text in texts:
         counts.update(split(text, pattern))
 
@@ -101,51 +102,41 @@ def _count_worker(pattern, todo, done):
     except BaseException as e:  # the parent must not wait forever
         done.put(e)
 
-def _batches(texts, size):
-    batch, n = [], 0
-    for text in texts:
-        batch.append(text)
-        n += len(text)
-        if n >= size:
-            yield batch
-            batch, n = [], 0
-    if batch:
-        yield batch
-
 def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_chars=1 << 21):
     """Counter {chunk: count} over all texts: batches of ~2M characters go through a short queue to
     num_proc counting processes (the texts may be a stream from disk: they never all sit in memory)."""
-    batches = _batches(texts, batch_chars)
-    head = list(itertools.islice(batches, 2))  # a single batch is not worth starting processes for
-    counts, nchars, t0 = collections.Counter(), 0, time.time()
+    def batches():
+        batch, n = [], 0
+        for text in texts:
+            batch.append(text)
+            n += len(text)
+            if n >= batch_chars:
+                yield batch
+                batch, n = [], 0
+        yield batch
+    stream, counts, t0 = batches(), collections.Counter(), time.time()
+    head = list(itertools.islice(stream, 2))  # a single batch is not worth starting processes for
     if num_proc < 2 or len(head) < 2:
-        for batch in itertools.chain(head, batches):
+        for batch in itertools.chain(head, stream):
             _count(batch, pattern, counts)
-        if verbose:
-            print(f"split + count: {len(counts):,} unique chunks, {time.time() - t0:.1f} s")
-        return counts
-    todo, done = mp.Queue(2 * num_proc), mp.Queue()
-    procs = [mp.Process(target=_count_worker, args=(pattern, todo, done), daemon=True) for _ in range(num_proc)]
-    for p in procs:
-        p.start()
-    for batch in itertools.chain(head, batches):
-        todo.put(batch)
-        nchars += sum(map(len, batch))
-        if verbose:
-            print(f"\rsplit + count: {nchars / 1e6:,.1f}M chars read, {time.time() - t0:.1f} s",
-                  end="" if sys.stdout.isatty() else "\n", flush=True)
-    for _ in procs:
-        todo.put(None)
-    for _ in procs:  # results first, then join: a process exits only once its result is taken
-        part = done.get()
-        if isinstance(part, BaseException):
-            raise part
-        counts.update(part)
-    for p in procs:
-        p.join()
+    else:
+        todo, done = mp.Queue(2 * num_proc), mp.Queue()
+        procs = [mp.Process(target=_count_worker, args=(pattern, todo, done), daemon=True) for _ in range(num_proc)]
+        for p in procs:
+            p.start()
+        for i, batch in enumerate(itertools.chain(head, stream, [None] * num_proc)):
+            todo.put(batch)
+            if verbose and batch and i % 16 == 0:
+                print(f"split + count: {i * batch_chars / 1e6:,.0f}M chars read, {time.time() - t0:.1f} s", flush=True)
+        for _ in procs:  # results first, then join: a process exits only once its result is taken
+            part = done.get()
+            if isinstance(part, BaseException):
+                raise part
+            counts.update(part)
+        for p in procs:
+            p.join()
     if verbose:
-        print(f"{chr(10) if sys.stdout.isatty() else ''}split + count: {len(counts):,} unique chunks in "
-              f"{nchars / 1e6:,.1f}M chars, {time.time() - t0:.1f} s")
+        print(f"split + count: {len(counts):,} unique chunks, {time.time() - t0:.1f} s")
     return counts
 
 def _pair_stats(words, freqs):
@@ -294,13 +285,11 @@ class Tokenizer:
         if num_merges < 0:
             raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
         counts = count_chunks(texts, pattern, num_proc, verbose)
-        gc_was_on = gc.isenabled()
         gc.disable()  # the merge loop makes many small lists but no cycles: the collector's passes are wasted
         try:
             return cls(bpe_merges(counts, num_merges, verbose), pattern)
         finally:
-            if gc_was_on:
-                gc.enable()
+            gc.enable()
 
     @cached_property
     def _ranks(self):
@@ -347,16 +336,14 @@ class Tokenizer:
         get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]
         return list(itertools.chain.from_iterable(map(get, split(text, self.pattern))))
 
-    def encode_batch(self, texts, num_proc=0):
-        """encode() of each text, over num_proc processes (0: both cores when the batch is big enough)."""
-        texts = list(texts)
-        if num_proc == 0:
-            num_proc = min(2, os.cpu_count() or 1) if sum(map(len, texts)) > 1 << 22 else 1
-        if num_proc <= 1 or len(texts) < 2:
-            return [self.encode(t) for t in texts]
+    def map(self, method, items, num_proc=2, chunksize=16, **kw):
+        """Yield self.method(item, **kw) for each item, in order, computed by num_proc worker processes that
+        each hold a copy of this tokenizer (their chunk caches stay warm); lists of ids come back as arrays."""
+        if num_proc <= 1 or len(items) < 2:
+            yield from (getattr(self, method)(item, **kw) for item in items)
+            return
         with mp.Pool(num_proc, _set_worker, (self,)) as pool:
-            arrays = pool.map(_encode_worker, texts, chunksize=max(1, len(texts) // (16 * num_proc)))
-        return [a.tolist() for a in arrays]
+            yield from pool.imap(partial(_work, method, kw), items, chunksize)
 
     def encode_special(self, name):
         if name not in self._special:
@@ -399,6 +386,17 @@ class Tokenizer:
         msgs = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
         ids, _ = self.render_conversation({"messages": msgs}, max_tokens=sys.maxsize)
         return ids + [self.encode_special("<|assistant_start|>")]
+
+    def render_all(self, convs, max_tokens, num_proc=os.cpu_count()):
+        """[(ids, targets)] of each conversation as int64 arrays, rendered once (a conversation repeated in
+        the list, once) on num_proc processes: ids cut to max_tokens, targets[i] = ids[i + 1] where the
+        assistant wrote it, else -1."""
+        unique = list({id(c): c for c in convs}.values())
+        done = {}
+        for conv, (ids, mask) in zip(unique, self.map("render_conversation", unique, num_proc, 64, max_tokens=max_tokens)):
+            ids, mask = np.asarray(ids, np.int64), np.asarray(mask, bool)
+            done[id(conv)] = ids, np.where(mask[1:], ids[1:], -1)
+        return [done[id(c)] for c in convs]
 
     def _json(self):  # canonical: the saved file is exactly these bytes
         state = {"version": VERSION, "pattern": self.pattern, "merges": self.merges,
@@ -445,12 +443,15 @@ class Tokenizer:
     def __reduce__(self):  # pickled (for worker processes) as its plain data, never as code
         return Tokenizer, (self.merges, self.pattern, self.special_tokens)
 
-def _set_worker(tok):  # each encode_batch process holds one tokenizer
+def _set_worker(tok):  # each Tokenizer.map process holds one tokenizer, and dies with its parent (Linux)
     global _worker
     _worker = tok
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans after a SIGKILL
 
-def _encode_worker(text):  # an array pickles as raw bytes: ~10x cheaper to send back than a list of ints
-    return array.array("I", _worker.encode(text))
+def _work(method, kw, item):  # arrays pickle as raw bytes: ~10x cheaper to send back than lists of ints
+    out = getattr(_worker, method)(item, **kw)
+    return tuple(array.array("I", o) for o in out) if isinstance(out, tuple) else array.array("I", out)
 
 def check_conversation(conversation):
     """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the
@@ -478,6 +479,22 @@ def check_conversation(conversation):
             raise ValueError("the system message must be a string and be followed by a user message")
         turns[0] = ("user", system + "\n\n" + turns[0][1])
     return turns
+
+def read_mixture(mixture, folder, skip_bad=False, say=print):
+    """The conversations of a mixture {name: weight} from data/chat/<folder>/<name>.jsonl, each file's rows
+    repeated weight times (a missing file is skipped, and said): (conversations, bad lines skipped)."""
+    rows, n_bad = [], 0
+    for name, weight in mixture.items():
+        path = base_dir() / "data" / "chat" / folder / f"{name}.jsonl"
+        if not path.exists():
+            say(f"  {name:<20} skipped: {path} not found (online-only source, or run `python data/chat_data.py`)")
+            continue
+        convs, bad = read_conversations(path, skip_bad=skip_bad)
+        rows, n_bad = rows + convs * weight, n_bad + bad
+        say(f"  {name:<20} x{weight}  {len(convs):>7,} conversations" + (f" ({bad} bad lines skipped)" if bad else ""))
+    if not rows:
+        raise DataError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
+    return rows, n_bad
 
 def render_mc(question, choices):
     """The user prompt of a multiple-choice question; the assistant answers with the letter alone."""
@@ -567,22 +584,18 @@ SNIPPETS = {
 }
 
 def evaluate(max_chars):
-    """Print bytes per token of our tokenizer and of smaller ones trained here, on snippets and corpus files."""
+    """Bytes per token of our tokenizer and of two smaller ones trained here, on snippets and corpus files."""
     tok = Tokenizer.load(base_dir() / "tokenizer")
     files = corpus_files("train") + corpus_files("val")
     sample = [d for f in files for d in corpus_texts([f], 2_000_000 // len(files))]  # a bit of every file
     toks = {f"ours {tok.vocab_size}": tok}
-    for v in (tok.vocab_size // 4, tok.vocab_size // 16):
-        if v >= 512:
-            print(f"training a {v:,} vocabulary on {sum(map(len, sample)):,} chars for comparison")
-            toks[f"bpe {v}"] = Tokenizer.train(sample, v)
+    toks.update({f"bpe {v}": Tokenizer.train(sample, v) for v in (tok.vocab_size // 4, tok.vocab_size // 16) if v >= 512})
     texts = {name: [s] for name, s in SNIPPETS.items()}
     texts.update({f"{f.parent.name}/{f.name}": list(corpus_texts([f], max_chars)) for f in files})
     print(f"{'bytes per token':30s}" + "".join(f"{name:>14s}" for name in toks))
     for name, docs in texts.items():
-        nbytes = sum(len(d.encode("utf-8", "replace")) for d in docs)
-        ntoks = [sum(map(len, t.encode_batch(docs))) for t in toks.values()]
-        print(f"{name[:30]:30s}" + "".join(f"{nbytes / max(n, 1):14.2f}" for n in ntoks))
+        ntoks = [sum(map(len, t.map("encode", docs))) for t in toks.values()]
+        print(f"{name[:30]:30s}" + "".join(f"{sum(len(d.encode()) for d in docs) / max(n, 1):14.2f}" for n in ntoks))
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train or evaluate the flatchat tokenizer.")

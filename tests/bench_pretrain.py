@@ -1,157 +1,198 @@
 """
-Benchmark: one pretraining step of the cpu-preset model (depth 4, width 256, context 256, vocab 8192)
-against a plain nanoGPT-style model of the same size, fp32 and bf16, next to the machine's measured
-fp32 matmul peak (measured before and after). Not collected by pytest; run it on a quiet machine:
+Benchmark: one pretraining step of the cpu-preset model (depth 4, width 256, context 256, vocab 8192,
+32 rows = 8,192 tokens a step), model.py as it is now against model.py at a git revision, and against
+variants that put back one speed trick at a time. Not collected by pytest; run it on an idle machine:
 
-    python tests/bench_pretrain.py [--steps 5] [--batch 32] [--compile 1]
+    python tests/bench_pretrain.py                          # now vs HEAD, bf16 (where native) + fp32, compiled
+    python tests/bench_pretrain.py --rev 3cfac9b --compile 0 --dtypes fp32
+    python tests/bench_pretrain.py --tricks                 # + one variant per trick (see TRICKS)
 
-Each figure is the median over --steps timed steps (after 2 warmup steps) of forward + backward +
-optimizer step on random tokens; the configurations take turns step by step in a rotating order, so
-that they meet the same load on a shared machine. With --compile 1 both models are also timed under
-torch.compile (the compile time, in the warmup, is printed apart). FLOPs per token are counted the
-same way for both models (6 x matmul weights + attention), so GFLOP/s compare like with like. The
-fwd+bwd column leaves the optimizer step out: Muon's Newton-Schulz costs more than AdamW's update.
+Every configuration lives in its own process (its own allocator settings, compile caches and peak
+memory). After each has compiled and warmed up alone, they take turns one step at a time in a
+rotating order, so that they all meet the same load. Each figure is the median over --steps steps of
+forward + backward + optimizer step on random tokens; `fwd+bwd` leaves out the optimizer step;
+`first s` is the first step (where torch.compile compiles); `peak MB` is the process's peak RSS.
 """
 
 import argparse
-import itertools
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig  # noqa: E402
-
-parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
-parser.add_argument("--batch", type=int, default=32, help="rows per step")
-parser.add_argument("--compile", type=int, default=1, help="also time torch.compile'd models (1/0)")
-args = parser.parse_args()
-V, T, L, C, H = 8192, 256, 4, 256, 2
+ROOT = Path(__file__).resolve().parents[1]
+T, L = 256, 4
+V = int(os.environ.get("BENCH_VOCAB", 8192))
+TRICKS = {  # name: what the variant changes in the current model.py (see patch())
+    "- fused loss": "without the Speed section's loss Function: the plain compiled loss on the CPU too",
+    "+ bf16 Newton-Schulz": "Newton-Schulz in bf16 on a CPU with bf16 units (HEAD; fp32 now, as nanochat on a CPU)",
+    "- malloc/THP switch": "without the Speed section's allocator settings (glibc may mmap and trim again)",
+    "+ hand-written backwards": "HEAD's RMSNorm, rotary + QK-norm and ReLU^2 autograd Functions",
+    "- compiled optimizer": "the Muon/AdamW updates run eagerly",
+}
 
 
-class BaselineBlock(nn.Module):
-    """nanoGPT: LayerNorm with bias, fused qkv, GELU MLP, learned positions, tied head."""
-
-    def __init__(self):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-        self.fc, self.out = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-    def forward(self, x):
-        B, T_, _ = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T_, H, C // H).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T_, C)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class Baseline(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
-        self.blocks = nn.ModuleList([BaselineBlock() for _ in range(L)])
-        self.ln_f = nn.LayerNorm(C)
-        self.lm_head = nn.Linear(C, V, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as in nanoGPT
-        for name, p in self.named_parameters():  # nanoGPT's init: N(0, 0.02), residual projections scaled down
-            if p.dim() == 2:  # (PyTorch's default N(0, 1) embedding makes softmax underflow to slow denormals)
-                nn.init.normal_(p, std=0.02 / (2 * L) ** 0.5 if name.endswith(("proj.weight", "out.weight")) else 0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, V), targets.view(-1))
-
-
-def flops_per_token(model):
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe")))
-    if isinstance(model, Baseline):
-        matmul += V * C  # its head is the tied embedding
-    return 6 * matmul + 12 * L * C * T
-
-
-def step(model, opt, dtype, x, y):
-    """Seconds of one forward + backward + optimizer step, and of its forward + backward."""
-    t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext():
-        loss = model(x, y)
-    loss.backward()
-    t1 = time.perf_counter()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0, t1 - t0
-
-
-def matmul_peak():
-    """fp32 GFLOP/s of large square matmuls: what this machine's BLAS can do at best."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-dtypes = ("fp32", "bf16") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",)
-if len(dtypes) == 1:
-    print(f"no bf16 rows: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, it would be emulated")
-torch.manual_seed(0)
-peak_before = matmul_peak()
-print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-configs, results, fwd_bwd = {}, {}, {}
-x, y = torch.randint(0, V, (args.batch, T)), torch.randint(0, V, (args.batch, T))
-for name, dtype, compiled in itertools.product(("flatchat (Muon+AdamW)", "nanoGPT baseline (AdamW)"), dtypes,
-                                               (False, True) if args.compile else (False,)):
+def worker(cfg):
+    """One configuration: build, warm up, then one timed step per 'step' line on stdin."""
+    import importlib.util
+    import torch
+    tricks = cfg["trick"].split(",") if cfg["trick"] else []
+    if "- malloc/THP switch" in tricks:  # model.py's switch finds no libc and no huge pages
+        import ctypes
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
+        ctypes.CDLL = lambda *a, **k: (_ for _ in ()).throw(OSError("no libc in this variant"))
+    sys.path.insert(0, cfg["src"])  # its tokenizer.py too
+    spec = importlib.util.spec_from_file_location("model", Path(cfg["src"]) / "model.py")
+    M = sys.modules["model"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(M)
+    for trick in tricks:
+        patch(M, trick)
     torch.manual_seed(0)
-    if name.startswith("flatchat"):
-        model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=H, n_kv_head=H, n_embd=C))
-        model.init_weights()
+    H = 2
+    model = M.GPT(M.GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=H, n_kv_head=H, n_embd=64 * L))
+    model.init_weights()
+    compile_opt = cfg["compile"] and "- compiled optimizer" not in tricks
+    try:
+        opt = model.setup_optimizer(compile=compile_opt)
+    except TypeError:  # a model.py from before the optimizer could compile
         opt = model.setup_optimizer()
-    else:
-        model = Baseline()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
-    torch._dynamo.reset()  # each compiled model starts from a clean compile cache
-    run = (torch.compile(model, dynamic=False) if compiled else model, opt, dtype, x, y)
-    warm = step(*run)[0] + step(*run)[0]  # 2 warmup steps: where torch.compile compiles
-    configs[name, dtype, compiled] = run, flops_per_token(model), warm, []
-order = list(configs.values())
-for i in range(args.steps):  # the configurations take turns, so that they meet the same load on this shared machine,
-    turn = order[i % len(order):] + order[:i % len(order)]  # in a rotating order, forwards then backwards: with a
-    for run, _, _, times in turn[::-1] if (i // len(order)) % 2 else turn:  # fixed one, some places ran ~5% slower
-        times.append(step(*run))
-peak_after = matmul_peak()
-peak = max(peak_before, peak_after)  # measured before and after the steps: one busy moment cannot lower it
-print(f"fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 5 before the steps, {peak_before:.1f}, and 5 after, "
-      f"{peak_after:.1f})")
-print(f"{'model':<34}{'dtype':<7}{'compiled':<10}{'ms/step':>9}{'fwd+bwd':>9}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}"
-      f"{'warmup s':>10}")
-for (name, dtype, compiled), (_, flops, warm, times) in configs.items():
-    dt = results[name, dtype, compiled] = statistics.median(t for t, _ in times)
-    fb = fwd_bwd[name, dtype, compiled] = statistics.median(t for _, t in times)  # without the optimizer step
-    tok_s = args.batch * T / dt
-    gflops = flops * tok_s / 1e9
-    print(f"{name:<34}{dtype:<7}{'yes' if compiled else 'no':<10}{dt * 1000:>9,.0f}{fb * 1000:>9,.0f}{tok_s:>9,.0f}"
-          f"{gflops:>9.1f}{100 * gflops / peak:>7.0f}%{warm:>10.1f}", flush=True)
-for dtype, compiled in itertools.product(dtypes, (False, True) if args.compile else (False,)):
-    ratio = results["nanoGPT baseline (AdamW)", dtype, compiled] / results["flatchat (Muon+AdamW)", dtype, compiled]
-    fb = fwd_bwd["nanoGPT baseline (AdamW)", dtype, compiled] / fwd_bwd["flatchat (Muon+AdamW)", dtype, compiled]
-    print(f"flatchat step speed vs the baseline, {dtype}{' compiled' if compiled else ''}: {ratio:.2f}x "
-          f"(above 1 = flatchat faster); forward + backward alone: {fb:.2f}x")
-fastest = min(results, key=results.get)
-ours = "flatchat (Muon+AdamW)"
-print(f"fastest: {fastest[0]} {fastest[1]}{' compiled' if fastest[2] else ''}; flatchat eager fp32 -> {dtypes[-1]}"
-      f"{' compiled' if args.compile else ''}: {results[ours, 'fp32', False] / results[ours, dtypes[-1], bool(args.compile)]:.2f}x")
+    run = torch.compile(model, dynamic=False) if cfg["compile"] else model
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg["dtype"] == "bf16" else torch.autocast("cpu", enabled=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, V, (32, T), generator=g), torch.randint(0, V, (32, T), generator=g)
+
+    def step():
+        t0 = time.perf_counter()
+        with amp:
+            loss = run(x, y)
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, t1 - t0
+
+    first = step()[0]
+    step()
+    print(json.dumps(dict(first=first, flops=model.estimate_flops())), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print(json.dumps(step()), flush=True)
+    print(json.dumps(dict(peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)), flush=True)
+
+
+def patch(M, trick):
+    """Take one speed trick out of the current model module M, or put one of HEAD's back in."""
+    import torch
+    import torch.nn.functional as F
+    if trick == "- fused loss":
+        M.softcap_cross_entropy = lambda h, w, t, grad: F.cross_entropy(15 * torch.tanh(F.linear(h, w).float() / 15),
+                                                                        t, ignore_index=-1, reduction="none")
+    elif trick == "+ bf16 Newton-Schulz":
+        def newton_schulz(G, steps=5):  # model.py's, with X in bf16 on the CPU too
+            X = G.bfloat16().mT if G.size(-2) > G.size(-1) else G.bfloat16()
+            X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+            for _ in range(steps):
+                A = X @ X.mT
+                X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+            return (X.mT if G.size(-2) > G.size(-1) else X).to(G.dtype)
+        M.newton_schulz = newton_schulz
+    elif trick == "+ hand-written backwards":
+        old = load_rev_module(ARGS_REV, "model_head")
+        M.norm = old.RMSNorm.apply
+        M.MLP.forward = lambda self, x: self.c_proj(old.ReluSquared.apply(self.c_fc(x)))
+
+        def attn_forward(self, x, cos, sin, kv_cache):  # HEAD's rotary + QK-norm in one Function
+            B, T_, C = x.shape
+            q = old.rotary_norm(self.c_q(x).view(B, T_, self.n_head, self.head_dim), cos, sin).transpose(1, 2)
+            k = old.rotary_norm(self.c_k(x).view(B, T_, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)
+            v = self.c_v(x).view(B, T_, self.n_kv_head, self.head_dim).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T_, C))
+        M.Attention.forward = attn_forward
+
+
+def load_rev_module(rev, name):
+    """model.py at a git revision, imported as `name` (its tokenizer.py is the current one)."""
+    import importlib.util
+    d = Path(tempfile.mkdtemp(prefix="flatchat_bench_"))
+    src = git_show(rev, "model.py").replace("ctypes.CDLL(None)", "ctypes.CDLL('no such library')")  # no malloc
+    (d / "model.py").write_text(src.replace('os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")', ""))  # switch
+    spec = importlib.util.spec_from_file_location(name, d / "model.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # torch.compile looks it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def git_show(rev, path):
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def checkout(rev):
+    """A temp dir holding model.py and tokenizer.py as they are at rev."""
+    d = Path(tempfile.mkdtemp(prefix="flatchat_bench_"))
+    for f in ("model.py", "tokenizer.py"):
+        (d / f).write_text(git_show(rev, f))
+    return str(d)
+
+
+ARGS_REV = os.environ.get("BENCH_REV", "HEAD")
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(json.loads(sys.argv[2]))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description="Time a cpu-preset pretraining step: now vs a revision, and tricks.")
+    parser.add_argument("--rev", default="HEAD", help="the git revision to compare with")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--compile", type=int, default=1, help="torch.compile the model (1/0), as the cpu preset does")
+    parser.add_argument("--dtypes", default="", help="comma list of fp32,bf16 (default: both where the CPU has bf16 units)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocab size (the cpu preset's: 8192)")
+    parser.add_argument("--tricks", action="store_true", help="add one variant of the current model per trick")
+    parser.add_argument("--only-tricks", default="", help="';'-separated variants, each a comma list of TRICKS (implies --tricks)")
+    args = parser.parse_args()
+    import torch
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp32"] if native_bf16 else ["fp32"])
+    tricks = args.only_tricks.split(";") if args.only_tricks else (list(TRICKS) if args.tricks else [])
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at start")
+    revs = {"now": str(ROOT), args.rev: checkout(args.rev)}
+    os.environ["BENCH_REV"], os.environ["BENCH_VOCAB"] = args.rev, str(args.vocab)
+    configs = [dict(name=name, src=src, dtype=d, compile=args.compile, trick="") for d in dtypes for name, src in revs.items()]
+    configs += [dict(name=f"now {t}", src=str(ROOT), dtype=d, compile=args.compile, trick=t) for d in dtypes for t in tricks]
+    procs, results = [], []
+    for cfg in configs:  # start and warm up one at a time: compile times measured alone
+        p = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(cfg)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        info = json.loads(p.stdout.readline())
+        procs.append(p), results.append(dict(cfg, **info, times=[]))
+    for i in range(args.steps):
+        order = list(range(len(procs)))
+        order = order[i % len(order):] + order[:i % len(order)]
+        for k in (order[::-1] if (i // len(order)) % 2 else order):
+            procs[k].stdin.write("step\n"), procs[k].stdin.flush()
+            results[k]["times"].append(json.loads(procs[k].stdout.readline()))
+    for p, r in zip(procs, results):
+        p.stdin.write("exit\n"), p.stdin.flush()
+        r.update(json.loads(p.stdout.readline()))
+        p.wait()
+    print(f"load average {os.getloadavg()[0]:.2f} at the end; {args.steps} steps each, medians")
+    print(f"{'configuration':<32}{'dtype':<6}{'ms/step':>9}{'fwd+bwd':>9}{'tok/s':>9}{'GFLOP/s':>9}{'first s':>9}"
+          f"{'peak MB':>9}{'vs now':>8}")
+    base = {}
+    for r in results:
+        r["dt"] = statistics.median(t for t, _ in r["times"])
+        r["fb"] = statistics.median(f for _, f in r["times"])
+        base.setdefault(r["dtype"], r["dt"]) if r["name"] == "now" else None
+    for r in results:
+        tok_s = 32 * T / r["dt"]
+        print(f"{r['name']:<32}{r['dtype']:<6}{r['dt'] * 1000:>9,.0f}{r['fb'] * 1000:>9,.0f}{tok_s:>9,.0f}"
+              f"{r['flops'] * tok_s / 1e9:>9.1f}{r['first']:>9.1f}{r['peak_mb']:>9,.0f}"
+              f"{base[r['dtype']] / r['dt']:>7.2f}x")
+    print("vs now: the current model's step time / this configuration's (above 1 = faster than now)")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import fresh_home, read_log, run_killed, run_script
 
-TINY = ["--depth", 2, "--max-seq-len", 64, "--device-batch-size", 4, "--total-batch-size", 512,
+TINY = ["--depth", 2, "--max-seq-len", 64, "--device-batch-size", 4, "--total-batch-size", 512, "--compile", 0,
         "--eval-tokens", 2048, "--eval-every", 4, "--sample-every", -1]
 
 
@@ -94,3 +94,80 @@ def test_missing_corpus_is_one_clear_line(tmp_path, tiny_home):
     shutil.copy(tiny_home / "tokenizer/tokenizer.json", home / "tokenizer")
     proc = run_script("pretrain.py", *TINY, home=home, check=False)
     assert proc.returncode == 2 and "python data/corpus.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# the data pipeline: token shards and best-fit packing
+
+
+def reference_rows(docs, lane, n_lanes, bos, size, count, buffer_size=32):
+    """The packing rule written plainly over lists (as the loader packed before token shards): every
+    n_lanes-th document, best fit; when none fits, the longest piece is split and its rest starts a later
+    row with <|bos|>."""
+    stream = iter([d for n, d in enumerate(docs) if n % n_lanes == lane] * 3)
+    pieces, rows = [], []
+    for _ in range(count):
+        row = []
+        while len(row) < size:
+            while len(pieces) < buffer_size:
+                pieces.append([bos] + list(next(stream)))
+            room = size - len(row)
+            fits = [p for p in pieces if len(p) <= room]
+            if fits:
+                best = max(fits, key=len)
+                pieces.remove(best)
+                row += best
+            else:
+                p = max(pieces, key=len)
+                row += p[:room]
+                pieces[pieces.index(p)] = [bos] + p[room:]
+        rows.append(row)
+    return rows
+
+
+def test_token_shards_are_the_encoded_documents_and_are_reused_until_the_corpus_changes(tiny_home, tmp_path, monkeypatch):
+    import pretrain
+    from tokenizer import Tokenizer, corpus_files, iter_documents
+    home = fresh_home(tiny_home, tmp_path / "home", share=("tokenizer",))
+    shutil.copytree(tiny_home / "data", home / "data")
+    monkeypatch.setenv("FLATCHAT_HOME", str(home))
+    tok = Tokenizer.load(home / "tokenizer")
+    files = corpus_files("train")
+    (tokens, starts), = pretrain.token_shards(files, tok, num_proc=2)
+    docs = list(iter_documents(files[0]))
+    assert len(starts) == len(docs) + 1
+    assert all(tokens[starts[i]:starts[i + 1]].tolist() == tok.encode(d) for i, d in enumerate(docs))
+    shard = next((home / "data" / "tokens").rglob("*.bin"))
+    before = shard.stat().st_mtime_ns
+    pretrain.token_shards(files, tok)  # unchanged corpus: read, not encoded again
+    assert shard.stat().st_mtime_ns == before
+    with open(files[0], "a") as f:
+        f.write('{"text": "A new document at the end."}\n')
+    (tokens, starts), = pretrain.token_shards(files, tok, num_proc=1)
+    assert tokens[starts[-2]:].tolist() == tok.encode("A new document at the end.")
+    assert not shard.exists() and len(list(shard.parent.iterdir())) == 2  # the old version is gone: .bin + .idx.npy
+
+
+def test_lanes_pack_best_fit_like_the_plain_rule_resume_exactly_and_stay_disjoint():
+    import numpy as np
+    import pretrain
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 500, rng.integers(1, 300)).astype(np.uint16) for _ in range(101)]
+    starts = np.cumsum([0] + [len(d) for d in docs])
+    shards = [(np.concatenate(docs[:60]), starts[:61]), (np.concatenate(docs[60:]), starts[60:] - starts[60])]
+    for lane, n_lanes in ((0, 1), (1, 3)):
+        L = pretrain.Lane(shards, lane, n_lanes, bos=999)
+        rows = [L.row(65).tolist() for _ in range(40)]  # past one epoch of the lane: the corpus repeats
+        assert rows == reference_rows(docs, lane, n_lanes, 999, 65, 40)
+    a = pretrain.Lane(shards, 0, 2, bos=999)
+    for _ in range(7):
+        a.row(65)
+    b = pretrain.Lane(shards, 0, 2, bos=999, state=a.state())  # resume: the same next rows
+    assert [a.row(65).tolist() for _ in range(5)] == [b.row(65).tolist() for _ in range(5)]
+    x, y = pretrain.Lane(shards, 1, 2, bos=999).batch(4, 64)
+    assert x.shape == y.shape == (4, 64) and (x[:, 0] == 999).all() and torch.equal(x[:, 1:], y[:, :-1])
+    lane0, lane1 = pretrain.Lane(shards, 0, 2, bos=1), pretrain.Lane(shards, 1, 2, bos=1)
+    lane0.row(500), lane1.row(500)
+    docs0 = {lane0.lane + 2 * (p[0] % lane0.per_epoch) for p in lane0.pieces}
+    docs1 = {lane1.lane + 2 * (p[0] % lane1.per_epoch) for p in lane1.pieces}
+    assert docs0 and docs1 and not docs0 & docs1 and all(d % 2 == 0 for d in docs0)

@@ -172,10 +172,14 @@ def test_special_token_text_is_ordinary_text(tok):
         tok.encode_special("<|nope|>")
 
 
-def test_cache_and_batch_give_the_same_ids(tok, sample):
+def test_cache_and_worker_processes_give_the_same_ids(tok, sample):
     fresh = Tokenizer(tok.merges)
     assert [fresh._bpe(c) for c in T.split(sample[0])] == [tok._cache[c] for c in T.split(sample[0])]
-    assert tok.encode_batch(sample[:6], num_proc=2) == [tok.encode(t) for t in sample[:6]]
+    assert [list(a) for a in tok.map("encode", sample[:6], num_proc=2)] == [tok.encode(t) for t in sample[:6]]
+    convs = [{"messages": [{"role": "user", "content": t[:200]}, {"role": "assistant", "content": t[200:400]}]} for t in sample[:4]]
+    for (ids, targets), conv in zip(tok.render_all(convs + convs[:1], 64, num_proc=2), convs + convs[:1]):
+        want, mask = tok.render_conversation(conv, max_tokens=64)
+        assert ids.tolist() == want and targets.tolist() == [t if m else -1 for t, m in zip(want[1:], mask[1:])]
 
 
 def test_encode_follows_tiktoken_rules_on_odd_merges():
