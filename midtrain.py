@@ -11,15 +11,13 @@ writes checkpoints/midtrain/step_N and logs/midtrain.jsonl.
 """
 
 import argparse
-import json
 import math
-import time
 
 import numpy as np
 import torch
 
-from model import (UserError, compute_cleanup, compute_init, epoch_order, JsonlLogger, load_model, print0,
-                   print_answers, save_checkpoint, sync, train_step)
+from model import (UserError, add_training_args, compute_cleanup, epoch_order, finetune_loop, make_lanes, print0,
+                   print_answers, start_from_checkpoint)
 from tokenizer import read_mixture
 
 # -----------------------------------------------------------------------------
@@ -31,46 +29,25 @@ parser.add_argument("--max-seq-len", type=int, default=-1, help="context length 
 parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per process (-1 = inherit)")
 parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = inherit)")
 parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = one pass over the mixture)")
-# optimization (base-model learning rates, scaled by --init-lr-frac)
-parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
-parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
-parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
-parser.add_argument("--init-lr-frac", type=float, default=1.0, help="all learning rates x this")
 parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay to 0")
-# data
-parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file, to see what the loop trains on")
-parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
-parser.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
-# evaluation, checkpoints
-parser.add_argument("--eval-every", type=int, default=100, help="steps between val loss evaluations (-1 = only at the end)")
 parser.add_argument("--eval-rows", type=int, default=256, help="val rows per evaluation (all processes together)")
-parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
-parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
-parser.add_argument("--resume", action="store_true", help="continue from the latest complete midtrain checkpoint")
+parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file")
+parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
+add_training_args(parser, init_lr_frac=1.0)  # the base model's learning rates, x --init-lr-frac
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
 # Init, and the model: the base checkpoint (or our own latest one with --resume)
-ddp, rank, local_rank, world, device = compute_init(args.seed)
-master = rank == 0
-source = ("midtrain", None) if args.resume else ("pretrain", None if args.source_step < 0 else args.source_step)
-model, tokenizer, src_meta, optim_state = load_model(source[0], device, step=source[1], load_optim=True)
-inherited = {}
+rank, world, device, model, tokenizer, src_meta, optimizer = start_from_checkpoint(args, "midtrain", "pretrain", args.source_step)
 for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
     if getattr(args, name) == -1:  # shape flags inherit from the checkpoint we start from
         setattr(args, name, src_meta["args"][name])
-        inherited[name] = getattr(args, name)
-print0(f"loaded {source[0]} step {src_meta['step']}; inherited {inherited}")
+        print0(f"inherited {name} = {getattr(args, name)}")
 B, T = args.device_batch_size, args.max_seq_len
 if args.total_batch_size % (B * T * world):
     raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of {B * T * world} "
                     "(device batch x seq len x world): change one of them")
 grad_accum = args.total_batch_size // (B * T * world)
-lr_frac = args.init_lr_frac
-optimizer = model.setup_optimizer(args.matrix_lr * lr_frac, args.embedding_lr * lr_frac, args.unembedding_lr * lr_frac)
-if args.resume:  # a new stage starts with fresh optimizer moments
-    optimizer.load_state_dict(optim_state)
-model.train()
 
 # -----------------------------------------------------------------------------
 # Data: the mixture, rendered once on every core. A source's weight is how many times its rows appear per pass.
@@ -130,12 +107,8 @@ class Lane:
     def state(self):
         return {"pos": self.pos, "pieces": [p[0] for p in self.pieces], "skipped": self.skipped}
 
-n_lanes = world * grad_accum
-lane_states = src_meta["lanes"] if args.resume else [None] * n_lanes
-if len(lane_states) != n_lanes:
-    raise UserError(f"--resume needs the batch layout of the checkpoint ({len(lane_states)} lanes, now {n_lanes}): "
-                    "use the same batch sizes and number of processes")
-lanes = [Lane(train_rows, rank * grad_accum + m, n_lanes, lane_states[rank * grad_accum + m]) for m in range(grad_accum)]
+lanes = make_lanes(lambda lane, n, state: Lane(train_rows, lane, n, state), rank, world, grad_accum,
+                   src_meta["lanes"] if args.resume else None)
 num_steps = args.num_steps
 if num_steps == -1:  # one pass: the mixture's tokens over the tokens per step
     num_steps = max(1, math.ceil(sum(len(ids) for ids, _ in train_rows) / args.total_batch_size))
@@ -147,39 +120,10 @@ def val_batches():  # the same val rows every time
     return (lane.batch() for _ in range(max(1, args.eval_rows // (B * world))))
 
 # -----------------------------------------------------------------------------
-# Training loop: eval and save at the top of a step; the last iteration only does those
-start_step = src_meta["step"] if args.resume else 0
-logger = JsonlLogger("midtrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
-flops_per_token = model.estimate_flops()
-val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # the eval of the resumed step ran before its save
-t_start = time.time()
-for step in range(start_step, num_steps + 1):
-    last = step == num_steps
-    if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
-        val_loss = logger.eval(model, val_batches(), step, num_steps)
-    if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-        meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
-                    num_steps=num_steps, source=src_meta["source"] if args.resume else dict(stage="pretrain", step=src_meta["step"]),
-                    metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
-        save_checkpoint("midtrain", step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
-    if last:
-        break
-
-    sync(device)
-    t0 = time.time()
-    batches = [lane.batch() for lane in lanes]
-    wait = time.time() - t0
-    if args.dump_batches:
-        with open(args.dump_batches, "a") as f:
-            f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
-    lrm = min(1.0, (num_steps - step) / max(1, round(args.warmdown_ratio * num_steps)))  # flat, then linear to 0
-    optimizer.set_lr(lrm)
-    train_loss = train_step(model, optimizer, batches, step)
-    sync(device)
-    logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr * lr_frac, time.time() - t0,
-                      args.total_batch_size, flops_per_token, wait, skipped=sum(lane.skipped for lane in lanes))
-
-if master:  # a few answers from the final model, to see what it learned
+# Training loop (model.finetune_loop): flat learning rate, then a linear decay to 0 over the last steps
+warmdown = max(1, round(args.warmdown_ratio * num_steps))
+finetune_loop("midtrain", args, model, tokenizer, optimizer, src_meta, lanes, val_batches, num_steps,
+              lr_multiplier=lambda step: min(1.0, (num_steps - step) / warmdown))
+if rank == 0:  # a few answers from the final model, to see what it learned
     print_answers(model, tokenizer, ["What is 12 times 34?", "Who are you?", "How many 'r' are in 'strawberry'?"])
-print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
 compute_cleanup()

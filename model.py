@@ -1,28 +1,20 @@
 """
-model.py: everything the stages must agree on, in one file.
+model.py: everything the stages must agree on, in one file: the transformer (GPT), the Muon + AdamW
+optimizer, generation with a KV cache and the calculator tool, and the runtime (devices, torchrun, logs,
+atomic checkpoints).
 
-    GPTConfig, GPT          the transformer (nanochat style, see the list below)
-    MuonAdamW               Muon for the block matrices, AdamW for the rest, one class for 1 or N processes
-    KVCache, generate       streaming generation with a KV cache and the calculator tool
-    runtime                 device/dtype, torchrun init, print0, JSONL logs, atomic checkpoints
-
-Design choices of the model, one line each:
-- rotary position embeddings (no learned positions) on q and k: the two halves of a head turn as pairs;
-- QK-norm: q and k are RMS-normalised after rotary, which keeps attention logits tame;
+The model, one line per design choice (nanochat's):
+- rotary position embeddings on q and k (the two halves of a head turn as pairs), then QK-norm;
 - RMSNorm without learnable parameters, pre-norm, plus a norm after the token embedding;
-- ReLU-squared MLP (4x wide): cheap and slightly better than GELU at this scale;
-- no biases anywhere; untied token embedding and output head;
-- logits soft-capped with 15 * tanh(logits / 15) so they cannot run away;
-- grouped-query attention when n_kv_head < n_head (smaller KV cache);
-- F.scaled_dot_product_attention (flash attention on GPU);
-- vocab padded to a multiple of 64 for fast matmuls (padded logits are cut off);
+- ReLU-squared MLP (4x wide); no biases; untied token embedding and output head;
+- logits soft-capped with 15 * tanh(logits / 15); grouped-query attention when n_kv_head < n_head;
+- F.scaled_dot_product_attention (flash attention on GPU); vocab padded to a multiple of 64;
 - init: output projections zero (each block starts as the identity), a tiny head (std 1e-3).
 Speed comes from torch.compile (the stages compile model and optimizer where a compiler works): the code
 is the plain PyTorch that compile fuses. Two CPU pieces that measured >= 10% of a step sit in "Speed" at
 the end, each tested against the plain code it stands in for.
 """
 
-import ast
 import contextlib
 import ctypes
 import functools
@@ -90,15 +82,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, T_cached + T, D)
-        Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_kv_head != self.n_head
-        if Tq == Tk:  # training, or a prefill into an empty cache: plain causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # a chunk after a cached prefix: causal within the chunk, full to the prefix
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        Tq, Tk = q.size(2), k.size(2)  # Tq < Tk: new tokens after a cached prefix, which they all see
+        mask = None if Tq == Tk else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 class MLP(nn.Module):
@@ -150,12 +137,9 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def estimate_flops(self):
-        """FLOPs per token for forward + backward: 6 per matmul weight, plus attention scores."""
+    def estimate_flops(self):  # per token, forward + backward: 6 per matmul weight, plus attention scores
         c = self.config
-        matmul_params = self.num_params() - self.wte.weight.numel()
-        attn = 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
-        return 6 * matmul_params + attn
+        return 6 * (self.num_params() - self.wte.weight.numel()) + 12 * c.n_layer * c.n_embd * c.sequence_len
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
@@ -185,14 +169,10 @@ class GPT(nn.Module):
     def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, compile=False):
         """Muon for the 2-D block matrices, AdamW for embedding and head; Adam lrs scale as 1/sqrt(width)."""
         scale = (self.config.n_embd / 768) ** -0.5
-        groups = [
-            dict(kind="muon", params=list(self.blocks.parameters()), lr=matrix_lr, momentum=0.95),
-            dict(kind="adamw", params=[self.wte.weight], lr=embedding_lr * scale),
-            dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * scale),
-        ]
-        for g in groups:
-            g["initial_lr"], g["weight_decay"] = g["lr"], weight_decay
-        return MuonAdamW(groups, compile)
+        groups = [dict(kind="muon", params=list(self.blocks.parameters()), lr=matrix_lr, momentum=0.95),
+                  dict(kind="adamw", params=[self.wte.weight], lr=embedding_lr * scale),
+                  dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * scale)]
+        return MuonAdamW([dict(g, initial_lr=g["lr"], weight_decay=weight_decay) for g in groups], compile)
 
 # -----------------------------------------------------------------------------
 # Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
@@ -234,27 +214,20 @@ class MuonAdamW(torch.optim.Optimizer):
         wrap = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
         self.muon, self.adamw = wrap(muon_update), wrap(adamw_update)
 
-    @torch.no_grad()
-    def all_reduce_grads(self):
-        """Average gradients over ranks in one flat buffer (the same code path for DDP-free training)."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        for p in params:  # a rank with nothing to learn this step still joins, with zeros
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)  # SUM (gloo has no AVG)
-        flat /= dist.get_world_size()
-        for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(piece.view_as(g))
-
     def set_lr(self, multiplier):
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
 
     @torch.no_grad()
     def step(self):
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self.all_reduce_grads()
+        if dist.is_initialized() and dist.get_world_size() > 1:  # average gradients in one flat buffer
+            params = [p for g in self.param_groups for p in g["params"]]
+            for p in params:  # a rank with nothing to learn this step still joins, with zeros
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat)  # SUM (gloo has no AVG)
+            torch._foreach_copy_([p.grad for p in params], [g.view_as(p) for g, p in
+                                 zip((flat / dist.get_world_size()).split([p.numel() for p in params]), params)])
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             lr = torch.tensor(group["lr"])
@@ -298,8 +271,7 @@ class KVCache:
             self.pos = t1
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
-    def expand(self, n):
-        """Copy a batch-1 cache (one prefill) into n rows for n samples."""
+    def expand(self, n):  # a batch-1 cache (one prefill) copied into n rows, for n samples
         if self.k is not None:
             self.k, self.v = self.k.expand(-1, n, -1, -1, -1).clone(), self.v.expand(-1, n, -1, -1, -1).clone()
 
@@ -365,11 +337,93 @@ def evaluate_loss(model, batches, token_bytes=None):
     nats, n, byte_nats, nbytes = sums.tolist()
     return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
 
-def train_step(model, optimizer, batches, step):
+# -----------------------------------------------------------------------------
+# What every training stage shares: flags, the start from a checkpoint, one optimizer step
+
+def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1):
+    """The flags every training stage shares: learning rates, evaluation and checkpoint cadence, resume."""
+    opt = parser.add_argument_group("optimization")
+    opt.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
+    opt.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
+    opt.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
+    if init_lr_frac is not None:
+        opt.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="all learning rates x this")
+    run = parser.add_argument_group("evaluation, checkpoints")
+    run.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations (-1 = only at the end)")
+    run.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (-1 = only at the end)")
+    run.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
+    run.add_argument("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
+    run.add_argument("--seed", type=int, default=42, help="random seed: init, data order, samples")
+
+def start_from_checkpoint(args, stage, source, source_step=-1):
+    """Init a stage that continues a model: the `source` stage's checkpoint (step -1: the latest) or, with
+    --resume, this stage's latest one and its optimizer state (a new stage starts with fresh moments).
+    Returns (rank, world, device, model, tokenizer, meta of that checkpoint, optimizer)."""
+    _, rank, _, world, device = compute_init(args.seed)
+    start, step = (stage, None) if args.resume else (source, None if source_step < 0 else source_step)
+    model, tokenizer, meta, *optim_state = load_model(start, device, step=step, load_optim=args.resume)
+    print0(f"loaded {start} step {meta['step']}")
+    frac = args.init_lr_frac
+    optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac)
+    if args.resume:
+        optimizer.load_state_dict(optim_state[0])
+    return rank, world, device, model.train(), tokenizer, meta, optimizer
+
+def due(step, every, last):  # is an every-N-steps event due at this step? (-1: only at the last)
+    return last or (every > 0 and step % every == 0)
+
+def make_lanes(make, rank, world, grad_accum, states=None):
+    """This rank's data lanes, make(lane, n_lanes, state): micro-batch m of rank r always comes from lane
+    r * grad_accum + m, so N processes and 1 process with N accumulation steps see exactly the same rows."""
+    n = world * grad_accum
+    if states is not None and len(states) != n:
+        raise UserError(f"--resume needs the batch layout of the checkpoint ({len(states)} lanes, now {n}): use the "
+                        "same batch sizes and number of processes")
+    return [make(rank * grad_accum + m, n, states[rank * grad_accum + m] if states else None) for m in range(grad_accum)]
+
+def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, lanes, val_batches, num_steps, lr_multiplier):
+    """The loop of the stages that finetune on conversations (midtrain, sft): evaluate and save at the top
+    of a step (the last iteration only does those), then one optimizer step over this rank's lanes.
+    Returns the last val loss."""
+    world, device = dist.get_world_size() if dist.is_initialized() else 1, model.get_device()
+    start_step = src_meta["step"] if args.resume else 0
+    logger = JsonlLogger(stage, resume_step=start_step if args.resume else None, enabled=dist_rank() == 0, world=world)
+    val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # a resumed step was evaluated before its save
+    flops_per_token, t_start = model.estimate_flops(), time.time()
+    for step in range(start_step, num_steps + 1):
+        last = step == num_steps
+        if due(step, args.eval_every, last) and not (args.resume and step == start_step):
+            val_loss = logger.eval(model, val_batches(), step, num_steps)
+        if due(step, args.save_every, last) and step > start_step:
+            source = src_meta["source"] if args.resume else dict(stage=src_meta["stage"], step=src_meta["step"])
+            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), num_steps=num_steps,
+                        source=source, metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
+            save_checkpoint(stage, step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
+        if last:
+            break
+        sync(device)
+        t0 = time.time()
+        batches = [lane.batch() for lane in lanes]
+        wait = time.time() - t0
+        lrm = lr_multiplier(step)
+        optimizer.set_lr(lrm)
+        loss = train_step(model, optimizer, batches, step, args.dump_batches)
+        sync(device)
+        logger.train_step(step + 1, num_steps, loss, lrm * optimizer.param_groups[0]["initial_lr"], time.time() - t0,
+                          sum(x.numel() for x, _ in batches) * world, flops_per_token, wait,
+                          skipped=sum(lane.skipped for lane in lanes))
+    print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
+    return val_loss
+
+def train_step(model, optimizer, batches, step, dump=""):
     """One optimizer step: backward the mean loss over every target token of the micro-batches (all ranks
     weigh each token the same; a micro-batch without targets adds zero, never a nan), then the update.
     Returns that mean loss, the same float on every rank, read only once the update is queued (no device
-    sync before). A nan loss stops the run; so does running out of GPU memory, with the batch that fits."""
+    sync before). A nan loss stops the run; so does running out of GPU memory, with the batch that fits.
+    dump: a file to append every micro-batch to, as JSON lines {x, y}, to see what the loop trains on."""
+    if dump:
+        with open(dump, "a") as f:
+            f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
     device = model.get_device()
     world = dist.get_world_size() if dist.is_initialized() else 1
     n = sum((y >= 0).sum() for _, y in batches).double()
@@ -425,8 +479,7 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
     (mask 0; mask 1 = sampled by the model). Finished rows yield -1 until every row is done.
     """
     device = model.get_device()
-    rng = torch.Generator(device=device)
-    rng.manual_seed(seed)
+    rng = torch.Generator(device=device).manual_seed(seed)
     sp = {n: tokenizer.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>",
           "<|python_end|>", "<|output_start|>", "<|output_end|>")} if tokenizer else {}
     stops = {sp.get("<|assistant_end|>"), sp.get("<|bos|>")} - {None}
@@ -488,21 +541,15 @@ def _excepthook(kind, value, tb, _default=sys.excepthook):
 
 sys.excepthook = _excepthook
 
-def autodetect_device():
-    """FLATCHAT_DEVICE overrides; otherwise cuda, then mps, then cpu."""
-    if os.environ.get("FLATCHAT_DEVICE"):
-        return os.environ["FLATCHAT_DEVICE"]
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+def autodetect_device():  # FLATCHAT_DEVICE overrides; otherwise cuda, then mps, then cpu
+    gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return os.environ.get("FLATCHAT_DEVICE") or gpu
 
 def amp_ctx(device):
     """bf16 autocast on CUDA GPUs that support it (FLATCHAT_DTYPE=fp32|bf16 overrides), else fp32."""
-    device_type = torch.device(device).type
-    want = os.environ.get("FLATCHAT_DTYPE")
-    if want is None:
-        want = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.autocast(device_type, dtype=torch.bfloat16) if want == "bf16" else contextlib.nullcontext()
+    kind = torch.device(device).type
+    want = os.environ.get("FLATCHAT_DTYPE") or ("bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    return torch.autocast(kind, dtype=torch.bfloat16) if want == "bf16" else contextlib.nullcontext()
 
 def compile_ok(device):
     """Can torch.compile run here? On a GPU, yes; on a CPU when inductor finds a working C++ compiler
@@ -540,8 +587,11 @@ def compute_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
 
+def dist_rank():
+    return int(os.environ.get("RANK", 0))
+
 def print0(*args, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
+    if dist_rank() == 0:
         print(*args, **kw, flush=True)
 
 class JsonlLogger:
@@ -620,10 +670,8 @@ def _fsync_write(path, write):
 
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.fsync(fd)
+    os.close(fd)
 
 def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
     """Every rank calls this. The per-rank loader states `lanes` (a list per rank) are gathered in rank

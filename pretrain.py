@@ -22,8 +22,9 @@ import time
 import numpy as np
 import torch
 
-from model import (GPT, GPTConfig, UserError, compile_ok, compute_cleanup, compute_init, generate_batch,
-                   JsonlLogger, load_checkpoint, load_tokenizer, print0, save_checkpoint, sync, train_step)
+from model import (GPT, GPTConfig, UserError, add_training_args, compile_ok, compute_cleanup, compute_init, due,
+                   generate_batch, JsonlLogger, load_checkpoint, load_tokenizer, make_lanes, print0, save_checkpoint,
+                   sync, train_step)
 from tokenizer import base_dir, corpus_files, iter_documents
 
 # -----------------------------------------------------------------------------
@@ -124,24 +125,15 @@ if __name__ == "__main__":
     parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per process (-1 = 32 on a GPU, "
                         "8,192 tokens' worth on a CPU, fewer when the total batch is smaller; lower it on OOM)")
     parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = from depth)")
-    # optimization
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
+    # schedule
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (0 = off)")
     parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup")
     parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end")
     parser.add_argument("--final-lr-frac", type=float, default=0.0, help="lr at the end as a fraction of the peak")
-    # evaluation, samples, checkpoints
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evaluations (-1 = only at the end)")
     parser.add_argument("--eval-tokens", type=int, default=-1, help="val tokens per evaluation (-1 = 10 x the total batch)")
     parser.add_argument("--sample-every", type=int, default=2000, help="steps between samples (-1 = only at the end)")
-    parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
-    parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
-    # runtime
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     parser.add_argument("--compile", type=int, default=1, help="torch.compile model and optimizer where a compiler works (1/0)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed of the init")
+    add_training_args(parser, eval_every=250)
     args = parser.parse_args()
 
     # -------------------------------------------------------------------------
@@ -200,15 +192,11 @@ if __name__ == "__main__":
            f"({num_steps * total_batch / num_params:.1f} per parameter)")
 
     # -------------------------------------------------------------------------
-    # Data: lanes make the batch independent of the process count. The global batch is world x grad_accum
-    # micro-batches; micro-batch m of rank r always comes from lane r * grad_accum + m, so 2 processes and
-    # 1 process with 2 accumulation steps see exactly the same rows.
+    # Data: token shards (written by one process per node), one lane per micro-batch (model.make_lanes)
     train_shards = token_shards(corpus_files("train"), tokenizer, write=local_rank == 0)
     val_shards = token_shards(corpus_files("val"), tokenizer, write=local_rank == 0)
-    n_lanes = world * grad_accum
-    lane_states = resume_meta["lanes"] if resume_meta else [None] * n_lanes
-    lanes = [Lane(train_shards, rank * grad_accum + m, n_lanes, tokenizer.bos_id, lane_states[rank * grad_accum + m])
-             for m in range(grad_accum)]
+    lanes = make_lanes(lambda lane, n, state: Lane(train_shards, lane, n, tokenizer.bos_id, state), rank, world, grad_accum,
+                       resume_meta["lanes"] if resume_meta else None)
     val_steps = max(1, (args.eval_tokens if args.eval_tokens > 0 else 10 * total_batch) // (B * T * world))
 
     def val_batches():  # the same val rows at every evaluation: a fresh lane per rank
@@ -238,18 +226,18 @@ if __name__ == "__main__":
     t_start = time.time()
     for step in range(start_step, num_steps + 1):
         last = step == num_steps
-        if (last or (args.eval_every > 0 and step % args.eval_every == 0)) and not (args.resume and step == start_step):
+        if due(step, args.eval_every, last) and not (args.resume and step == start_step):
             val_bpb = logger.eval(model, val_batches(), step, num_steps, tokenizer.token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
-        if master and (last or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
+        if master and due(step, args.sample_every, last) and step > 0:
             orig_model.eval()
             for prompt in prompts:
                 ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
                 out, _ = generate_batch(orig_model, ids, max_tokens=24, temperature=0, tokenizer=tokenizer)
                 print0(f"  sample: {prompt}{tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])!r}")
             orig_model.train()
-        if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
-            meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes_total=n_lanes,
+        if due(step, args.save_every, last) and step > start_step:
+            meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes_total=world * grad_accum,
                         total_batch=total_batch, world_size=world, num_steps=num_steps, train_time=time.time() - t_start,
                         metrics=dict(val_bpb=val_bpb, min_val_bpb=min_val_bpb))
             save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, [lane.state() for lane in lanes])

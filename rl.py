@@ -24,8 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from model import (UserError, amp_ctx, compute_cleanup, compute_init, epoch_order, generate_batch, gsm8k_reward, JsonlLogger,
-                   load_model, print0, save_checkpoint)
+from model import (UserError, add_training_args, amp_ctx, compute_cleanup, due, epoch_order, generate_batch, gsm8k_reward,
+                   JsonlLogger, print0, save_checkpoint, start_from_checkpoint)
 from tokenizer import base_dir, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -101,36 +101,19 @@ if __name__ == "__main__":
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (training and eval)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--std-norm", action="store_true", help="also divide advantages by the group's std")
-    # optimization (the base-model learning rates, scaled by --init-lr-frac, decayed linearly to 0)
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
-    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="all learning rates x this")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the question order and of every sample")
-    # evaluation, checkpoints
-    parser.add_argument("--eval-every", type=int, default=60, help="steps between GSM8K test evals (-1 = only at the end)")
     parser.add_argument("--eval-examples", type=int, default=400, help="first N questions of gsm8k_test evaluated (0 = no eval)")
     parser.add_argument("--eval-samples", type=int, default=4, help="k answers per eval question: pass@1 and pass@k")
-    parser.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1 = only at the end)")
-    parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete rl checkpoint")
+    add_training_args(parser, init_lr_frac=0.05, eval_every=60, save_every=60)  # the lrs decay linearly to 0
     args = parser.parse_args()
 
     # -------------------------------------------------------------------------
     # Init, and the model: the sft checkpoint (or our own latest one with --resume)
-    ddp, rank, local_rank, world, device = compute_init(args.seed)
-    master = rank == 0
-    stage, step_ = ("rl", None) if args.resume else ("sft", None if args.source_step < 0 else args.source_step)
-    model, tokenizer, src_meta, *optim_state = load_model(stage, device, step=step_, load_optim=args.resume)
-    print0(f"loaded {stage} step {src_meta['step']}")
+    rank, world, device, model, tokenizer, src_meta, optimizer = start_from_checkpoint(args, "rl", "sft", args.source_step)
+    ddp, master = world > 1, rank == 0
     if args.examples_per_step <= 0 or args.examples_per_step % world:
         raise UserError(f"--examples-per-step {args.examples_per_step} must be a positive multiple of the {world} "
                         "processes: change one of them")
     Q = args.examples_per_step // world  # questions per process per step
-    frac = args.init_lr_frac
-    optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac)
-    if args.resume:  # a new stage starts with fresh optimizer moments; a resumed one with its own
-        optimizer.load_state_dict(optim_state[0])
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
 
     # -------------------------------------------------------------------------
@@ -169,15 +152,14 @@ if __name__ == "__main__":
     metrics, t_start = src_meta.get("metrics", {}) if args.resume else {}, time.time()
     for step in range(start_step, num_steps + 1):
         last = step == num_steps
-        due = last or (args.eval_every > 0 and step % args.eval_every == 0)
-        if evals and due and (step > start_step or not args.resume):  # a resumed step was evaluated already
+        if evals and due(step, args.eval_every, last) and (step > start_step or not args.resume):  # a resumed step was evaluated already
             pass1, passk, first = evaluate_gsm8k()
             metrics = dict(gsm8k_pass1=pass1, gsm8k_passk=passk)
             print0(f"step {step}/{num_steps} | gsm8k pass@1 {pass1:.4f} | pass@{args.eval_samples} {passk:.4f}")
             if first:
                 print0(f"  sample: {first[0]['messages'][0]['content'][:80]!r} -> {first[1][:200]!r} (reward {first[2]:.0f})")
             logger.log(step=step, **metrics)
-        if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > start_step:
+        if due(step, args.save_every, last) and step > start_step:
             source = src_meta["source"] if args.resume else dict(stage="sft", step=src_meta["step"])
             meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), pos=pos,
                         num_steps=num_steps, source=source, metrics=metrics, train_time=time.time() - t_start)
@@ -213,7 +195,7 @@ if __name__ == "__main__":
         if not math.isfinite(loss):
             raise SystemExit(f"error: loss is {loss} at step {step}: stopped; the last good checkpoint is intact. "
                              "Lower --init-lr-frac and rerun")
-        logger.train_step(step + 1, num_steps, loss, lrm * args.matrix_lr * frac, time.time() - t0, int(tokens),
+        logger.train_step(step + 1, num_steps, loss, lrm * args.matrix_lr * args.init_lr_frac, time.time() - t0, int(tokens),
                           flops_per_token, reward=reward_sum / n_samples, seq_len=n_tok / n_samples, zero_adv=int(zero_adv))
 
     print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, {metrics}")

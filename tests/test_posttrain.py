@@ -135,7 +135,7 @@ def test_chain_base_mid_sft_through_files_and_sft_val_loss_falls(post_home, tmp_
     home = stage_home(post_home, tmp_path / "home")
     run_script("midtrain.py", *MID, "--num-steps", 6, home=home)
     out = run_script("sft.py", *SFT, "--num-steps", 12, "--eval-every", 6, "--init-lr-frac", 0.5, home=home).stdout
-    assert "inherited max_seq_len=128 from midtrain step 6" in out
+    assert "loaded midtrain step 6\ninherited max_seq_len = 128" in out
     meta = json.loads((home / "checkpoints/sft/step_000012/meta.json").read_text())
     assert meta["source"] == {"stage": "midtrain", "step": 6}
     val = [r["val_loss"] for r in read_log(home, "sft") if "val_loss" in r]
