@@ -39,6 +39,9 @@ LETTERS = "ABCDEFGHIJ"
 # -----------------------------------------------------------------------------
 # Checking and writing conversations
 
+def chat(user, reply):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
 def check(conv):
     """None if conv is valid for training (tokenizer's chat format, ending with the assistant), else why not."""
     try:
@@ -52,38 +55,37 @@ def first_user(conv):
 
 def held_out_prompts():
     """The user prompts of every eval task file already written: training data must not contain them."""
-    folder, held = base_dir() / "data" / "eval", set()
-    for path in [folder / f"{n}.jsonl" for n in ("gsm8k_test", "mmlu_test", "arc_easy_test", "arc_challenge_test")]:
-        if path.exists():
+    held = set()
+    for name in ("gsm8k_test", "mmlu_test", "arc_easy_test", "arc_challenge_test"):
+        if (path := base_dir() / "data" / "eval" / f"{name}.jsonl").exists():
             held |= {(first_user(r) if "messages" in r else render_mc(r["question"], r["choices"])).strip()
                      for r in read_jsonl(path)}
     return held
 
 def clean(convs, held, taken=()):
-    """Drop eval prompts (held) and duplicates (also of `taken` keys): ({key: conv} in hash order, dupes, leaked)."""
-    leaked = sum(first_user(c).strip() in held for c in convs)
+    """convs without eval prompts (held) and duplicates (also of `taken` keys), as {key: conv} in hash order."""
     kept = {json.dumps(c, sort_keys=True): c for c in convs if first_user(c).strip() not in held}
-    order = sorted((k for k in kept if k not in taken), key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-    return {k: kept[k] for k in order}, len(convs) - leaked - len(order), leaked
+    return {k: kept[k] for k in sorted(kept.keys() - taken, key=lambda k: hashlib.sha256(k.encode()).hexdigest())}
 
 def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
     """Write chat/<name>.jsonl and chat/val/<name>.jsonl. Without an explicit val list, val is the
     conversations with the smallest hashes (deterministic, after duplicates were dropped)."""
-    for i, conv in enumerate(convs + (val or [])):
+    given = convs + (val or [])
+    for i, conv in enumerate(given):
         if err := check(conv):
             sys.exit(f"{name}: conversation {i} is malformed: {err}")
     held = held_out_prompts()
-    train, dupes, leaked = clean(convs, held)
+    train = clean(convs, held)
     if val is None:
         k = min(max(min_val, int(len(train) * val_frac)), len(train) // 2)
         val, train = list(train.values())[:k], list(train.values())[k:]
     else:
-        val, more_dupes, more_leaked = clean(val, held, taken=train)
-        val, train = list(val.values()), list(train.values())
-        dupes, leaked = dupes + more_dupes, leaked + more_leaked
+        val, train = list(clean(val, held, taken=train).values()), list(train.values())
     write_jsonl(base_dir() / "data" / "chat" / f"{name}.jsonl", train)
     write_jsonl(base_dir() / "data" / "chat" / "val" / f"{name}.jsonl", val)
-    print(f"chat/{name}: {len(train):,} train, {len(val):,} val | dropped {dupes} duplicates, {leaked} eval prompts")
+    leaked = sum(first_user(c).strip() in held for c in given)
+    print(f"chat/{name}: {len(train):,} train, {len(val):,} val | "
+          f"dropped {len(given) - leaked - len(train) - len(val)} duplicates, {leaked} eval prompts")
 
 def save_eval(name, rows):
     n = write_jsonl(base_dir() / "data" / "eval" / f"{name}.jsonl", rows)
@@ -102,8 +104,7 @@ def read_jsonl(path):
 
 def mc_conversations(rows):
     """{"question", "choices", "gold"} rows -> user: the rendered question, assistant: the letter."""
-    return [{"messages": [{"role": "user", "content": render_mc(r["question"], r["choices"])},
-                          {"role": "assistant", "content": LETTERS[r["gold"]]}]} for r in rows]
+    return [chat(render_mc(r["question"], r["choices"]), LETTERS[r["gold"]]) for r in rows]
 
 def raw_dir(name):
     return base_dir() / "data" / "raw" / name
@@ -162,9 +163,8 @@ def gsm8k_answer(parts):
 def gsm8k(split):
     path = fetch(GSM8K.format(split), raw_dir("gsm8k") / f"{split}.jsonl",
                  mirror_path=f"gsm8k/grade_school_math/data/{split}.jsonl")
-    return [{"messages": [{"role": "user", "content": r["question"]},
-                          {"role": "assistant", "content": gsm8k_parts(r["answer"])}],
-             "answer": r["answer"].rsplit("####", 1)[1].strip().replace(",", "")}  # "#### 1,000" -> "1000"
+    return [dict(chat(r["question"], gsm8k_parts(r["answer"])),
+                 answer=r["answer"].rsplit("####", 1)[1].strip().replace(",", ""))  # "#### 1,000" -> "1000"
             for r in read_jsonl(path)]
 
 def run_gsm8k(args):
@@ -280,20 +280,14 @@ def run_humaneval(args):
 
 DOLLY_TEMPLATE = re.compile(r"^Below is an instruction.*?### Instruction:\s*(.*?)\s*### Response:\s*$", re.S)
 
-def strip_template(prompt):
-    m = DOLLY_TEMPLATE.match(prompt)
-    return (m.group(1) if m else prompt).strip()
-
 def run_dolly(args):
     if mirror() is not None:
         name = "dolly_hhrlhf_train_small.jsonl"  # a 1,000-row slice of the train split
         rows = read_jsonl(fetch(None, raw_dir("dolly") / name, mirror_path=f"sft/{name}"))
     else:
-        files = hf_parquet_files("mosaicml/dolly_hhrlhf", "train")
-        rows = [r for p in files for r in read_parquet(p, ["prompt", "response"])]
-    pairs = [(strip_template(r["prompt"]), r["response"].strip()) for r in rows]
-    save_chat("dolly", [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                        for q, a in pairs if q and a])
+        rows = [r for p in hf_parquet_files("mosaicml/dolly_hhrlhf", "train") for r in read_parquet(p, ["prompt", "response"])]
+    pairs = [(DOLLY_TEMPLATE.sub(r"\1", r["prompt"]).strip(), r["response"].strip()) for r in rows]
+    save_chat("dolly", [chat(q, a) for q, a in pairs if q and a])
 
 # -----------------------------------------------------------------------------
 # Identity: who the assistant is, hand-written in data/identity.jsonl
@@ -317,40 +311,34 @@ SPELL_ASKS = ["Spell '{w}' letter by letter.", "How do you spell {w}?", "spell o
               'Can you spell the word "{w}" one letter at a time?',
               "Spell the word {w} with dashes between the letters."]
 
-def count_task(word, c, rng):
-    n = word.count(c)  # and a running count next to each match: s, t, r (1), a, ...
+def count_reply(word, c):
+    """Spell the word with a running count next to each match (s, t, r (1), a, ...), then check in Python."""
+    n = word.count(c)
     tally = [f"{ch} ({word[:i + 1].count(c)})" if ch == c else ch for i, ch in enumerate(word)]
-    parts = [{"type": "text", "text": f"Let me spell '{word}' and count each '{c}': {', '.join(tally)}.\n"
-                                      f"That makes {n}. Let me double-check with Python: "},
-             {"type": "python", "text": f"'{word}'.count('{c}')"},
-             {"type": "python_output", "text": str(n)},
-             {"type": "text", "text": f"\n\nThe letter '{c}' appears {n} time{'' if n == 1 else 's'} in '{word}'."}]
-    return {"messages": [{"role": "user", "content": rng.choice(COUNT_ASKS).format(c=c, w=word)},
-                         {"role": "assistant", "content": parts}]}
-
-def spell_task(word, rng):
-    return {"messages": [{"role": "user", "content": rng.choice(SPELL_ASKS).format(w=word)},
-                         {"role": "assistant", "content": "-".join(word)}]}
+    return [{"type": "text", "text": f"Let me spell '{word}' and count each '{c}': {', '.join(tally)}.\n"
+                                     f"That makes {n}. Let me double-check with Python: "},
+            {"type": "python", "text": f"'{word}'.count('{c}')"},
+            {"type": "python_output", "text": str(n)},
+            {"type": "text", "text": f"\n\nThe letter '{c}' appears {n} time{'' if n == 1 else 's'} in '{word}'."}]
 
 def spelling_tasks(words, n, seed):
     rng, convs = random.Random(seed), []
     for _ in range(n):
         word = rng.choice(words)
         if rng.random() < 0.5:
-            convs.append(spell_task(word, rng))
+            convs.append(chat(rng.choice(SPELL_ASKS).format(w=word), "-".join(word)))
         else:  # mostly letters of the word, sometimes one that is absent (answer 0)
             c = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-            convs.append(count_task(word, c, rng))
+            convs.append(chat(rng.choice(COUNT_ASKS).format(c=c, w=word), count_reply(word, c)))
     return convs
 
 def run_spelling(args):
     path = fetch(WORDS, raw_dir("words") / "words_alpha.txt", mirror_path="words_alpha.txt")
     text = path.read_text(encoding="utf-8")  # CRLF line ends: splitlines() drops the \r too
     words = [w for w in text.splitlines() if 3 <= len(w) <= 12 and w.isalpha()]
-    train = spelling_tasks(words, args.num_spelling, seed=args.seed)
-    seen = {first_user(c) for c in train}
-    val = spelling_tasks(words, max(20, args.num_spelling // 50), seed=args.seed + 1)
-    val = [c for c in val if first_user(c) not in seen]  # a val prompt never appears in train
+    train = spelling_tasks(words, args.num_spelling, args.seed)
+    seen = {first_user(c) for c in train}  # a val prompt never appears in train
+    val = [c for c in spelling_tasks(words, max(20, args.num_spelling // 50), args.seed + 1) if first_user(c) not in seen]
     save_chat("spelling", train, val=val)
 
 # -----------------------------------------------------------------------------
