@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 
-def base_dir():
-    """Where a run keeps everything: $FLATCHAT_HOME, default ~/.cache/flatchat."""
-    return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat")
+def data_dir():
+    """Where the data goes: $FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
+    return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat") / "data"
 
 
 def mirror():
@@ -25,6 +25,17 @@ def mirror():
         sys.exit(f"mirror folder {path} does not exist: fix --mirror / FLATCHAT_DATA_MIRROR "
                  "(a folder laid out like ../shared/data)")
     return Path(path) if path else None
+
+
+def parse_args(parser):
+    """The script's arguments plus --mirror, which sets $FLATCHAT_DATA_MIRROR (a wrong path stops here)."""
+    parser.add_argument("--mirror", default=None, help="offline mirror folder laid out like ../shared/data "
+                        "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
+    args = parser.parse_args()
+    if args.mirror:
+        os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
+    mirror()
+    return args
 
 
 def say(msg):

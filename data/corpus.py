@@ -29,7 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import base_dir, fetch, mirror, say
+from common import data_dir, fetch, mirror, parse_args, say
 
 TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 CLIMBMIX = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -51,15 +51,12 @@ def tinystories_docs(path):
 
 
 def _docs_between_eot(path):
-    buf = []
+    rest = ""
     with open(path, encoding="utf-8") as f:
         for line in f:  # streams: the online train file is 2.2 GB
-            *ends, rest = line.split(EOT)
-            for piece in ends:
-                yield "".join(buf) + piece
-                buf = []
-            buf.append(rest)
-    yield "".join(buf)
+            *docs, rest = (rest + line).split(EOT)
+            yield from docs
+    yield rest
 
 
 def _docs_from_paragraphs(path):
@@ -194,19 +191,14 @@ if __name__ == "__main__":
     parser.add_argument("--val-frac", type=float, default=None,
                         help="fraction of documents (by text hash) for val (default: 0.01; 0.1 for smoke)")
     parser.add_argument("--shard-mb", type=float, default=50, help="size of one jsonl shard in MB")
-    parser.add_argument("--mirror", default=None,
-                        help="offline mirror folder laid out like ../shared/data "
-                             "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
-    args = parser.parse_args()
-    if args.mirror:
-        os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
+    args = parse_args(parser)
     offline, smoke, preset = mirror() is not None, args.preset == "smoke", args.preset
     if preset == "gpu" and offline:
         say("note: the mirror has no ClimbMix shards (online only): the gpu preset uses the cpu corpus instead")
         preset = "cpu"
     max_chars = args.max_chars if args.max_chars is not None else (50_000 if smoke else -1)
     val_frac = args.val_frac if args.val_frac is not None else (0.1 if smoke else 0.01)
-    out, raw = base_dir() / "data" / "pretrain", base_dir() / "data" / "raw" / "pretrain"
+    out, raw = data_dir() / "pretrain", data_dir() / "raw" / "pretrain"
     old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
     config = dict(preset=preset, max_chars=max_chars, val_frac=val_frac, shard_mb=args.shard_mb, offline=offline)
 
