@@ -1,9 +1,9 @@
 """
 Conversations for midtraining/SFT and the evaluation task files, in the standard formats of DESIGN.md.
 
-    python data/chat_data.py                                  # everything, downloaded
-    FLATCHAT_DATA_MIRROR=../shared/data python data/chat_data.py   # offline: read the mirror folder
-    python data/chat_data.py --mirror ../shared/data --only gsm8k,spelling --num-spelling 2000
+    python data/chat_data.py                                # everything, downloaded
+    python data/chat_data.py --mirror ../shared/data        # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
+    python data/chat_data.py --only gsm8k,spelling --num-spelling 2000
 
 Writes into <base>/data/ (* = online only; offline these are skipped with a note):
     chat/<name>.jsonl and its held-out chat/val/<name>.jsonl, one {"messages": [...]} per line, for gsm8k_train,

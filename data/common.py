@@ -62,11 +62,11 @@ def write_jsonl(path, rows):
 # -----------------------------------------------------------------------------
 # Download with retries, HTTP Range resume, size/sha256 checks and a progress line
 
-def _download_once(url, part, timeout):
+def _download_once(url, part):
     import requests  # imported here so that offline runs and tests never need the network stack
 
     have = part.stat().st_size if part.exists() else 0
-    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=timeout) as r:
+    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=60) as r:
         if r.status_code == 416:  # nothing left to fetch: the partial file is already whole
             return
         r.raise_for_status()
@@ -92,11 +92,11 @@ def _download_once(url, part, timeout):
         print(file=sys.stderr)
 
 
-def _download(url, dest, sha256, size, retries, timeout):
+def _download(url, dest, sha256, size, retries=5):
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries):
         try:
-            _download_once(url, part, timeout)
+            _download_once(url, part)
             break
         except Exception as e:  # network hiccups, 5xx, truncated streams: wait and resume
             status = getattr(getattr(e, "response", None), "status_code", None) or 0
@@ -116,7 +116,7 @@ def _download(url, dest, sha256, size, retries, timeout):
     _commit(part, dest)
 
 
-def fetch(url, dest, mirror_path=None, sha256=None, size=None, retries=5, timeout=60):
+def fetch(url, dest, mirror_path=None, sha256=None, size=None):
     """Get `url` into `dest`; with a mirror, copy `mirror_path` (relative to the mirror) instead.
     sha256/size describe the online file and are checked on downloads only (the mirror's copies may
     differ, e.g. MMLU's CSV header). Returns dest, or None when offline and the mirror lacks the file."""
@@ -126,7 +126,7 @@ def fetch(url, dest, mirror_path=None, sha256=None, size=None, retries=5, timeou
     dest.parent.mkdir(parents=True, exist_ok=True)
     if root is None:
         say(f"downloading {url}")
-        _download(url, dest, sha256, size, retries, timeout)
+        _download(url, dest, sha256, size)
         return dest
     if not mirror_path or not (root / mirror_path).is_file():
         say(f"skipping {dest.name}: not in the mirror (online only)")

@@ -1,24 +1,19 @@
 """
-Get the pretraining corpus into <base>/data/pretrain/: train/shard_00000.jsonl ... and val/shard_*.jsonl,
-one {"text": document} per line, <= --shard-mb each, and meta.json (a rerun with the same settings skips).
+Get the pretraining corpus into <base>/data/pretrain/: {train,val}/shard_00000.jsonl ..., one {"text": document}
+per line, <= --shard-mb each, and meta.json (what was built: a rerun with the same settings skips).
 
     python data/corpus.py                               # cpu preset: TinyStories (downloads ~2.2 GB)
     python data/corpus.py --preset smoke                # a ~400 KB slice, for seconds-fast runs
     python data/corpus.py --preset gpu --num-shards 8   # ClimbMix parquet shards + the validation shard
-    python data/corpus.py --mirror ../shared/data       # offline: copy from a mirror folder
-    FLATCHAT_DATA_MIRROR=../shared/data python data/corpus.py --preset smoke   # the same, by environment
+    python data/corpus.py --mirror ../shared/data       # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
 
-Sources per preset:
-  cpu    online: TinyStoriesV2-GPT4 train + valid txt (stories separated by <|endoftext|>).
-         mirror: pretrain/tinystories/*.txt + pretrain/offline-prose/*.jsonl (the prose exists offline only).
-  smoke  the cpu sources, cut to --max-chars characters per source file (default 50,000).
-  gpu    online: ClimbMix shards 0..N-1 into train/ and the last shard (06542) into val/, kept as parquet
-         (column "text", the layout allows it; no re-encoding of ~250M chars per shard).
-         mirror: it has no ClimbMix, so the gpu preset falls back to the cpu corpus and says so.
+Sources: cpu = TinyStoriesV2-GPT4 train + valid, offline the mirror's heads of them + pretrain/offline-prose/*.jsonl
+(prose that exists offline only). smoke = the cpu sources, cut to --max-chars per source file. gpu = ClimbMix
+shards 0..N-1 into train/ and the last one (06542) into val/, kept as parquet (column "text": no re-encoding of
+~250M chars per shard); the mirror has no ClimbMix, so offline the gpu preset falls back to cpu and says so.
 
-Train/val split (jsonl corpora): identical documents are dropped, and a document goes to val when the
-sha256 of its text falls in the first --val-frac of the hash space, so the split is deterministic,
-independent of order, and the same text can never be on both sides.
+Train/val split: identical documents are dropped, and a document goes to val when the sha256 of its text falls
+in the first --val-frac of the hash space: deterministic, independent of order, never on both sides.
 """
 import argparse
 import hashlib
