@@ -1,5 +1,5 @@
 """
-Conversations for midtraining/SFT and the evaluation task files, in the standard formats of DESIGN.md.
+Conversations for midtraining/SFT and the evaluation task files.
 
     python data/chat_data.py                                # everything, downloaded
     python data/chat_data.py --mirror ../shared/data        # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
@@ -98,8 +98,8 @@ def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
           f"dropped {len(given) - leaked - len(train) - len(val)} duplicates, {leaked} eval prompts")
 
 def save_eval(name, rows):
-    n = write_jsonl(data_dir() / "eval" / f"{name}.jsonl", rows)
-    print(f"eval/{name}: {n:,} rows")
+    write_jsonl(data_dir() / "eval" / f"{name}.jsonl", rows)
+    print(f"eval/{name}: {len(rows):,} rows")
 
 # -----------------------------------------------------------------------------
 # Raw files: archives and Hugging Face parquet shards

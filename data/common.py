@@ -49,14 +49,11 @@ def _commit(tmp, dest):
 
 
 def write_jsonl(path, rows):
-    """Write rows as JSON lines, atomically; returns how many."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    rows = list(rows)
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     _commit(tmp, path)
-    return len(rows)
 
 
 # -----------------------------------------------------------------------------
