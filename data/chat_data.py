@@ -1,9 +1,9 @@
 """
-Conversations for midtraining/SFT and the evaluation task files, in the standard formats of DESIGN.md.
+Conversations for midtraining/SFT and the evaluation task files.
 
-    python data/chat_data.py                                  # everything, downloaded
-    FLATCHAT_DATA_MIRROR=../shared/data python data/chat_data.py   # offline: read the mirror folder
-    python data/chat_data.py --mirror ../shared/data --only gsm8k,spelling --num-spelling 2000
+    python data/chat_data.py                                # everything, downloaded
+    python data/chat_data.py --mirror ../shared/data        # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
+    python data/chat_data.py --only gsm8k,spelling --num-spelling 2000
 
 Writes into <base>/data/ (* = online only; offline these are skipped with a note):
     chat/<name>.jsonl and its held-out chat/val/<name>.jsonl, one {"messages": [...]} per line, for gsm8k_train,
@@ -29,7 +29,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from common import base_dir, fetch, mirror, say, write_jsonl
+from common import data_dir, fetch, mirror, parse_args, say, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
 from tokenizer import check_conversation, render_mc  # noqa: E402  (the chat format is defined there, once)
@@ -37,57 +37,7 @@ from tokenizer import check_conversation, render_mc  # noqa: E402  (the chat for
 LETTERS = "ABCDEFGHIJ"
 
 # -----------------------------------------------------------------------------
-# Checking and writing conversations
-
-def check(conv):
-    """None if conv is valid for training (tokenizer's chat format, ending with the assistant), else why not."""
-    try:
-        turns = check_conversation(conv)
-    except ValueError as e:
-        return str(e)
-    return None if turns[-1][0] == "assistant" else "the last message must be the assistant's"
-
-def first_user(conv):
-    return next(m["content"] for m in conv["messages"] if m["role"] == "user")
-
-def held_out_prompts():
-    """The user prompts of every eval task file already written: training data must not contain them."""
-    folder, held = base_dir() / "data" / "eval", set()
-    for path in [folder / f"{n}.jsonl" for n in ("gsm8k_test", "mmlu_test", "arc_easy_test", "arc_challenge_test")]:
-        if path.exists():
-            held |= {(first_user(r) if "messages" in r else render_mc(r["question"], r["choices"])).strip()
-                     for r in read_jsonl(path)}
-    return held
-
-def clean(convs, held, taken=()):
-    """Drop eval prompts (held) and duplicates (also of `taken` keys): ({key: conv} in hash order, dupes, leaked)."""
-    leaked = sum(first_user(c).strip() in held for c in convs)
-    kept = {json.dumps(c, sort_keys=True): c for c in convs if first_user(c).strip() not in held}
-    order = sorted((k for k in kept if k not in taken), key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-    return {k: kept[k] for k in order}, len(convs) - leaked - len(order), leaked
-
-def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
-    """Write chat/<name>.jsonl and chat/val/<name>.jsonl. Without an explicit val list, val is the
-    conversations with the smallest hashes (deterministic, after duplicates were dropped)."""
-    for i, conv in enumerate(convs + (val or [])):
-        if err := check(conv):
-            sys.exit(f"{name}: conversation {i} is malformed: {err}")
-    held = held_out_prompts()
-    train, dupes, leaked = clean(convs, held)
-    if val is None:
-        k = min(max(min_val, int(len(train) * val_frac)), len(train) // 2)
-        val, train = list(train.values())[:k], list(train.values())[k:]
-    else:
-        val, more_dupes, more_leaked = clean(val, held, taken=train)
-        val, train = list(val.values()), list(train.values())
-        dupes, leaked = dupes + more_dupes, leaked + more_leaked
-    write_jsonl(base_dir() / "data" / "chat" / f"{name}.jsonl", train)
-    write_jsonl(base_dir() / "data" / "chat" / "val" / f"{name}.jsonl", val)
-    print(f"chat/{name}: {len(train):,} train, {len(val):,} val | dropped {dupes} duplicates, {leaked} eval prompts")
-
-def save_eval(name, rows):
-    n = write_jsonl(base_dir() / "data" / "eval" / f"{name}.jsonl", rows)
-    print(f"eval/{name}: {n:,} rows")
+# Reading, checking and writing conversations
 
 def read_jsonl(path):
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -100,41 +50,94 @@ def read_jsonl(path):
                 sys.exit(f"{path}:{i}: bad JSON ({e}); fix or delete that line")
     return rows
 
+def chat(user, reply):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
 def mc_conversations(rows):
     """{"question", "choices", "gold"} rows -> user: the rendered question, assistant: the letter."""
-    return [{"messages": [{"role": "user", "content": render_mc(r["question"], r["choices"])},
-                          {"role": "assistant", "content": LETTERS[r["gold"]]}]} for r in rows]
+    return [chat(render_mc(r["question"], r["choices"]), LETTERS[r["gold"]]) for r in rows]
+
+def check(conv):
+    """None if conv is valid for training (tokenizer's chat format, ending with the assistant), else why not."""
+    try:
+        turns = check_conversation(conv)
+    except ValueError as e:
+        return str(e)
+    return None if turns[-1][0] == "assistant" else "the last message must be the assistant's"
+
+def first_user(conv):
+    return next(m["content"] for m in conv["messages"] if m["role"] == "user")
+
+def clean(convs, held, taken=()):
+    """convs without eval prompts (held) and duplicates (also of `taken` keys), as {key: conv} in hash order."""
+    kept = {json.dumps(c, sort_keys=True): c for c in convs if first_user(c).strip() not in held}
+    return {k: kept[k] for k in sorted(kept.keys() - taken, key=lambda k: hashlib.sha256(k.encode()).hexdigest())}
+
+def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
+    """Write chat/<name>.jsonl and chat/val/<name>.jsonl without the prompts of the eval files already written.
+    Without an explicit val list, val is the conversations with the smallest hashes (deterministic)."""
+    given = convs + (val or [])
+    for i, conv in enumerate(given):
+        if err := check(conv):
+            sys.exit(f"{name}: conversation {i} is malformed: {err}")
+    held = set()
+    for task in ("gsm8k_test", "mmlu_test", "arc_easy_test", "arc_challenge_test"):
+        if (path := data_dir() / "eval" / f"{task}.jsonl").exists():
+            held |= {(first_user(r) if "messages" in r else render_mc(r["question"], r["choices"])).strip()
+                     for r in read_jsonl(path)}
+    train = clean(convs, held)
+    if val is None:
+        k = min(max(min_val, int(len(train) * val_frac)), len(train) // 2)
+        val, train = list(train.values())[:k], list(train.values())[k:]
+    else:
+        val, train = list(clean(val, held, taken=train).values()), list(train.values())
+    write_jsonl(data_dir() / "chat" / f"{name}.jsonl", train)
+    write_jsonl(data_dir() / "chat" / "val" / f"{name}.jsonl", val)
+    leaked = sum(first_user(c).strip() in held for c in given)
+    print(f"chat/{name}: {len(train):,} train, {len(val):,} val | "
+          f"dropped {len(given) - leaked - len(train) - len(val)} duplicates, {leaked} eval prompts")
+
+def save_eval(name, rows):
+    write_jsonl(data_dir() / "eval" / f"{name}.jsonl", rows)
+    print(f"eval/{name}: {len(rows):,} rows")
+
+# -----------------------------------------------------------------------------
+# Raw files: archives and Hugging Face parquet shards
 
 def raw_dir(name):
-    return base_dir() / "data" / "raw" / name
+    return data_dir() / "raw" / name
 
 def unpack(archive, dest):
     """Extract a zip or tar into dest (via a temp folder, so dest exists only once complete)."""
-    if dest.exists():
-        return dest
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(tmp)
-    else:
-        with tarfile.open(archive) as t:
-            t.extractall(tmp, filter="data")  # refuses absolute paths, .. and links out of tmp
-    os.replace(tmp, dest)
+    if not dest.exists():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(tmp, filter="data")  # refuses absolute paths, .. and links out of tmp
+        os.replace(tmp, dest)
     return dest
 
-def read_parquet(path, columns):
-    import pyarrow.parquet as pq  # only where parquet is read
-    return pq.read_table(path, columns=columns).to_pylist()
+def find(folder, name):
+    """The one file called `name` somewhere under an unpacked archive."""
+    if hit := next(folder.rglob(name), None):
+        return hit
+    sys.exit(f"{name} not found in {folder}: the archive is not what we expect (delete {folder.parent} and rerun)")
 
 HF_API = "https://huggingface.co/api/datasets/{}/parquet/default/{}"  # -> JSON list of parquet URLs
 
-def hf_parquet_files(dataset, split):
-    """Download the parquet shards of a Hugging Face dataset split (online only); returns their paths."""
+def hf_rows(dataset, split, columns):
+    """The rows of a Hugging Face dataset split (online only), from its downloaded parquet shards."""
+    import pyarrow.parquet as pq  # only where parquet is read
+
     folder = raw_dir(dataset.split("/")[1])
     listing = fetch(HF_API.format(dataset, split), folder / f"{split}_shards.json")
     urls = [u if isinstance(u, str) else u["url"] for u in json.loads(listing.read_text())]
-    return [fetch(u, folder / f"{split}_{i:05d}.parquet") for i, u in enumerate(urls)]
+    files = [fetch(u, folder / f"{split}_{i:05d}.parquet") for i, u in enumerate(urls)]
+    return [r for f in files for r in pq.read_table(f, columns=columns).to_pylist()]
 
 # -----------------------------------------------------------------------------
 # GSM8K: <<expr=result>> annotations become python tool calls; the final "#### N" stays as text
@@ -162,9 +165,8 @@ def gsm8k_answer(parts):
 def gsm8k(split):
     path = fetch(GSM8K.format(split), raw_dir("gsm8k") / f"{split}.jsonl",
                  mirror_path=f"gsm8k/grade_school_math/data/{split}.jsonl")
-    return [{"messages": [{"role": "user", "content": r["question"]},
-                          {"role": "assistant", "content": gsm8k_parts(r["answer"])}],
-             "answer": r["answer"].rsplit("####", 1)[1].strip().replace(",", "")}  # "#### 1,000" -> "1000"
+    return [dict(chat(r["question"], gsm8k_parts(r["answer"])),
+                 answer=r["answer"].rsplit("####", 1)[1].strip().replace(",", ""))  # "#### 1,000" -> "1000"
             for r in read_jsonl(path)]
 
 def run_gsm8k(args):
@@ -218,14 +220,7 @@ def run_mmlu(args):
 CORE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 ARC = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
 
-def find(folder, name):
-    """The one file called `name` somewhere under an unpacked archive."""
-    if hit := next(folder.rglob(name), None):
-        return hit
-    sys.exit(f"{name} not found in {folder}: the archive is not what we expect (delete {folder.parent} and rerun)")
-
 def run_core(args):
-    dest = base_dir() / "data" / "eval" / "core"
     if mirror() is not None:
         src = mirror() / "eval_bundle"
     else:
@@ -233,6 +228,7 @@ def run_core(args):
         src = find(folder, "core.yaml").parent
     if not (src / "core.yaml").exists():
         sys.exit(f"{src}/core.yaml is missing: the CORE bundle is incomplete")
+    dest = data_dir() / "eval" / "core"
     tmp = dest.with_name("core.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src / "eval_data", tmp / "eval_data")
@@ -248,12 +244,12 @@ def arc_rows(path):
              "gold": [c["label"] for c in r["question"]["choices"]].index(r["answerKey"])} for r in read_jsonl(path)]
 
 def run_arc(args):
-    core = base_dir() / "data" / "eval" / "core"
+    core = data_dir() / "eval" / "core"
     if not core.exists():
         run_core(args)
     archive = fetch(ARC, raw_dir("arc") / "ARC-V1-Feb2018.zip")
     folder = unpack(archive, raw_dir("arc") / "unpacked") if archive else None
-    for subset, name in (("easy", "Easy"), ("challenge", "Challenge")):
+    for subset in ("easy", "challenge"):
         # the bundle's format: {"query": "Question: ...", "choices", "gold"}
         test = read_jsonl(core / "eval_data" / "world_knowledge" / f"arc_{subset}.jsonl")
         save_eval(f"arc_{subset}_test", [{"question": re.sub(r"^Question:\s*", "", r["query"]),
@@ -261,7 +257,7 @@ def run_arc(args):
         if folder is None:
             say(f"skipping chat/arc_{subset}_train: ARC train/dev are not in the mirror (online only)")
             continue
-        train, dev = (arc_rows(find(folder, f"ARC-{name}-{s}.jsonl")) for s in ("Train", "Dev"))
+        train, dev = (arc_rows(find(folder, f"ARC-{subset.title()}-{s}.jsonl")) for s in ("Train", "Dev"))
         save_chat(f"arc_{subset}_train", mc_conversations(train), val=mc_conversations(dev))
 
 # -----------------------------------------------------------------------------
@@ -280,20 +276,14 @@ def run_humaneval(args):
 
 DOLLY_TEMPLATE = re.compile(r"^Below is an instruction.*?### Instruction:\s*(.*?)\s*### Response:\s*$", re.S)
 
-def strip_template(prompt):
-    m = DOLLY_TEMPLATE.match(prompt)
-    return (m.group(1) if m else prompt).strip()
-
 def run_dolly(args):
     if mirror() is not None:
         name = "dolly_hhrlhf_train_small.jsonl"  # a 1,000-row slice of the train split
         rows = read_jsonl(fetch(None, raw_dir("dolly") / name, mirror_path=f"sft/{name}"))
     else:
-        files = hf_parquet_files("mosaicml/dolly_hhrlhf", "train")
-        rows = [r for p in files for r in read_parquet(p, ["prompt", "response"])]
-    pairs = [(strip_template(r["prompt"]), r["response"].strip()) for r in rows]
-    save_chat("dolly", [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                        for q, a in pairs if q and a])
+        rows = hf_rows("mosaicml/dolly_hhrlhf", "train", ["prompt", "response"])
+    pairs = [(DOLLY_TEMPLATE.sub(r"\1", r["prompt"]).strip(), r["response"].strip()) for r in rows]
+    save_chat("dolly", [chat(q, a) for q, a in pairs if q and a])
 
 # -----------------------------------------------------------------------------
 # Identity: who the assistant is, hand-written in data/identity.jsonl
@@ -317,48 +307,42 @@ SPELL_ASKS = ["Spell '{w}' letter by letter.", "How do you spell {w}?", "spell o
               'Can you spell the word "{w}" one letter at a time?',
               "Spell the word {w} with dashes between the letters."]
 
-def count_task(word, c, rng):
-    n = word.count(c)  # and a running count next to each match: s, t, r (1), a, ...
+def count_reply(word, c):
+    """Spell the word with a running count next to each match (s, t, r (1), a, ...), then check in Python."""
+    n = word.count(c)
     tally = [f"{ch} ({word[:i + 1].count(c)})" if ch == c else ch for i, ch in enumerate(word)]
-    parts = [{"type": "text", "text": f"Let me spell '{word}' and count each '{c}': {', '.join(tally)}.\n"
-                                      f"That makes {n}. Let me double-check with Python: "},
-             {"type": "python", "text": f"'{word}'.count('{c}')"},
-             {"type": "python_output", "text": str(n)},
-             {"type": "text", "text": f"\n\nThe letter '{c}' appears {n} time{'' if n == 1 else 's'} in '{word}'."}]
-    return {"messages": [{"role": "user", "content": rng.choice(COUNT_ASKS).format(c=c, w=word)},
-                         {"role": "assistant", "content": parts}]}
-
-def spell_task(word, rng):
-    return {"messages": [{"role": "user", "content": rng.choice(SPELL_ASKS).format(w=word)},
-                         {"role": "assistant", "content": "-".join(word)}]}
+    return [{"type": "text", "text": f"Let me spell '{word}' and count each '{c}': {', '.join(tally)}.\n"
+                                     f"That makes {n}. Let me double-check with Python: "},
+            {"type": "python", "text": f"'{word}'.count('{c}')"},
+            {"type": "python_output", "text": str(n)},
+            {"type": "text", "text": f"\n\nThe letter '{c}' appears {n} time{'' if n == 1 else 's'} in '{word}'."}]
 
 def spelling_tasks(words, n, seed):
     rng, convs = random.Random(seed), []
     for _ in range(n):
         word = rng.choice(words)
         if rng.random() < 0.5:
-            convs.append(spell_task(word, rng))
+            convs.append(chat(rng.choice(SPELL_ASKS).format(w=word), "-".join(word)))
         else:  # mostly letters of the word, sometimes one that is absent (answer 0)
             c = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-            convs.append(count_task(word, c, rng))
+            convs.append(chat(rng.choice(COUNT_ASKS).format(c=c, w=word), count_reply(word, c)))
     return convs
 
 def run_spelling(args):
     path = fetch(WORDS, raw_dir("words") / "words_alpha.txt", mirror_path="words_alpha.txt")
     text = path.read_text(encoding="utf-8")  # CRLF line ends: splitlines() drops the \r too
     words = [w for w in text.splitlines() if 3 <= len(w) <= 12 and w.isalpha()]
-    train = spelling_tasks(words, args.num_spelling, seed=args.seed)
-    seen = {first_user(c) for c in train}
-    val = spelling_tasks(words, max(20, args.num_spelling // 50), seed=args.seed + 1)
-    val = [c for c in val if first_user(c) not in seen]  # a val prompt never appears in train
-    save_chat("spelling", train, val=val)
+    train = spelling_tasks(words, args.num_spelling, args.seed)
+    seen = {first_user(c) for c in train}  # a val prompt never appears in train
+    val = spelling_tasks(words, max(20, args.num_spelling // 50), args.seed + 1)
+    save_chat("spelling", train, val=[c for c in val if first_user(c) not in seen])
 
 # -----------------------------------------------------------------------------
 # SmolTalk (online only): multi-turn general chat; its test split is our val
 
-def smoltalk_convs(paths):
+def smoltalk(split):
     convs = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-             for p in paths for r in read_parquet(p, ["messages"])]
+             for r in hf_rows("HuggingFaceTB/smol-smoltalk", split, ["messages"])]
     good = [c for c in convs if check(c) is None]
     if len(good) < len(convs):
         say(f"smoltalk: skipped {len(convs) - len(good)} conversations that are not user/assistant alternations")
@@ -368,9 +352,7 @@ def run_smoltalk(args):
     if mirror() is not None:
         say("skipping chat/smoltalk: SmolTalk is not in the mirror (online only)")
         return
-    data = "HuggingFaceTB/smol-smoltalk"
-    train, test = (smoltalk_convs(hf_parquet_files(data, split)) for split in ("train", "test"))
-    save_chat("smoltalk", train, val=test)
+    save_chat("smoltalk", smoltalk("train"), val=smoltalk("test"))
 
 # -----------------------------------------------------------------------------
 # Run: eval sets first, so that save_chat can drop any training prompt that appears in them
@@ -385,12 +367,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-spelling", type=int, default=5000,
                         help="number of generated spelling/counting conversations (val: 1/50 of it, at least 20)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated spelling tasks (val uses seed+1)")
-    parser.add_argument("--mirror", default=None, help="offline mirror folder laid out like ../shared/data "
-                        "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
-    args = parser.parse_args()
-    if args.mirror:
-        os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
-    mirror()  # a wrong mirror path stops here, with one line
+    args = parse_args(parser)
     names = [n for n in args.only.split(",") if n] or list(STEPS)
     if unknown := [n for n in names if n not in STEPS]:
         sys.exit(f"--only: unknown {','.join(unknown)}; choose from {','.join(STEPS)}")

@@ -1,31 +1,19 @@
 """
-Get the pretraining corpus and write it in the standard layout of the run's base dir:
+Get the pretraining corpus into <base>/data/pretrain/: {train,val}/shard_00000.jsonl ..., one {"text": document}
+per line, <= --shard-mb each, and meta.json (what was built: a rerun with the same settings skips).
 
-    <base>/data/pretrain/train/shard_00000.jsonl ...   one {"text": document} per line, <= --shard-mb each
-    <base>/data/pretrain/val/shard_00000.jsonl ...
-    <base>/data/pretrain/meta.json                    what was built (a rerun with the same settings skips)
+    python data/corpus.py                               # cpu preset: TinyStories (downloads ~2.2 GB)
+    python data/corpus.py --preset smoke                # a ~400 KB slice, for seconds-fast runs
+    python data/corpus.py --preset gpu --num-shards 8   # ClimbMix parquet shards + the validation shard
+    python data/corpus.py --mirror ../shared/data       # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
 
-    python data/corpus.py                                 # cpu preset: TinyStories (downloads ~2.2 GB)
-    python data/corpus.py --preset smoke                  # a ~400 KB slice, for seconds-fast runs
-    python data/corpus.py --preset gpu --num-shards 8     # ClimbMix parquet shards + the validation shard
-    FLATCHAT_DATA_MIRROR=../shared/data python data/corpus.py   # offline: copy from a mirror folder
-    python data/corpus.py --mirror ../shared/data --preset smoke
+Sources: cpu = TinyStoriesV2-GPT4 train + valid, offline the mirror's heads of them + pretrain/offline-prose/*.jsonl
+(prose that exists offline only). smoke = the cpu sources, cut to --max-chars per source file. gpu = ClimbMix
+shards 0..N-1 into train/ and the last one (06542) into val/, kept as parquet (column "text": no re-encoding of
+~250M chars per shard); the mirror has no ClimbMix, so offline the gpu preset falls back to cpu and says so.
 
-Sources per preset:
-  cpu    online: TinyStoriesV2-GPT4 train + valid txt (stories separated by <|endoftext|>).
-         mirror: pretrain/tinystories/*.txt + pretrain/offline-prose/*.jsonl (the prose exists offline only).
-  smoke  the cpu sources, cut to --max-chars characters per source file (default 50,000).
-  gpu    online: ClimbMix shards 0..N-1 into train/ and the last shard (06542) into val/, kept as parquet
-         (column "text", the layout allows it; no re-encoding of ~250M chars per shard).
-         mirror: it has no ClimbMix, so the gpu preset falls back to the cpu corpus and says so.
-
-Train/val split (jsonl corpora): identical documents are dropped (exact text), and a document goes to val
-when the sha256 of its text falls in the first --val-frac of the hash space, so the split is deterministic,
-independent of order, and the same text can never be on both sides.
-
-The mirror's TinyStories heads separate stories only by blank lines, like their paragraphs. We start a new
-document at a paragraph that opens with "Once upon a time" / "Once there" (~70% of the stories open so);
-the other stories stay glued to the one before, which only costs a missing document boundary.
+Train/val split: identical documents are dropped, and a document goes to val when the sha256 of its text falls
+in the first --val-frac of the hash space: deterministic, independent of order, never on both sides.
 """
 import argparse
 import hashlib
@@ -36,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import base_dir, fetch, mirror, say
+from common import data_dir, fetch, mirror, parse_args, say
 
 TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 CLIMBMIX = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -47,26 +35,23 @@ EOT = "<|endoftext|>"
 # -----------------------------------------------------------------------------
 # Readers: each yields documents (str) from one raw file
 
-
 def tinystories_docs(path):
+    """Stories split at <|endoftext|>, or, in the mirror's heads (which separate stories only by blank
+    lines, like their paragraphs), at a paragraph that opens with "Once upon a time" / "Once there":
+    ~70% of the stories open so, the others stay glued to the one before (a missing boundary only)."""
     with open(path, encoding="utf-8") as f:
         head = f.read(1 << 20)
-    reader = _docs_between_eot if EOT in head else _docs_from_paragraphs
-    for doc in reader(path):
-        if doc.strip():
-            yield doc.strip()
+    docs = _docs_between_eot(path) if EOT in head else _docs_from_paragraphs(path)
+    return (doc.strip() for doc in docs if doc.strip())
 
 
 def _docs_between_eot(path):
-    buf = []
+    rest = ""
     with open(path, encoding="utf-8") as f:
         for line in f:  # streams: the online train file is 2.2 GB
-            *ends, rest = line.split(EOT)
-            for piece in ends:
-                yield "".join(buf) + piece
-                buf = []
-            buf.append(rest)
-    yield "".join(buf)
+            *docs, rest = (rest + line).split(EOT)
+            yield from docs
+    yield rest
 
 
 def _docs_from_paragraphs(path):
@@ -105,63 +90,44 @@ def cut(docs, max_chars):
 # -----------------------------------------------------------------------------
 # Writing: dedupe, hash split, jsonl shards
 
-
-def is_val(text, frac):
-    h = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") < frac * 2**64
-
-
-class Shards:
-    """Writes {"text": ...} lines into folder/shard_00000.jsonl, starting a new shard every max_bytes."""
-
-    def __init__(self, folder, max_bytes):
-        self.folder, self.max_bytes = Path(folder), max_bytes
-        self.folder.mkdir(parents=True)
-        self.f, self.n_shards, self.docs, self.chars = None, 0, 0, 0
-
-    def write(self, text):
-        if self.f is None or self.f.tell() >= self.max_bytes:
-            self.close()
-            self.f = open(self.folder / f"shard_{self.n_shards:05d}.jsonl", "w", encoding="utf-8")
-            self.n_shards += 1
-        self.f.write(json.dumps({"text": text}) + "\n")
-        self.docs, self.chars = self.docs + 1, self.chars + len(text)
-
-    def close(self):
-        if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            self.f = None
+def write_shards(folder, docs, max_bytes):
+    """{"text": doc} lines into folder/shard_00000.jsonl ..., a new shard every max_bytes; returns the counts."""
+    folder.mkdir(parents=True)
+    lines, n = (json.dumps({"text": doc}) + "\n" for doc in docs), 0
+    for line in lines:  # one shard per pass: its first line here, the next ones below until it is full
+        with open(folder / f"shard_{n:05d}.jsonl", "w", encoding="utf-8") as f:
+            f.write(line)
+            while f.tell() < max_bytes and (line := next(lines, None)):
+                f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        n += 1
+    return dict(docs=len(docs), chars=sum(map(len, docs)), shards=n)
 
 
 def build_jsonl(sources, out, val_frac, shard_mb, config):
     """sources: list of (name, iterator of docs). Builds out.tmp/ and renames it to out/ when complete."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    train, val = Shards(tmp / "train", shard_mb * 1e6), Shards(tmp / "val", shard_mb * 1e6)
-    seen, per_source, dupes, docs_of = set(), {}, 0, {False: [], True: []}
+    seen, per_source, dupes, split = set(), {}, 0, {"train": [], "val": []}
     for name, docs in sources:
         per_source[name] = 0
         for doc in docs:
-            key = hashlib.sha256(doc.encode("utf-8")).digest()[:12]
-            if key in seen:
+            h = hashlib.sha256(doc.encode("utf-8")).digest()
+            if h in seen:
                 dupes += 1
                 continue
-            seen.add(key)
-            docs_of[is_val(doc, val_frac)].append(doc)
+            seen.add(h)
+            split["val" if int.from_bytes(h[:8], "big") < val_frac * 2**64 else "train"].append(doc)
             per_source[name] += 1
-    for split, shards in ((False, train), (True, val)):
+    if not split["train"] or not split["val"]:
+        sys.exit(f"the split left train={len(split['train'])} val={len(split['val'])} documents: "
+                 "raise --val-frac or --max-chars")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = dict(config=config, sources=per_source, duplicates_dropped=dupes)
+    for name, docs in split.items():
         # sources come one after another: shuffle, so any prefix of training sees the whole mixture
-        random.Random(1234).shuffle(docs_of[split])
-        for doc in docs_of[split]:
-            shards.write(doc)
-    train.close(), val.close()
-    if val.docs == 0 or train.docs == 0:
-        sys.exit(f"the split left train={train.docs} val={val.docs} documents: raise --val-frac or --max-chars")
-    meta = dict(config=config, sources=per_source, duplicates_dropped=dupes,
-                train=dict(docs=train.docs, chars=train.chars, shards=train.n_shards),
-                val=dict(docs=val.docs, chars=val.chars, shards=val.n_shards))
+        random.Random(1234).shuffle(docs)
+        meta[name] = write_shards(tmp / name, docs, shard_mb * 1e6)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -171,32 +137,27 @@ def build_jsonl(sources, out, val_frac, shard_mb, config):
 # -----------------------------------------------------------------------------
 # Sources per preset
 
-
 def cpu_sources(raw, max_chars):
     """(name, docs) pairs for the cpu/smoke corpus; offline also the prose that exists only in the mirror."""
-    offline = mirror() is not None
-    if offline:  # the mirror has the heads of both TinyStories files, under its own names
-        stories = {s: f"pretrain/tinystories/TinyStories-{s}.head.txt" for s in ("train", "valid")}
-    else:
-        stories = {s: None for s in ("train", "valid")}
     sources = []
-    for split, mpath in stories.items():
-        path = fetch(TINYSTORIES.format(split), raw / f"tinystories_{split}.txt", mirror_path=mpath)
+    for split in ("train", "valid"):  # the mirror has the heads of both files, under its own names
+        path = fetch(TINYSTORIES.format(split), raw / f"tinystories_{split}.txt",
+                     mirror_path=f"pretrain/tinystories/TinyStories-{split}.head.txt")
         if path:
             sources.append((f"tinystories_{split}", cut(tinystories_docs(path), max_chars)))
-    for name in PROSE if offline else []:
+    if mirror() is None:
+        say("note: pretrain/offline-prose exists only in the offline mirror; online the cpu corpus is TinyStories")
+        return sources
+    for name in PROSE:
         path = fetch(None, raw / f"{name}.jsonl", mirror_path=f"pretrain/offline-prose/{name}.jsonl")
         sources.append((name, cut(jsonl_docs(path), max_chars)))
-    if not offline:
-        say("note: pretrain/offline-prose exists only in the offline mirror; online the cpu corpus is TinyStories")
     return sources
 
 
 def fetch_climbmix(out, num_shards):
     """gpu preset online: parquet shards straight into train/ and val/ (fetch skips those already there)."""
-    pairs = [(i, out / "train") for i in range(num_shards)] + [(CLIMBMIX_VAL, out / "val")]
-    for i, folder in pairs:
-        fetch(CLIMBMIX.format(i), folder / f"shard_{i:05d}.parquet")
+    for i, split in [(i, "train") for i in range(num_shards)] + [(CLIMBMIX_VAL, "val")]:
+        fetch(CLIMBMIX.format(i), out / split / f"shard_{i:05d}.parquet")
     for f in (out / "train").glob("shard_*.parquet"):  # shards of an earlier, larger --num-shards
         if int(f.stem[6:]) >= num_shards:
             f.unlink()
@@ -205,8 +166,8 @@ def fetch_climbmix(out, num_shards):
     meta = dict(config=dict(preset="gpu", num_shards=num_shards))
     for split in ("train", "val"):
         files = sorted((out / split).glob("*.parquet"))
-        docs = sum(pq.read_metadata(f).num_rows for f in files)
-        meta[split] = dict(docs=docs, bytes=sum(f.stat().st_size for f in files), shards=len(files))
+        meta[split] = dict(docs=sum(pq.read_metadata(f).num_rows for f in files),
+                           bytes=sum(f.stat().st_size for f in files), shards=len(files))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -225,24 +186,16 @@ if __name__ == "__main__":
     parser.add_argument("--val-frac", type=float, default=None,
                         help="fraction of documents (by text hash) for val (default: 0.01; 0.1 for smoke)")
     parser.add_argument("--shard-mb", type=float, default=50, help="size of one jsonl shard in MB")
-    parser.add_argument("--mirror", default=None,
-                        help="offline mirror folder laid out like ../shared/data "
-                             "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
-    args = parser.parse_args()
-    if args.mirror:
-        os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
-    smoke = args.preset == "smoke"
-    max_chars = args.max_chars if args.max_chars is not None else (50_000 if smoke else -1)
-    val_frac = args.val_frac if args.val_frac is not None else (0.1 if smoke else 0.01)
-    out, raw = base_dir() / "data" / "pretrain", base_dir() / "data" / "raw" / "pretrain"
-
-    preset = args.preset
-    if preset == "gpu" and mirror() is not None:
+    args = parse_args(parser)
+    offline, smoke, preset = mirror() is not None, args.preset == "smoke", args.preset
+    if preset == "gpu" and offline:
         say("note: the mirror has no ClimbMix shards (online only): the gpu preset uses the cpu corpus instead")
         preset = "cpu"
+    max_chars = args.max_chars if args.max_chars is not None else (50_000 if smoke else -1)
+    val_frac = args.val_frac if args.val_frac is not None else (0.1 if smoke else 0.01)
+    out, raw = data_dir() / "pretrain", data_dir() / "raw" / "pretrain"
     old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
-    config = dict(preset=preset, max_chars=max_chars, val_frac=val_frac, shard_mb=args.shard_mb,
-                  offline=mirror() is not None)
+    config = dict(preset=preset, max_chars=max_chars, val_frac=val_frac, shard_mb=args.shard_mb, offline=offline)
 
     if preset == "gpu":
         if old.get("config", {}).get("preset") != "gpu":
