@@ -17,13 +17,16 @@ the end, each tested against the plain code it stands in for.
 
 import contextlib
 import ctypes
+import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -359,6 +362,8 @@ def start_from_checkpoint(args, stage, source, source_step=-1):
     """Init a stage that continues a model: the `source` stage's checkpoint (step -1: the latest) or, with
     --resume, this stage's latest one and its optimizer state (a new stage starts with fresh moments).
     Returns (rank, world, device, model, tokenizer, meta of that checkpoint, optimizer)."""
+    lock_stage(stage)
+    catch_stop_signals()
     _, rank, _, world, device = compute_init(args.seed)
     start, step = (stage, None) if args.resume else (source, None if source_step < 0 else source_step)
     model, tokenizer, meta, *optim_state = load_model(start, device, step=step, load_optim=args.resume)
@@ -391,14 +396,16 @@ def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, lanes, val
     val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # a resumed step was evaluated before its save
     flops_per_token, t_start = model.estimate_flops(), time.time()
     for step in range(start_step, num_steps + 1):
-        last = step == num_steps
-        if due(step, args.eval_every, last) and not (args.resume and step == start_step):
+        last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
+        if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):
             val_loss = logger.eval(model, val_batches(), step, num_steps)
-        if due(step, args.save_every, last) and step > start_step:
+        if (due(step, args.save_every, last) or stop) and step > start_step:
             source = src_meta["source"] if args.resume else dict(stage=src_meta["stage"], step=src_meta["step"])
             meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), num_steps=num_steps,
                         source=source, metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
             save_checkpoint(stage, step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
+        if stop:
+            exit_stopped(step, step > start_step)
         if last:
             break
         sync(device)
@@ -595,24 +602,24 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 class JsonlLogger:
-    """Appends one JSON object per line to logs/<stage>.jsonl (rank 0). A fresh run starts a new file;
-    a resumed run drops the rows past the step it resumes from, so the log reads as one clean run."""
+    """Appends one JSON object per line to logs/<stage>.jsonl (rank 0). A fresh run starts a new file; a
+    resumed run drops the rows past the step it resumes from, so the log reads as one clean run. Nothing is
+    lost: the file as it was goes to logs/previous/<stage>-<time>.jsonl first."""
 
     def __init__(self, stage, resume_step=None, enabled=True, world=1):
         self.path = base_dir() / "logs" / f"{stage}.jsonl"
         self.enabled, self.world, self.stepped = enabled, world, False
-        if not enabled:
+        if enabled:
+            (old := self.path.parent / "previous").mkdir(parents=True, exist_ok=True)
+        if not enabled or not self.path.exists():
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keep = []
-        if resume_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line + "\n")
-                except json.JSONDecodeError:
-                    pass  # a torn last line from a killed run
-        self.path.write_text("".join(keep))
+        shutil.copy2(self.path, old / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        lines = self.path.read_text(errors="replace").splitlines() if resume_step is not None else []
+        rows = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError):  # a torn last line: a killed writer
+                rows.append(json.loads(line))
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
 
     def eval(self, model, batches, step, num_steps, token_bytes=None):
         """evaluate_loss over the batches: val bpb with token_bytes, else val loss; printed, logged, returned."""
@@ -654,24 +661,15 @@ def peak_flops():
     return next((f for key, f in PEAK_BF16 if key in name), 0.0)
 
 # -----------------------------------------------------------------------------
-# Checkpoints: checkpoints/<stage>/step_NNNNNN/{model.pt, optim.pt, meta.json}, written atomically
+# Checkpoints: checkpoints/<stage>/step_NNNNNN/{model.pt, optim.pt, rng.pt, meta.json}, written atomically,
+# each tensor file's sha256 in meta.json; one live run per stage; stopping cleanly on SIGTERM / Ctrl-C
 
 STAGE_COMMANDS = {"pretrain": "python pretrain.py", "midtrain": "python midtrain.py",
                   "sft": "python sft.py", "rl": "python rl.py"}
+MODEL_FORMAT = 3  # bumped when the same weights would compute something else (3: rotary on half-split heads)
 
 def stage_dir(stage):
     return base_dir() / "checkpoints" / stage
-
-def _fsync_write(path, write):
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
 
 def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
     """Every rank calls this. The per-rank loader states `lanes` (a list per rank) are gathered in rank
@@ -688,45 +686,65 @@ def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
         dist.barrier()
     return path
 
-MODEL_FORMAT = 3  # bumped when the same weights would compute something else (3: rotary on half-split heads)
-
 def _write_checkpoint(stage, step, model, optimizer, meta, keep):
-    """Write a complete checkpoint into a temp dir (fsynced, meta.json last), then rename it into place.
-    A crash at any point leaves either the old set of checkpoints or the new one, never a torn one."""
+    """Write every file into a temp dir (fsynced, meta.json last), then rename it into place: a crash at any
+    point leaves the old set of checkpoints or the new one, never a torn one. A full disk stops the run
+    with one line, and leaves the temp dir removed and the previous checkpoint the latest."""
     root = stage_dir(stage)
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
-    _fsync_write(tmp / "model.pt", lambda f: torch.save(state, f))
-    if optimizer is not None:
-        _fsync_write(tmp / "optim.pt", lambda f: torch.save(optimizer.state_dict(), f))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    _fsync_write(tmp / "rng.pt", lambda f: torch.save(rng, f))
-    meta = {**meta, "stage": stage, "step": step, "model_format": MODEL_FORMAT, "saved_at": time.time()}
-    _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    _fsync_dir(tmp)
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    files = {"model.pt": {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}, "rng.pt": rng,
+             **({"optim.pt": optimizer.state_dict()} if optimizer is not None else {})}
+    name = "-"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, state in files.items():
+            with open(tmp / name, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        sums = {n: hashlib.file_digest(open(tmp / n, "rb"), "sha256").hexdigest() for n in files}
+        meta = {**meta, "stage": stage, "step": step, "model_format": MODEL_FORMAT, "saved_at": time.time(), "sha256": sums}
+        name = "meta.json"
+        (tmp / name).write_text(json.dumps(meta, indent=1))
+        _fsync(tmp / name)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(t.numel() * t.element_size() for t in _tensors(files)) / 2**20
+        raise UserError(f"could not write {tmp / name}: {e.strerror} (a checkpoint needs ~{need:,.0f} MB, "
+                        f"{shutil.disk_usage(root).free / 2**20:,.0f} MB are free on {root}); the latest complete "
+                        f"checkpoint is untouched: free some space and rerun with --resume") from None
     old = root / f".old_step_{step:06d}_{os.getpid()}"
     if final.exists():  # re-saving the same step: move the old one aside first
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    _fsync(root)
     shutil.rmtree(old, ignore_errors=True)
-    if keep:
-        for _, _, d in _complete(stage)[:-keep]:
-            shutil.rmtree(d, ignore_errors=True)
+    for _, _, d in _complete(stage)[:-keep] if keep else []:
+        shutil.rmtree(d, ignore_errors=True)
     return final
 
-def _complete(stage):
-    """Complete checkpoints (renamed into place, meta.json inside), oldest save first: [(saved_at, step, dir)]."""
+def _fsync(path):  # a file's data, or a directory's entries, to disk
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+def _tensors(x):  # every tensor in a nest of dicts and lists
+    if torch.is_tensor(x):
+        return [x]
+    return [t for v in (x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []) for t in _tensors(v)]
+
+def _complete(stage, warn=False):
+    """Complete checkpoints (renamed into place, meta.json readable), oldest save first: [(saved_at, step, dir)].
+    warn: say why a step_* dir does not count (only a temp dir of a killed save is passed over silently)."""
     found = []
     for d in stage_dir(stage).glob("step_*"):
         try:
             found.append((json.loads((d / "meta.json").read_text())["saved_at"], int(d.name[5:]), d))
-        except (OSError, ValueError, KeyError):
-            pass  # not complete, or not ours
+        except (OSError, ValueError, KeyError) as e:
+            if warn:
+                print0(f"warning: skipping {d}: its meta.json is unreadable or not JSON ({type(e).__name__})", file=sys.stderr)
     return sorted(found)
 
 def latest_step(stage):
@@ -735,28 +753,40 @@ def latest_step(stage):
     found = _complete(stage)
     return found[-1][1] if found else None
 
-def _torch_load(path, device):
-    try:
-        return torch.load(path, map_location=device, weights_only=True)  # tensors only: never unpickle code
-    except Exception as e:
-        raise UserError(f"{path}: not a loadable flatchat checkpoint file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]}); delete it and rerun the stage that wrote it")
+def _check(d, meta, names):
+    """Why the files `names` of checkpoint dir d do not match the sha256 sums in its meta.json, or None."""
+    for name in names:
+        if not (d / name).exists():
+            return f"{d / name} is missing"
+        want = meta.get("sha256", {}).get(name)
+        if want and hashlib.file_digest(open(d / name, "rb"), "sha256").hexdigest() != want:
+            return f"{d / name} is damaged (truncated or changed: its sha256 does not match meta.json)"
+    return None
 
 def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
-    """Returns (model_state, optim_state or None, meta, rng) of a checkpoint (the latest by default)."""
-    step = latest_step(stage) if step is None else step
-    d = stage_dir(stage) / f"step_{step:06d}" if step is not None else None
-    if d is None or not (d / "meta.json").exists():
+    """(model_state, optim_state or None, meta, rng) of a checkpoint: `step`, or the newest that verifies
+    (a damaged one is passed over with a warning, for the one before it)."""
+    found = [c for c in _complete(stage, warn=True) if step is None or c[1] == step]
+    if not found:
         what = "no checkpoint" if step is None else f"no checkpoint at step {step}"
         raise UserError(f"{what} in {stage_dir(stage)}: create it with `{STAGE_COMMANDS[stage]}`")
-    meta = json.loads((d / "meta.json").read_text())
-    if meta.get("model_format", 1) != MODEL_FORMAT:
-        raise UserError(f"{d} holds a model of format {meta.get('model_format', 1)}, this model.py reads format "
-                        f"{MODEL_FORMAT} (its rotary pairs changed): retrain from `python pretrain.py`")
-    model_state = _torch_load(d / "model.pt", device)
-    optim_state = _torch_load(d / "optim.pt", device) if load_optim and (d / "optim.pt").exists() else None
-    rng = _torch_load(d / "rng.pt", "cpu") if (d / "rng.pt").exists() else None
-    return model_state, optim_state, meta, rng
+    names = ["model.pt", "rng.pt"] + (["optim.pt"] if load_optim else [])
+    for _, _, d in reversed(found):
+        meta = json.loads((d / "meta.json").read_text())
+        if meta.get("model_format", 1) != MODEL_FORMAT:
+            raise UserError(f"{d} holds a model of format {meta.get('model_format', 1)}, this model.py reads format "
+                            f"{MODEL_FORMAT} (its rotary layout changed): retrain from `python pretrain.py`")
+        if not (problem := _check(d, meta, [n for n in names if n in meta.get("sha256", {"model.pt": 1})])):
+            break
+        if step is not None or d == found[0][2]:
+            raise UserError(f"{problem}: delete {d} (or rerun the stage that wrote it)" +
+                            (f"; the checkpoints before it are {[c[1] for c in found[:-1]]}" if len(found) > 1 else ""))
+        print0(f"warning: {problem}: using the checkpoint before it", file=sys.stderr)
+    load = lambda name, dev: torch.load(d / name, map_location=dev, weights_only=True) if (d / name).exists() else None
+    try:  # weights_only: tensors only, never code (a file of pickled code fails here and says so)
+        return load("model.pt", device), load("optim.pt", device) if load_optim else None, meta, load("rng.pt", "cpu")
+    except Exception as e:
+        raise UserError(f"{d}: cannot load its tensors on {device} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
 
 def check_tokenizer(meta, tokenizer, where):
     if meta.get("tokenizer_hash") != tokenizer.hash or meta["model_config"]["vocab_size"] != tokenizer.vocab_size:
@@ -773,6 +803,10 @@ def load_tokenizer():
 
 def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     """(model, tokenizer, meta[, optim_state]) from a checkpoint, after checking it fits the tokenizer."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}"
+                        f"{', a CPU-only build' if torch.version.cuda is None else ''}): use --device cpu")
     tokenizer = tokenizer or load_tokenizer()
     model_state, optim_state, meta, _ = load_checkpoint(stage, step, device, load_optim)
     check_tokenizer(meta, tokenizer, stage_dir(stage) / f"step_{meta['step']:06d}")
@@ -780,6 +814,62 @@ def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     model.load_state_dict(model_state)
     model.eval()
     return (model, tokenizer, meta, optim_state) if load_optim else (model, tokenizer, meta)
+
+_held = []  # this process's stage locks, released by the kernel when it exits (a SIGKILL included)
+
+def lock_stage(stage):
+    """Refuse to start while another live run writes checkpoints/<stage> (a killed run's lock is gone with
+    it); then clear what killed saves left (temp dirs)."""
+    if dist_rank() != 0:
+        return
+    root = stage_dir(stage)
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        raise UserError(f"another run (process {pid}) is writing {root}: wait for it, or stop it (kill {pid})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _held.append(f)
+    for d in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
+        shutil.rmtree(d, ignore_errors=True)
+
+_signal = []  # the stop signals received so far
+
+def _on_signal(signum, frame):
+    if signum == signal.SIGINT and signal.SIGINT in _signal:
+        print("\nsecond Ctrl-C: exiting now (checkpoints are written atomically: none is torn)", file=sys.stderr)
+        os._exit(130)
+    _signal.append(signum)
+    print0(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again: at once)",
+           file=sys.stderr)
+
+def catch_stop_signals():
+    """SIGTERM (a preempted node) and Ctrl-C ask the training loop to stop: see stop_requested."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+def stop_requested(device):
+    """Did any rank get SIGTERM or Ctrl-C? All ranks learn it at the same step (one tiny all_reduce)."""
+    flag = torch.tensor([float(bool(_signal))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+def exit_stopped(step, saved):
+    """After the checkpoint of a stop: say how to go on, and exit non-zero (128 + the signal, as a shell does)."""
+    sig = (_signal or [signal.SIGTERM])[0]
+    again = "python " + " ".join(sys.argv) + ("" if "--resume" in sys.argv else " --resume")
+    print0(f"stopped at step {step} by {signal.Signals(sig).name}; " + (f"continue with: {again} (under torchrun: the "
+           "same command with --resume)" if saved or "--resume" in sys.argv else "nothing was saved yet: rerun the command"),
+           file=sys.stderr)
+    compute_cleanup()
+    sys.exit(128 + sig)
 
 # -----------------------------------------------------------------------------
 # Speed: what a CPU step needs beyond torch.compile. Each piece is measured in tests/bench_pretrain.py

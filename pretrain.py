@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from model import (GPT, GPTConfig, UserError, add_training_args, compile_ok, compute_cleanup, compute_init, due,
-                   generate_batch, JsonlLogger, load_checkpoint, load_tokenizer, make_lanes, print0, save_checkpoint,
-                   sync, train_step)
+from model import (GPT, GPTConfig, UserError, add_training_args, catch_stop_signals, compile_ok, compute_cleanup,
+                   compute_init, due, exit_stopped, generate_batch, JsonlLogger, load_checkpoint, load_tokenizer,
+                   lock_stage, make_lanes, print0, save_checkpoint, stop_requested, sync, train_step)
 from tokenizer import base_dir, corpus_files, iter_documents
 
 # -----------------------------------------------------------------------------
@@ -138,6 +138,8 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # Init: processes, tokenizer, the model shape and the batch from the depth dial
+    lock_stage("pretrain")  # one live run per stage; SIGTERM / Ctrl-C: save, then stop
+    catch_stop_signals()
     ddp, rank, local_rank, world, device = compute_init(args.seed)
     master = rank == 0
     tokenizer = load_tokenizer()
@@ -225,22 +227,24 @@ if __name__ == "__main__":
     val_bpb, min_val_bpb = (resume_meta["metrics"]["val_bpb"], resume_meta["metrics"]["min_val_bpb"]) if resume_meta else (None, float("inf"))
     t_start = time.time()
     for step in range(start_step, num_steps + 1):
-        last = step == num_steps
-        if due(step, args.eval_every, last) and not (args.resume and step == start_step):
+        last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
+        if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):
             val_bpb = logger.eval(model, val_batches(), step, num_steps, tokenizer.token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
-        if master and due(step, args.sample_every, last) and step > 0:
+        if master and due(step, args.sample_every, last) and step > 0 and not stop:
             orig_model.eval()
             for prompt in prompts:
                 ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
                 out, _ = generate_batch(orig_model, ids, max_tokens=24, temperature=0, tokenizer=tokenizer)
                 print0(f"  sample: {prompt}{tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])!r}")
             orig_model.train()
-        if due(step, args.save_every, last) and step > start_step:
+        if (due(step, args.save_every, last) or stop) and step > start_step:
             meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes_total=world * grad_accum,
                         total_batch=total_batch, world_size=world, num_steps=num_steps, train_time=time.time() - t_start,
                         metrics=dict(val_bpb=val_bpb, min_val_bpb=min_val_bpb))
             save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
+        if stop:
+            exit_stopped(step, step > start_step)
         if last:
             break
 

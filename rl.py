@@ -24,8 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from model import (UserError, add_training_args, amp_ctx, compute_cleanup, due, epoch_order, generate_batch, gsm8k_reward,
-                   JsonlLogger, print0, save_checkpoint, start_from_checkpoint)
+from model import (UserError, add_training_args, amp_ctx, compute_cleanup, due, epoch_order, exit_stopped, generate_batch,
+                   gsm8k_reward, JsonlLogger, print0, save_checkpoint, start_from_checkpoint, stop_requested)
 from tokenizer import base_dir, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -151,19 +151,21 @@ if __name__ == "__main__":
     flops_per_token = model.estimate_flops()
     metrics, t_start = src_meta.get("metrics", {}) if args.resume else {}, time.time()
     for step in range(start_step, num_steps + 1):
-        last = step == num_steps
-        if evals and due(step, args.eval_every, last) and (step > start_step or not args.resume):  # a resumed step was evaluated already
+        last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
+        if evals and due(step, args.eval_every, last) and not stop and (step > start_step or not args.resume):
             pass1, passk, first = evaluate_gsm8k()
             metrics = dict(gsm8k_pass1=pass1, gsm8k_passk=passk)
             print0(f"step {step}/{num_steps} | gsm8k pass@1 {pass1:.4f} | pass@{args.eval_samples} {passk:.4f}")
             if first:
                 print0(f"  sample: {first[0]['messages'][0]['content'][:80]!r} -> {first[1][:200]!r} (reward {first[2]:.0f})")
             logger.log(step=step, **metrics)
-        if due(step, args.save_every, last) and step > start_step:
+        if (due(step, args.save_every, last) or stop) and step > start_step:
             source = src_meta["source"] if args.resume else dict(stage="sft", step=src_meta["step"])
             meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), pos=pos,
                         num_steps=num_steps, source=source, metrics=metrics, train_time=time.time() - t_start)
             save_checkpoint("rl", step, model, optimizer, meta, keep=args.keep)
+        if stop:
+            exit_stopped(step, step > start_step)
         if last:
             break
 
