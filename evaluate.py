@@ -161,13 +161,13 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
 # -----------------------------------------------------------------------------
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
 
-def all_sum(*values):
-    """Sum numbers over the ranks (a no-op in a single process)."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return tuple(t.tolist())
+def all_mean(total, n):
+    """A sum over this rank's slice, summed over the ranks, / n: the count of all the items (0 without any)."""
+    if dist.is_initialized():
+        t = torch.tensor([total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        total = t.item()
+    return total / max(n, 1)
 
 @torch.no_grad()
 def forward_rows(model, rows):
@@ -272,16 +272,15 @@ def run_core(model, tokenizer, core_dir, max_items, rank=0, world=1):
             print0(f"core | {task['label']:<32} | skipped: {path} is missing")
             continue
         data, kind, k = load_jsonl(path), task["icl_task_type"], task["num_fewshot"][0]
-        mine, correct = range(rank, min(len(data), max_items), world), 0
-        for idx in mine:
+        n, correct = min(len(data), max_items), 0
+        for idx in range(rank, n, world):
             picks = random.Random(1234 + idx).sample(range(len(data) - 1), min(k, len(data) - 1))  # as DCLM
             shots = [data[j + (j >= idx)] for j in picks]  # the other items
             prompts = render_prompts(kind, data[idx], shots, task.get("continuation_delimiter", " "))
             correct += score_item(model, tokenizer, kind, prompts, data[idx].get("gold", 0))
-        correct, n = all_sum(correct, len(mine))
-        acc = correct / max(n, 1)
-        r = results[task["label"]] = dict(acc=acc, centered=centered(acc, task["baseline"]), n=int(n))
-        print0(f"core | {task['label']:<32} | acc {acc:.4f} | centered {r['centered']:+.4f} | {int(n)} items "
+        acc = all_mean(correct, n)
+        r = results[task["label"]] = dict(acc=acc, centered=centered(acc, task["baseline"]), n=n)
+        print0(f"core | {task['label']:<32} | acc {acc:.4f} | centered {r['centered']:+.4f} | {n} items "
                f"| {time.time() - t0:.1f} s")
     core = sum(r["centered"] for r in results.values()) / max(len(results), 1)
     return dict(core=core, core_tasks=results, core_k=len(results), core_total=len(tasks))
@@ -309,8 +308,7 @@ def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
         logits, _ = forward_rows(model, rows)
         for j, (r, it) in enumerate(zip(rows, chunk)):
             correct += letter_correct(logits[j, len(r) - 1], letter_ids(tokenizer, len(it["choices"])), it["gold"])
-    correct, count = all_sum(correct, len(mine))
-    return correct / max(count, 1)
+    return all_mean(correct, len(items))
 
 def gsm8k_reference(answer):
     """What follows '####' in a GSM8K answer (the whole string when there is none)."""
@@ -325,12 +323,10 @@ def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0)
     return [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]
 
 def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
-    correct, mine = 0, items[rank::world]
-    for conv in mine:  # the user's question; the reference solution (last message) is dropped
-        reply = complete(model, tokenizer, conv, max_tokens)[0]
-        correct += gsm8k_reward(reply, gsm8k_reference(conv["answer"]))
-    correct, count = all_sum(correct, len(mine))
-    return correct / max(count, 1)
+    correct = 0
+    for conv in items[rank::world]:  # the user's question; the reference solution (last message) is dropped
+        correct += gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], gsm8k_reference(conv["answer"]))
+    return all_mean(correct, len(items))
 
 def humaneval_program(task, completion):
     """The code of a ```python block if there is one; a bare body goes back under the prompt; then
@@ -355,8 +351,7 @@ def run_humaneval(model, tokenizer, tasks, max_tokens, samples, rank=0, world=1)
         replies = complete(model, tokenizer, conv, max_tokens, samples, 0.0 if samples == 1 else 0.8)
         c = sum(run_sandboxed(humaneval_program(task, r))[0] for r in replies)
         p1, pk = p1 + pass_at_k(samples, c, 1), pk + pass_at_k(samples, c, samples)
-    p1, pk, count = all_sum(p1, pk, len(tasks[rank::world]))
-    return p1 / max(count, 1), pk / max(count, 1)
+    return all_mean(p1, len(tasks)), all_mean(pk, len(tasks))
 
 # -----------------------------------------------------------------------------
 # The report card: report/metrics_<stage>.json (each stage rewrites only its own), report/system.md and
