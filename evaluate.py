@@ -40,18 +40,16 @@ from model import (amp_ctx, compute_cleanup, compute_init, evaluate_loss, genera
 from tokenizer import base_dir, iter_documents, render_mc
 
 # -----------------------------------------------------------------------------
-# The sandbox: generated code runs in a separate process, limited in layers (outside in):
-# 1. user namespaces where they work (Linux, `unshare` + `setpriv`, probed once): no network at all, every
-#    mount read-only but a tmpfs of file_mb as the working dir, a pid namespace (<= ~300 pids on kernel
-#    >= 6.14) whose processes die with it, capabilities dropped, no_new_privs.
-# 2. rlimits: CPU seconds, address space, file size, 64 open files, max_procs processes+threads (not
-#    enforced for real root), no core dumps; a new session whose process group is SIGKILLed at the end.
-# 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the
-#    working dir and reading /proc/<other pid> (the BLOCK/MODULES/PATHS sets below). Code can get around
-#    a hook, so it is never the only layer.
-# Only PATH and LANG in the environment, output capped at max_output bytes, a wall-clock deadline. The code
-# can still read what its user may read (`nobody` cannot run an interpreter under a private home such as
-# /root/.pyenv): not a security boundary for hostile code, never call it "secure".
+# The sandbox: generated code runs in its own process, limited in layers (outside in):
+# 1. user namespaces where they work (Linux, `unshare` + `setpriv`, probed once): no network, every mount read-only
+#    but a tmpfs of file_mb as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) whose processes
+#    die with it, capabilities dropped, no_new_privs.
+# 2. rlimits: CPU seconds, address space, file size, 64 open files, max_procs processes+threads (not enforced for
+#    real root), no core dumps; a new session whose process group is SIGKILLed at the end.
+# 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the working dir
+#    and reading /proc/<other pid>. Code can get around a hook, so it is never the only layer.
+# Only PATH and LANG in the environment, output capped, a deadline. The code can still read what its user may read
+# (`nobody` could not run a Python under /root/.pyenv): not a boundary for hostile code, never call it "secure".
 
 _BOOT = r"""
 import os, resource as R, sys
@@ -111,10 +109,9 @@ def namespaces_available():
         return False
     with tempfile.TemporaryDirectory() as d:
         try:
-            r = subprocess.run(_ns_prefix(d, 1) + ["true"], capture_output=True, timeout=10, cwd=d)
+            return subprocess.run(_ns_prefix(d, 1) + ["true"], capture_output=True, timeout=10, cwd=d).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             return False
-    return r.returncode == 0
 
 def _read_capped(proc, timeout, cap):
     """Read the merged stdout/stderr until EOF, the deadline or `cap` bytes; returns (bytes, problem)."""
@@ -133,8 +130,8 @@ def _read_capped(proc, timeout, cap):
             return bytes(buf[:cap]), f"output over {cap} bytes, stopped"
 
 def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 16, max_procs=4, guard=True):
-    """Run Python `code` in the sandbox described above: (ok, output). ok = exit status 0, in time, output
-    under the cap. guard=False leaves out the audit hook (tests use it to check the other layers)."""
+    """(ok, output) of Python `code` in the sandbox above: ok = exit status 0, in time, output under the cap.
+    guard=False leaves out the audit hook (tests use it to check the other layers)."""
     with tempfile.TemporaryDirectory(prefix="flatchat_sandbox_") as d:
         prog, work = Path(d) / "program.py", Path(d) / "work"
         prog.write_text(code)
@@ -143,9 +140,8 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
         cmd = [sys.executable, "-I", "-c", _BOOT, str(prog), str(work), *map(str, limits)]
         if namespaces_available():
             cmd = _ns_prefix(work, file_mb) + cmd
-        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             out, problem = _read_capped(proc, timeout, max_output)
         finally:
