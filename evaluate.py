@@ -240,8 +240,8 @@ def continuation_spans(kind, seqs):
     return [(n, len(s)) if kind == "multiple_choice" else (len(s) - n, len(s)) for s in seqs]
 
 def score_item(model, tokenizer, kind, prompts, gold):
-    """1 if right: gold's continuation has the lowest mean loss (MC, schema), or the greedy continuation
-    is exactly the answer (LM). Prompts longer than the context lose their start."""
+    """1 if gold's continuation has the lowest mean loss (MC, schema) or the greedy continuation is exactly the
+    answer (LM). Prompts longer than the context lose their start."""
     seqs = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
     spans, T = continuation_spans(kind, seqs), model.config.sequence_len
     seqs = seqs[1:] if kind == "language_modeling" else seqs
@@ -325,7 +325,7 @@ def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
     return all_mean(correct, len(items))
 
 def humaneval_program(task, completion):
-    """The code of a ```python block if there is one; a bare body goes back under the prompt; then
+    """The code of a ```python block if there is one (else the reply), under the prompt if a bare body; then
     the task's tests and check(entry_point)."""
     m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.S)
     code = m.group(1) if m else completion
@@ -350,8 +350,7 @@ def run_humaneval(model, tokenizer, tasks, max_tokens, samples, rank=0, world=1)
     return all_mean(p1, len(tasks)), all_mean(pk, len(tasks))
 
 # -----------------------------------------------------------------------------
-# The report card: report/metrics_<stage>.json (each stage rewrites only its own), report/system.md and
-# logs/*.jsonl, joined into report.md
+# The report card: report/metrics_<stage>.json (one per stage), report/system.md and logs/ join into report.md
 
 STAGES = {"pretrain": "BASE", "midtrain": "MID", "sft": "SFT", "rl": "RL"}
 ROWS = {"bpb": "bpb", "core": "CORE", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "mmlu": "MMLU",
@@ -368,18 +367,17 @@ def system_section(tokenizer, files):
     """The machine, the software, the commit; the tokenizer's size and compression on the val text."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit, dirty = git("log", "-1", "--format=%h %cd", "--date=short"), git("status", "--porcelain")
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["none"]
+    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     found = list(importlib.metadata.distributions())[::-1]  # the first on sys.path wins, as in version()
     versions = {str(d.metadata["Name"]).lower(): d.version for d in found}
+    deps = ", ".join(f"{p} {versions.get(p, '-')}" for p in ("numpy", "regex", "textual", "requests", "pyarrow"))
     text = "\n".join(d for f in files for d, _ in zip(iter_documents(f), range(50)))[:200_000]
     n, nbytes = len(tokenizer.encode(text)) if text else 0, len(text.encode())
     return "\n".join([
-        "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, "
-        f"GPUs: {', '.join(gpus)}",
+        "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, GPUs: {gpus}",
         f"- software: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
-        "- dependencies: " + ", ".join(f"{p} {versions.get(p, '-')}" for p in ("numpy", "regex", "textual",
-                                                                                "requests", "pyarrow")),
+        f"- dependencies: {deps}",
         f"- git commit: {commit or 'none yet'}{' (+ uncommitted changes)' if dirty else ''}",
         f"- sandbox: {'user/mount/net/pid namespaces + ' if namespaces_available() else ''}rlimits + audit hook",
         "", "## Tokenizer", "", f"- vocab size: {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})",
