@@ -158,7 +158,7 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
 
 def all_mean(total, n):
-    """A sum over this rank's slice, summed over the ranks, / n: the count of all the items (0 without any)."""
+    """Each rank's total over its share of the items, summed over the ranks, / n: the count of all the items."""
     if dist.is_initialized():
         t = torch.tensor([total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
