@@ -40,18 +40,16 @@ from model import (amp_ctx, compute_cleanup, compute_init, evaluate_loss, genera
 from tokenizer import base_dir, iter_documents, render_mc
 
 # -----------------------------------------------------------------------------
-# The sandbox: generated code runs in a separate process, limited in layers (outside in):
-# 1. user namespaces where they work (Linux, `unshare` + `setpriv`, probed once): no network at all, every
-#    mount read-only but a tmpfs of file_mb as the working dir, a pid namespace (<= ~300 pids on kernel
-#    >= 6.14) whose processes die with it, capabilities dropped, no_new_privs.
-# 2. rlimits: CPU seconds, address space, file size, 64 open files, max_procs processes+threads (not
-#    enforced for real root), no core dumps; a new session whose process group is SIGKILLed at the end.
-# 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the
-#    working dir and reading /proc/<other pid> (the BLOCK/MODULES/PATHS sets below). Code can get around
-#    a hook, so it is never the only layer.
-# Only PATH and LANG in the environment, output capped at max_output bytes, a wall-clock deadline. The code
-# can still read what its user may read (`nobody` cannot run an interpreter under a private home such as
-# /root/.pyenv): not a security boundary for hostile code, never call it "secure".
+# The sandbox: generated code runs in its own process, limited in layers (outside in):
+# 1. user namespaces where they work (Linux, `unshare` + `setpriv`, probed once): no network, every mount read-only
+#    but a tmpfs of file_mb as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) whose processes
+#    die with it, capabilities dropped, no_new_privs.
+# 2. rlimits: CPU seconds, address space, file size, 64 open files, max_procs processes+threads (not enforced for
+#    real root), no core dumps; a new session whose process group is SIGKILLed at the end.
+# 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the working dir
+#    and reading /proc/<other pid>. Code can get around a hook, so it is never the only layer.
+# Only PATH and LANG in the environment, output capped, a deadline. The code can still read what its user may read
+# (`nobody` could not run a Python under /root/.pyenv): not a boundary for hostile code, never call it "secure".
 
 _BOOT = r"""
 import os, resource as R, sys
@@ -111,10 +109,9 @@ def namespaces_available():
         return False
     with tempfile.TemporaryDirectory() as d:
         try:
-            r = subprocess.run(_ns_prefix(d, 1) + ["true"], capture_output=True, timeout=10, cwd=d)
+            return subprocess.run(_ns_prefix(d, 1) + ["true"], capture_output=True, timeout=10, cwd=d).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             return False
-    return r.returncode == 0
 
 def _read_capped(proc, timeout, cap):
     """Read the merged stdout/stderr until EOF, the deadline or `cap` bytes; returns (bytes, problem)."""
@@ -133,8 +130,8 @@ def _read_capped(proc, timeout, cap):
             return bytes(buf[:cap]), f"output over {cap} bytes, stopped"
 
 def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 16, max_procs=4, guard=True):
-    """Run Python `code` in the sandbox described above: (ok, output). ok = exit status 0, in time, output
-    under the cap. guard=False leaves out the audit hook (tests use it to check the other layers)."""
+    """(ok, output) of Python `code` in the sandbox above: ok = exit status 0, in time, output under the cap.
+    guard=False leaves out the audit hook (tests use it to check the other layers)."""
     with tempfile.TemporaryDirectory(prefix="flatchat_sandbox_") as d:
         prog, work = Path(d) / "program.py", Path(d) / "work"
         prog.write_text(code)
@@ -143,9 +140,8 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
         cmd = [sys.executable, "-I", "-c", _BOOT, str(prog), str(work), *map(str, limits)]
         if namespaces_available():
             cmd = _ns_prefix(work, file_mb) + cmd
-        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             out, problem = _read_capped(proc, timeout, max_output)
         finally:
@@ -161,13 +157,13 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
 # -----------------------------------------------------------------------------
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
 
-def all_sum(*values):
-    """Sum numbers over the ranks (a no-op in a single process)."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return tuple(t.tolist())
+def all_mean(total, n):
+    """Each rank's total over its share of the items, summed over the ranks, / n: the count of all the items."""
+    if dist.is_initialized():
+        t = torch.tensor([total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        total = t.item()
+    return total / max(n, 1)
 
 @torch.no_grad()
 def forward_rows(model, rows):
@@ -244,8 +240,8 @@ def continuation_spans(kind, seqs):
     return [(n, len(s)) if kind == "multiple_choice" else (len(s) - n, len(s)) for s in seqs]
 
 def score_item(model, tokenizer, kind, prompts, gold):
-    """1 if right: gold's continuation has the lowest mean loss (MC, schema), or the greedy continuation
-    is exactly the answer (LM). Prompts longer than the context lose their start."""
+    """1 if gold's continuation has the lowest mean loss (MC, schema) or the greedy continuation is exactly the
+    answer (LM). Prompts longer than the context lose their start."""
     seqs = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
     spans, T = continuation_spans(kind, seqs), model.config.sequence_len
     seqs = seqs[1:] if kind == "language_modeling" else seqs
@@ -272,16 +268,15 @@ def run_core(model, tokenizer, core_dir, max_items, rank=0, world=1):
             print0(f"core | {task['label']:<32} | skipped: {path} is missing")
             continue
         data, kind, k = load_jsonl(path), task["icl_task_type"], task["num_fewshot"][0]
-        mine, correct = range(rank, min(len(data), max_items), world), 0
-        for idx in mine:
+        n, correct = min(len(data), max_items), 0
+        for idx in range(rank, n, world):
             picks = random.Random(1234 + idx).sample(range(len(data) - 1), min(k, len(data) - 1))  # as DCLM
             shots = [data[j + (j >= idx)] for j in picks]  # the other items
             prompts = render_prompts(kind, data[idx], shots, task.get("continuation_delimiter", " "))
             correct += score_item(model, tokenizer, kind, prompts, data[idx].get("gold", 0))
-        correct, n = all_sum(correct, len(mine))
-        acc = correct / max(n, 1)
-        r = results[task["label"]] = dict(acc=acc, centered=centered(acc, task["baseline"]), n=int(n))
-        print0(f"core | {task['label']:<32} | acc {acc:.4f} | centered {r['centered']:+.4f} | {int(n)} items "
+        acc = all_mean(correct, n)
+        r = results[task["label"]] = dict(acc=acc, centered=centered(acc, task["baseline"]), n=n)
+        print0(f"core | {task['label']:<32} | acc {acc:.4f} | centered {r['centered']:+.4f} | {n} items "
                f"| {time.time() - t0:.1f} s")
     core = sum(r["centered"] for r in results.values()) / max(len(results), 1)
     return dict(core=core, core_tasks=results, core_k=len(results), core_total=len(tasks))
@@ -309,8 +304,7 @@ def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
         logits, _ = forward_rows(model, rows)
         for j, (r, it) in enumerate(zip(rows, chunk)):
             correct += letter_correct(logits[j, len(r) - 1], letter_ids(tokenizer, len(it["choices"])), it["gold"])
-    correct, count = all_sum(correct, len(mine))
-    return correct / max(count, 1)
+    return all_mean(correct, len(items))
 
 def gsm8k_reference(answer):
     """What follows '####' in a GSM8K answer (the whole string when there is none)."""
@@ -325,15 +319,13 @@ def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0)
     return [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]
 
 def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
-    correct, mine = 0, items[rank::world]
-    for conv in mine:  # the user's question; the reference solution (last message) is dropped
-        reply = complete(model, tokenizer, conv, max_tokens)[0]
-        correct += gsm8k_reward(reply, gsm8k_reference(conv["answer"]))
-    correct, count = all_sum(correct, len(mine))
-    return correct / max(count, 1)
+    correct = 0
+    for conv in items[rank::world]:  # the user's question; the reference solution (last message) is dropped
+        correct += gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], gsm8k_reference(conv["answer"]))
+    return all_mean(correct, len(items))
 
 def humaneval_program(task, completion):
-    """The code of a ```python block if there is one; a bare body goes back under the prompt; then
+    """The code of a ```python block if there is one (else the reply), under the prompt if a bare body; then
     the task's tests and check(entry_point)."""
     m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.S)
     code = m.group(1) if m else completion
@@ -355,12 +347,10 @@ def run_humaneval(model, tokenizer, tasks, max_tokens, samples, rank=0, world=1)
         replies = complete(model, tokenizer, conv, max_tokens, samples, 0.0 if samples == 1 else 0.8)
         c = sum(run_sandboxed(humaneval_program(task, r))[0] for r in replies)
         p1, pk = p1 + pass_at_k(samples, c, 1), pk + pass_at_k(samples, c, samples)
-    p1, pk, count = all_sum(p1, pk, len(tasks[rank::world]))
-    return p1 / max(count, 1), pk / max(count, 1)
+    return all_mean(p1, len(tasks)), all_mean(pk, len(tasks))
 
 # -----------------------------------------------------------------------------
-# The report card: report/metrics_<stage>.json (each stage rewrites only its own), report/system.md and
-# logs/*.jsonl, joined into report.md
+# The report card: report/metrics_<stage>.json (one per stage), report/system.md and logs/ join into report.md
 
 STAGES = {"pretrain": "BASE", "midtrain": "MID", "sft": "SFT", "rl": "RL"}
 ROWS = {"bpb": "bpb", "core": "CORE", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "mmlu": "MMLU",
@@ -377,18 +367,17 @@ def system_section(tokenizer, files):
     """The machine, the software, the commit; the tokenizer's size and compression on the val text."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit, dirty = git("log", "-1", "--format=%h %cd", "--date=short"), git("status", "--porcelain")
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["none"]
+    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     found = list(importlib.metadata.distributions())[::-1]  # the first on sys.path wins, as in version()
     versions = {str(d.metadata["Name"]).lower(): d.version for d in found}
+    deps = ", ".join(f"{p} {versions.get(p, '-')}" for p in ("numpy", "regex", "textual", "requests", "pyarrow"))
     text = "\n".join(d for f in files for d, _ in zip(iter_documents(f), range(50)))[:200_000]
     n, nbytes = len(tokenizer.encode(text)) if text else 0, len(text.encode())
     return "\n".join([
-        "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, "
-        f"GPUs: {', '.join(gpus)}",
+        "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, GPUs: {gpus}",
         f"- software: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
-        "- dependencies: " + ", ".join(f"{p} {versions.get(p, '-')}" for p in ("numpy", "regex", "textual",
-                                                                                "requests", "pyarrow")),
+        f"- dependencies: {deps}",
         f"- git commit: {commit or 'none yet'}{' (+ uncommitted changes)' if dirty else ''}",
         f"- sandbox: {'user/mount/net/pid namespaces + ' if namespaces_available() else ''}rlimits + audit hook",
         "", "## Tokenizer", "", f"- vocab size: {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})",
