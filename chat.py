@@ -12,7 +12,6 @@ the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and ev
 logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: each message is continued as plain text.
 """
 
-import argparse
 import codecs
 import contextlib
 import json
@@ -28,7 +27,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Sparkline, Static, TabbedContent, TabPane
 
 from model import STAGE_COMMANDS, UserError, autodetect_device, generate, latest_step, load_model
-from tokenizer import SPECIAL_TOKENS, base_dir
+from tokenizer import SPECIAL_TOKENS, Parser, base_dir, ranged
 
 # -----------------------------------------------------------------------------
 # Backend: pick and load a checkpoint, build the prompt, stream a reply, tail a log
@@ -326,17 +325,17 @@ class ChatApp(App):
 # Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then -p or the TUI
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Chat with a flatchat checkpoint (Textual TUI) or answer one prompt.")
+    parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI) or answer one prompt.")
     parser.add_argument("-p", "--prompt", default=None, help="answer this prompt on stdout and exit (no TUI)")
     parser.add_argument("--stage", default=None, choices=STAGES,
                         help="checkpoint stage (default: the newest that exists, rl > sft > midtrain > pretrain)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the stage's latest)")
+    parser.add_argument("--step", type=ranged(int, 0), default=None, help="checkpoint step (default: the stage's latest)")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: autodetect)")
     # sampling
-    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens in a reply (the context caps it too)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed of the first reply (reply n: seed + n)")
+    parser.add_argument("--max-tokens", type=ranged(int, 1), default=256, help="most tokens in a reply (the context caps it too)")
+    parser.add_argument("--temperature", type=ranged(float, 0), default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample among the k most likely tokens (0 = off)")
+    parser.add_argument("--seed", type=ranged(int, 0), default=42, help="sampling seed of the first reply (reply n: seed + n)")
     args = parser.parse_args()
     # a UserError (no checkpoint, another tokenizer) ends in one line and exit 2 (model.py's excepthook)
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())

@@ -12,7 +12,6 @@ Reads checkpoints/<stage>/ and data/eval/ under $FLATCHAT_HOME; writes report/me
 report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxed` below.
 """
 
-import argparse
 import csv
 import functools
 import importlib.metadata
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from model import (amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
                    load_model, print0)
-from tokenizer import base_dir, iter_documents, render_mc
+from tokenizer import Parser, base_dir, iter_documents, ranged, render_mc
 
 # -----------------------------------------------------------------------------
 # The sandbox: generated code runs in its own process, limited in layers (outside in):
@@ -439,17 +438,17 @@ def write_report(home):
 # Arguments
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint and update the report card.")
+    parser = Parser(description="Evaluate a checkpoint and update the report card.")
     parser.add_argument("--stage", choices=list(STAGES), help="the checkpoint to evaluate")
-    parser.add_argument("--step", type=int, default=None, help="its step (default: the latest)")
+    parser.add_argument("--step", type=ranged(int, 0), default=None, help="its step (default: the latest)")
     parser.add_argument("--tasks", default="", help="comma list of bpb,core,arc,mmlu,gsm8k,humaneval "
                         "(default: bpb,core for pretrain, the chat tasks for the later stages)")
-    parser.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1 = all)")
-    parser.add_argument("--samples", type=int, default=1, help="HumanEval samples per problem for pass@1 and "
+    parser.add_argument("--max-per-task", type=ranged(int, 1, sentinel=-1), default=-1, help="items per task (-1 = all)")
+    parser.add_argument("--samples", type=ranged(int, 1), default=1, help="HumanEval samples per problem for pass@1 and "
                         "pass@K (1 = greedy, more = temperature 0.8)")
-    parser.add_argument("--bpb-tokens", type=int, default=2**20, help="validation tokens for bits per byte")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (bpb, letters)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per GSM8K/HumanEval reply")
+    parser.add_argument("--bpb-tokens", type=ranged(int, 1), default=2**20, help="validation tokens for bits per byte")
+    parser.add_argument("--batch-size", type=ranged(int, 1), default=8, help="rows per forward pass (bpb, letters)")
+    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256, help="tokens generated per GSM8K/HumanEval reply")
     parser.add_argument("--report", action="store_true", help="only rebuild report.md from report/ and logs/")
     args = parser.parse_args()
     home = base_dir()

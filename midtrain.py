@@ -10,7 +10,6 @@ Reads checkpoints/pretrain (`python pretrain.py`) and data/chat/*.jsonl (`python
 writes checkpoints/midtrain/step_N and logs/midtrain.jsonl.
 """
 
-import argparse
 import math
 
 import numpy as np
@@ -18,19 +17,19 @@ import torch
 
 from model import (UserError, add_training_args, compute_cleanup, epoch_order, finetune_loop, make_lanes, print0,
                    print_answers, start_from_checkpoint)
-from tokenizer import read_mixture
+from tokenizer import Parser, ranged, read_mixture
 
 # -----------------------------------------------------------------------------
 # Arguments
-parser = argparse.ArgumentParser(description="Midtrain the base model on a conversation mixture.")
-parser.add_argument("--source-step", type=int, default=-1, help="pretrain checkpoint step to start from (-1 = latest)")
+parser = Parser(description="Midtrain the base model on a conversation mixture.")
+parser.add_argument("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="pretrain checkpoint step to start from (-1 = latest)")
 # batch (-1 = inherit from the base checkpoint)
-parser.add_argument("--max-seq-len", type=int, default=-1, help="context length in tokens (-1 = inherit)")
-parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per process (-1 = inherit)")
-parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = inherit)")
-parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = one pass over the mixture)")
-parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay to 0")
-parser.add_argument("--eval-rows", type=int, default=256, help="val rows per evaluation (all processes together)")
+parser.add_argument("--max-seq-len", type=ranged(int, 2, sentinel=-1), default=-1, help="context length in tokens (-1 = inherit)")
+parser.add_argument("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="rows per forward pass per process (-1 = inherit)")
+parser.add_argument("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="tokens per optimizer step (-1 = inherit)")
+parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass over the mixture)")
+parser.add_argument("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2, help="fraction of steps of linear lr decay to 0")
+parser.add_argument("--eval-rows", type=ranged(int, 1), default=256, help="val rows per evaluation (all processes together)")
 parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file")
 parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
 add_training_args(parser, init_lr_frac=1.0)  # the base model's learning rates, x --init-lr-frac

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from tokenizer import Tokenizer, base_dir
+from tokenizer import Tokenizer, base_dir, ranged
 
 # -----------------------------------------------------------------------------
 # The transformer
@@ -346,24 +346,23 @@ def evaluate_loss(model, batches, token_bytes=None):
 def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1):
     """The flags every training stage shares: learning rates, evaluation and checkpoint cadence, resume."""
     opt = parser.add_argument_group("optimization")
-    opt.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate of the block matrices")
-    opt.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
-    opt.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
+    opt.add_argument("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
+    opt.add_argument("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the token embedding (at width 768)")
+    opt.add_argument("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the output head (at width 768)")
     if init_lr_frac is not None:
-        opt.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="all learning rates x this")
+        opt.add_argument("--init-lr-frac", type=ranged(float, 0), default=init_lr_frac, help="all learning rates x this")
     run = parser.add_argument_group("evaluation, checkpoints")
-    run.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations (-1 = only at the end)")
-    run.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (-1 = only at the end)")
-    run.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
+    run.add_argument("--eval-every", type=ranged(int, 1, sentinel=-1), default=eval_every, help="steps between evaluations (-1 = only at the end)")
+    run.add_argument("--save-every", type=ranged(int, 1, sentinel=-1), default=save_every, help="steps between checkpoints (-1 = only at the end)")
+    run.add_argument("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
     run.add_argument("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
-    run.add_argument("--seed", type=int, default=42, help="random seed: init, data order, samples")
+    run.add_argument("--seed", type=ranged(int, 0), default=42, help="random seed: init, data order, samples")
 
 def start_from_checkpoint(args, stage, source, source_step=-1):
     """Init a stage that continues a model: the `source` stage's checkpoint (step -1: the latest) or, with
     --resume, this stage's latest one and its optimizer state (a new stage starts with fresh moments).
     Returns (rank, world, device, model, tokenizer, meta of that checkpoint, optimizer)."""
     lock_stage(stage)
-    catch_stop_signals()
     _, rank, _, world, device = compute_init(args.seed)
     start, step = (stage, None) if args.resume else (source, None if source_step < 0 else source_step)
     model, tokenizer, meta, *optim_state = load_model(start, device, step=step, load_optim=args.resume)
@@ -395,6 +394,7 @@ def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, lanes, val
     logger = JsonlLogger(stage, resume_step=start_step if args.resume else None, enabled=dist_rank() == 0, world=world)
     val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # a resumed step was evaluated before its save
     flops_per_token, t_start = model.estimate_flops(), time.time()
+    catch_stop_signals()
     for step in range(start_step, num_steps + 1):
         last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
         if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):
@@ -428,6 +428,7 @@ def train_step(model, optimizer, batches, step, dump=""):
     Returns that mean loss, the same float on every rank, read only once the update is queued (no device
     sync before). A nan loss stops the run; so does running out of GPU memory, with the batch that fits.
     dump: a file to append every micro-batch to, as JSON lines {x, y}, to see what the loop trains on."""
+    fit_threads(model.get_device())
     if dump:
         with open(dump, "a") as f:
             f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
@@ -486,6 +487,7 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
     (mask 0; mask 1 = sampled by the model). Finished rows yield -1 until every row is done.
     """
     device = model.get_device()
+    fit_threads(device)
     rng = torch.Generator(device=device).manual_seed(seed)
     sp = {n: tokenizer.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>",
           "<|python_end|>", "<|output_start|>", "<|output_end|>")} if tokenizer else {}
@@ -571,6 +573,29 @@ def compile_ok(device):
             return False
         torch._dynamo.config.suppress_errors = True  # a graph that still fails to build runs eagerly
     return device.type in ("cpu", "cuda")
+
+_load = {}  # fit_threads' last reading: (busy ticks of all cores, this process's ticks, all ticks)
+
+def fit_threads(device):
+    """On a CPU, use a thread per core that no other process keeps busy (measured since the last call): a
+    thread that shares its core with a busy process stalls every parallel region it is part of (steps 7-40x
+    slower on 2 cores, against 2x for a fair share). OMP_NUM_THREADS set by the user is left alone."""
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not os.path.exists("/proc/stat"):
+        return
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    with open("/proc/self/stat") as f:
+        mine = sum(int(t) for t in f.read().rsplit(")", 1)[1].split()[11:15])  # utime stime cutime cstime
+    now = (sum(ticks) - ticks[3] - ticks[4], mine, sum(ticks))  # not idle, not iowait
+    if "last" in _load and now[2] > _load["last"][2]:
+        busy, ours, total = (a - b for a, b in zip(now, _load["last"]))
+        cores = len(os.sched_getaffinity(0))
+        others = max(0.0, busy - ours) / total * os.cpu_count()  # cores kept busy by other processes
+        threads = max(1, min(cores, cores - round(others)))
+        if threads != torch.get_num_threads():
+            print0(f"threads: {torch.get_num_threads()} -> {threads} (other processes keep {others:.1f} of {cores} cores busy)")
+            torch.set_num_threads(threads)
+    _load["last"] = now
 
 def sync(device):  # wait for the GPU's queued work, so that a timer measures it
     if device.type == "cuda":
@@ -695,24 +720,25 @@ def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     files = {"model.pt": {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}, "rng.pt": rng,
              **({"optim.pt": optimizer.state_dict()} if optimizer is not None else {})}
-    name = "-"
+    name, sink = "-", _Sink()
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, state in files.items():
-            with open(tmp / name, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            with open(tmp / name, "wb") as sink.f:
+                torch.save(state, sink)
+                sink.f.flush()
+                os.fsync(sink.f.fileno())
         sums = {n: hashlib.file_digest(open(tmp / n, "rb"), "sha256").hexdigest() for n in files}
         meta = {**meta, "stage": stage, "step": step, "model_format": MODEL_FORMAT, "saved_at": time.time(), "sha256": sums}
         name = "meta.json"
         (tmp / name).write_text(json.dumps(meta, indent=1))
         _fsync(tmp / name)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError: the sink kept the cause
         shutil.rmtree(tmp, ignore_errors=True)
         need = sum(t.numel() * t.element_size() for t in _tensors(files)) / 2**20
-        raise UserError(f"could not write {tmp / name}: {e.strerror} (a checkpoint needs ~{need:,.0f} MB, "
+        why = getattr(sink.error or e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"could not write {tmp / name}: {why} (a checkpoint needs ~{need:,.0f} MB, "
                         f"{shutil.disk_usage(root).free / 2**20:,.0f} MB are free on {root}); the latest complete "
                         f"checkpoint is untouched: free some space and rerun with --resume") from None
     old = root / f".old_step_{step:06d}_{os.getpid()}"
@@ -724,6 +750,20 @@ def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     for _, _, d in _complete(stage)[:-keep] if keep else []:
         shutil.rmtree(d, ignore_errors=True)
     return final
+
+class _Sink:
+    """The file torch.save writes to, keeping the OSError of a failed write (a full disk, a size limit)."""
+    f = error = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 def _fsync(path):  # a file's data, or a directory's entries, to disk
     fd = os.open(path, os.O_RDONLY)
@@ -850,7 +890,8 @@ def _on_signal(signum, frame):
            file=sys.stderr)
 
 def catch_stop_signals():
-    """SIGTERM (a preempted node) and Ctrl-C ask the training loop to stop: see stop_requested."""
+    """From here on SIGTERM (a preempted node) and Ctrl-C ask the training loop to stop (stop_requested);
+    before the loop starts they stop the process at once, as usual."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
 

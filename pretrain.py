@@ -13,7 +13,6 @@ the loop then packs rows from memory-mapped token arrays, so a step never waits 
 The script runs under `if __name__ == "__main__"` so that tests and benchmarks can import the data code.
 """
 
-import argparse
 import bisect
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 from model import (GPT, GPTConfig, UserError, add_training_args, catch_stop_signals, compile_ok, compute_cleanup,
                    compute_init, due, exit_stopped, generate_batch, JsonlLogger, load_checkpoint, load_tokenizer,
                    lock_stage, make_lanes, print0, save_checkpoint, stop_requested, sync, train_step)
-from tokenizer import base_dir, corpus_files, iter_documents
+from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
 
 # -----------------------------------------------------------------------------
 # Data: the corpus as token shards, then documents packed into rows of T+1 tokens that start with <|bos|>
@@ -55,7 +54,10 @@ def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
             print0(f"tokenized {f} ({len(lengths):,} documents, {sum(lengths):,} tokens) in {time.time() - t0:.1f} s")
         while not bin_path.exists():  # another rank of this node is writing it
             time.sleep(0.2)
-        shards.append((np.memmap(bin_path, dtype, mode="r"), np.load(idx_path)))
+        tokens = np.memmap(bin_path, dtype, mode="r") if bin_path.stat().st_size else np.zeros(0, dtype)  # mmap: not empty
+        shards.append((tokens, np.load(idx_path)))
+    if sum(len(starts) - 1 for _, starts in shards) == 0:
+        raise UserError(f"no documents in {files[0].parent}: its files are empty; rerun `python data/corpus.py`")
     return shards
 
 class Lane:
@@ -113,33 +115,32 @@ class Lane:
 if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # Arguments
-    parser = argparse.ArgumentParser(description="Pretrain the base model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description="Pretrain the base model.")
     # model
-    parser.add_argument("--depth", type=int, default=20, help="number of layers; sets width (depth x 64), heads, batch, lrs, horizon")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    parser.add_argument("--depth", type=ranged(int, 1), default=20, help="number of layers; sets width (depth x 64), heads, batch, lrs, horizon")
+    parser.add_argument("--max-seq-len", type=ranged(int, 2), default=2048, help="context length in tokens")
     # horizon (the first of these that is set wins)
-    parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = from the token target)")
-    parser.add_argument("--target-tokens", type=int, default=-1, help="training tokens (-1 = ratio x parameters)")
-    parser.add_argument("--param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla: 20)")
+    parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = from the token target)")
+    parser.add_argument("--target-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="training tokens (-1 = ratio x parameters)")
+    parser.add_argument("--param-data-ratio", type=ranged(float, 0), default=20, help="tokens per parameter (Chinchilla: 20)")
     # batch
-    parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per process (-1 = 32 on a GPU, "
+    parser.add_argument("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="rows per forward pass per process (-1 = 32 on a GPU, "
                         "8,192 tokens' worth on a CPU, fewer when the total batch is smaller; lower it on OOM)")
-    parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = from depth)")
+    parser.add_argument("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="tokens per optimizer step (-1 = from depth)")
     # schedule
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (0 = off)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup")
-    parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end")
-    parser.add_argument("--final-lr-frac", type=float, default=0.0, help="lr at the end as a fraction of the peak")
-    parser.add_argument("--eval-tokens", type=int, default=-1, help="val tokens per evaluation (-1 = 10 x the total batch)")
-    parser.add_argument("--sample-every", type=int, default=2000, help="steps between samples (-1 = only at the end)")
-    parser.add_argument("--compile", type=int, default=1, help="torch.compile model and optimizer where a compiler works (1/0)")
+    parser.add_argument("--weight-decay", type=ranged(float, 0), default=0.0, help="decoupled weight decay (0 = off)")
+    parser.add_argument("--warmup-ratio", type=ranged(float, 0, 1), default=0.0, help="fraction of steps of linear lr warmup")
+    parser.add_argument("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2, help="fraction of steps of linear lr decay at the end")
+    parser.add_argument("--final-lr-frac", type=ranged(float, 0, 1), default=0.0, help="lr at the end as a fraction of the peak")
+    parser.add_argument("--eval-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="val tokens per evaluation (-1 = 10 x the total batch)")
+    parser.add_argument("--sample-every", type=ranged(int, 1, sentinel=-1), default=2000, help="steps between samples (-1 = only at the end)")
+    parser.add_argument("--compile", type=ranged(int, 0, 1), default=1, help="torch.compile model and optimizer where a compiler works (1/0)")
     add_training_args(parser, eval_every=250)
     args = parser.parse_args()
 
     # -------------------------------------------------------------------------
     # Init: processes, tokenizer, the model shape and the batch from the depth dial
-    lock_stage("pretrain")  # one live run per stage; SIGTERM / Ctrl-C: save, then stop
-    catch_stop_signals()
+    lock_stage("pretrain")  # one live run per stage
     ddp, rank, local_rank, world, device = compute_init(args.seed)
     master = rank == 0
     tokenizer = load_tokenizer()
@@ -226,6 +227,7 @@ if __name__ == "__main__":
     prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "If 5 apples cost 10 dollars,"]
     val_bpb, min_val_bpb = (resume_meta["metrics"]["val_bpb"], resume_meta["metrics"]["min_val_bpb"]) if resume_meta else (None, float("inf"))
     t_start = time.time()
+    catch_stop_signals()  # SIGTERM / Ctrl-C: finish the step, save, stop
     for step in range(start_step, num_steps + 1):
         last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
         if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):

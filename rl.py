@@ -17,16 +17,15 @@ Reads checkpoints/sft (`python sft.py`), data/chat/gsm8k_train.jsonl and data/ev
 The script runs under `if __name__ == "__main__"` so that tests can import the functions above it.
 """
 
-import argparse
 import math
 import time
 
 import torch
 import torch.distributed as dist
 
-from model import (UserError, add_training_args, amp_ctx, compute_cleanup, due, epoch_order, exit_stopped, generate_batch,
+from model import (UserError, add_training_args, amp_ctx, catch_stop_signals, compute_cleanup, due, epoch_order, exit_stopped, generate_batch,
                    gsm8k_reward, JsonlLogger, print0, save_checkpoint, start_from_checkpoint, stop_requested)
-from tokenizer import base_dir, read_conversations
+from tokenizer import Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
 # Reward: model.gsm8k_reward (the last number of the reply against the reference, as evaluate.py scores)
@@ -91,18 +90,18 @@ def load_gsm8k(path):
 if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # Arguments
-    parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (group-baseline policy gradient).")
-    parser.add_argument("--source-step", type=int, default=-1, help="sft checkpoint step to start from (-1 = latest)")
+    parser = Parser(description="Reinforcement learning on GSM8K (group-baseline policy gradient).")
+    parser.add_argument("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="sft checkpoint step to start from (-1 = latest)")
     # rollouts
-    parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = one pass over GSM8K train)")
-    parser.add_argument("--examples-per-step", type=int, default=16, help="questions per step (all processes together)")
-    parser.add_argument("--num-samples", type=int, default=16, help="answers sampled per question (the group)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (training and eval)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = off)")
+    parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass over GSM8K train)")
+    parser.add_argument("--examples-per-step", type=ranged(int, 1), default=16, help="questions per step (all processes together)")
+    parser.add_argument("--num-samples", type=ranged(int, 2), default=16, help="answers sampled per question (the group)")
+    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256, help="longest answer in tokens")
+    parser.add_argument("--temperature", type=ranged(float, 0), default=1.0, help="sampling temperature (training and eval)")
+    parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--std-norm", action="store_true", help="also divide advantages by the group's std")
-    parser.add_argument("--eval-examples", type=int, default=400, help="first N questions of gsm8k_test evaluated (0 = no eval)")
-    parser.add_argument("--eval-samples", type=int, default=4, help="k answers per eval question: pass@1 and pass@k")
+    parser.add_argument("--eval-examples", type=ranged(int, 0), default=400, help="first N questions of gsm8k_test evaluated (0 = no eval)")
+    parser.add_argument("--eval-samples", type=ranged(int, 1), default=4, help="k answers per eval question: pass@1 and pass@k")
     add_training_args(parser, init_lr_frac=0.05, eval_every=60, save_every=60)  # the lrs decay linearly to 0
     args = parser.parse_args()
 
@@ -150,6 +149,7 @@ if __name__ == "__main__":
     logger = JsonlLogger("rl", resume_step=start_step if args.resume else None, enabled=master, world=world)
     flops_per_token = model.estimate_flops()
     metrics, t_start = src_meta.get("metrics", {}) if args.resume else {}, time.time()
+    catch_stop_signals()  # SIGTERM / Ctrl-C: finish the step, save, stop
     for step in range(start_step, num_steps + 1):
         last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
         if evals and due(step, args.eval_every, last) and not stop and (step > start_step or not args.resume):

@@ -11,26 +11,25 @@ Reads checkpoints/midtrain (`python midtrain.py`) and data/chat/*.jsonl (`python
 writes checkpoints/sft/step_N and logs/sft.jsonl.
 """
 
-import argparse
 
 import numpy as np
 import torch
 
 from model import (UserError, add_training_args, compute_cleanup, epoch_order, finetune_loop, make_lanes, print0,
                    print_answers, start_from_checkpoint)
-from tokenizer import read_mixture
+from tokenizer import Parser, ranged, read_mixture
 
 # -----------------------------------------------------------------------------
 # Arguments
-parser = argparse.ArgumentParser(description="Supervised finetuning on conversations.")
+parser = Parser(description="Supervised finetuning on conversations.")
 parser.add_argument("--source", default="midtrain", choices=["midtrain", "pretrain"], help="checkpoint stage to start from")
-parser.add_argument("--source-step", type=int, default=-1, help="step of that checkpoint (-1 = latest)")
-parser.add_argument("--max-seq-len", type=int, default=-1, help="longest row in tokens; longer conversations are cut (-1 = inherit)")
-parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per forward pass per process")
-parser.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step (all processes)")
-parser.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture (sets the steps)")
-parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
-parser.add_argument("--eval-rows", type=int, default=128, help="val conversations per evaluation (all processes)")
+parser.add_argument("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="step of that checkpoint (-1 = latest)")
+parser.add_argument("--max-seq-len", type=ranged(int, 2, sentinel=-1), default=-1, help="longest row in tokens; longer conversations are cut (-1 = inherit)")
+parser.add_argument("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=4, help="conversations per forward pass per process")
+parser.add_argument("--examples-per-step", type=ranged(int, 1), default=32, help="conversations per optimizer step (all processes)")
+parser.add_argument("--num-epochs", type=ranged(float, 0.01), default=1.0, help="passes over the mixture (sets the steps)")
+parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = from --num-epochs)")
+parser.add_argument("--eval-rows", type=ranged(int, 1), default=128, help="val conversations per evaluation (all processes)")
 parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file")
 parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
 add_training_args(parser, init_lr_frac=0.02)  # finetuning is gentle: the base learning rates x 0.02

@@ -48,6 +48,27 @@ def base_dir():
     """Where a run keeps everything it makes: $FLATCHAT_HOME, else ~/.cache/flatchat."""
     return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat")
 
+class Parser(argparse.ArgumentParser):
+    """Every script's argparse: the defaults in --help, and a bad flag is one line (what is wrong), exit 2."""
+
+    def __init__(self, description=None, **kw):
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+def ranged(kind, low, high=None, sentinel=None):
+    """An argparse type: a `kind` (int or float) in [low, high], or the sentinel (-1: off / automatic)."""
+    def parse(text):
+        value = kind(text)
+        if value != sentinel and (value < low or (high is not None and value > high)):
+            span = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {span}" + (f", or {sentinel}" if sentinel is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
 # -----------------------------------------------------------------------------
 # pre-split: text -> chunks (BPE never merges across chunk boundaries)
 # The `regex` package knows \p{L} (letters) and \p{N} (numbers); the stdlib `re` does not, but runs this
@@ -446,6 +467,7 @@ class Tokenizer:
 def _set_worker(tok):  # each Tokenizer.map process holds one tokenizer, and dies with its parent (Linux)
     global _worker
     _worker = tok
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training loop's stop handler: Pool.terminate() ends it
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans after a SIGKILL
 
@@ -528,14 +550,17 @@ def iter_documents(path):
     <|endoftext|> (as TinyStories) or, if its first MB has no such line, by blank lines."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for n, line in enumerate(f, 1):
                 try:
-                    text = json.loads(line)["text"] if line.strip() else ""
+                    text = json.loads(line.decode("utf-8"))["text"] if line.strip() else ""
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start}): rewrite the file as UTF-8 "
+                                    "(python data/corpus.py does)") from None
                 except (ValueError, KeyError, TypeError):
                     text = None
                 if not isinstance(text, str):
-                    raise DataError(f'{path}:{n}: expected a JSON object with a "text" string')
+                    raise DataError(f'{path}:{n}: expected a JSON object with a "text" string: fix or delete the line')
                 if text:
                     yield text
     elif path.suffix == ".parquet":
@@ -598,15 +623,15 @@ def evaluate(max_chars):
         print(f"{name[:30]:30s}" + "".join(f"{sum(len(d.encode()) for d in docs) / max(n, 1):14.2f}" for n in ntoks))
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Train or evaluate the flatchat tokenizer.")
+    parser = Parser(description="Train or evaluate the flatchat tokenizer.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train on $FLATCHAT_HOME/data/pretrain/train/*")
-    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in all: 256 bytes + merges + 9 specials")
-    p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop reading after this many chars (-1 = all)")
-    p.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many chars per document (-1 = all)")
-    p.add_argument("--num-proc", type=int, default=2, help="processes that split and count (1 = no workers)")
+    p.add_argument("--vocab-size", type=ranged(int, 256 + len(SPECIAL_TOKENS)), default=8192, help="tokens in all: 256 bytes + merges + 9 specials")
+    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=2_000_000_000, help="stop reading after this many chars (-1 = all)")
+    p.add_argument("--doc-cap", type=ranged(int, 1, sentinel=-1), default=10_000, help="use at most this many chars per document (-1 = all)")
+    p.add_argument("--num-proc", type=ranged(int, 1), default=2, help="processes that split and count (1 = no workers)")
     p = sub.add_parser("eval", help="bytes/token on the corpus and fixed snippets, versus smaller vocabularies")
-    p.add_argument("--max-chars", type=int, default=5_000_000, help="chars read per corpus file (-1 = all)")
+    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=5_000_000, help="chars read per corpus file (-1 = all)")
     args = parser.parse_args()
     try:
         if args.cmd == "train":

@@ -15,7 +15,6 @@ Writes into <base>/data/ (* = online only; offline these are skipped with a note
 Raw downloads stay under <base>/data/raw/ (a rerun skips them). Test splits (GSM8K, MMLU, ARC) only go to
 eval/; a training conversation whose user prompt is an eval prompt is dropped and counted.
 """
-import argparse
 import csv
 import gzip
 import hashlib
@@ -29,10 +28,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from common import data_dir, fetch, mirror, parse_args, say, write_jsonl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
-from tokenizer import check_conversation, render_mc  # noqa: E402  (the chat format is defined there, once)
+from common import Parser, data_dir, fetch, mirror, parse_args, ranged, say, write_jsonl
+from tokenizer import check_conversation, render_mc  # the chat format is defined there, once (common put it on the path)
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -361,12 +358,12 @@ STEPS = {"core": run_core, "arc": run_arc, "mmlu": run_mmlu, "gsm8k": run_gsm8k,
          "dolly": run_dolly, "identity": run_identity, "spelling": run_spelling, "smoltalk": run_smoltalk}
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write conversations to <base>/data/chat/, eval tasks to "
+    parser = Parser(description="Write conversations to <base>/data/chat/, eval tasks to "
                                      "<base>/data/eval/.")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(STEPS)} (default: all)")
-    parser.add_argument("--num-spelling", type=int, default=5000,
+    parser.add_argument("--num-spelling", type=ranged(int, 0), default=5000,
                         help="number of generated spelling/counting conversations (val: 1/50 of it, at least 20)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the generated spelling tasks (val uses seed+1)")
+    parser.add_argument("--seed", type=ranged(int, 0), default=42, help="seed of the generated spelling tasks (val uses seed+1)")
     args = parse_args(parser)
     names = [n for n in args.only.split(",") if n] or list(STEPS)
     if unknown := [n for n in names if n not in STEPS]:

@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
+from tokenizer import Parser, ranged  # noqa: E402,F401  (every script's argparse: one-line errors, checked ranges)
+
 
 def data_dir():
     """Where the data goes: $FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""

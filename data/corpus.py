@@ -15,7 +15,6 @@ shards 0..N-1 into train/ and the last one (06542) into val/, kept as parquet (c
 Train/val split: identical documents are dropped, and a document goes to val when the sha256 of its text falls
 in the first --val-frac of the hash space: deterministic, independent of order, never on both sides.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import data_dir, fetch, mirror, parse_args, say
+from common import Parser, data_dir, fetch, mirror, parse_args, ranged, say
 
 TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 CLIMBMIX = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -176,16 +175,16 @@ def fetch_climbmix(out, num_shards):
 # Run
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Get the pretraining corpus into <base>/data/pretrain/{train,val}/.")
+    parser = Parser(description="Get the pretraining corpus into <base>/data/pretrain/{train,val}/.")
     parser.add_argument("--preset", choices=["cpu", "gpu", "smoke"], default="cpu",
                         help="cpu: TinyStories (+ the mirror's prose offline); gpu: ClimbMix shards; smoke: a tiny slice")
-    parser.add_argument("--num-shards", type=int, default=8,
+    parser.add_argument("--num-shards", type=ranged(int, 1), default=8,
                         help="gpu preset: number of ClimbMix train shards (~250M chars each)")
-    parser.add_argument("--max-chars", type=int, default=None,
+    parser.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=None,
                         help="characters kept per source file (-1 = all; default: 50,000 for smoke, all otherwise)")
-    parser.add_argument("--val-frac", type=float, default=None,
+    parser.add_argument("--val-frac", type=ranged(float, 0.001, 0.5), default=None,
                         help="fraction of documents (by text hash) for val (default: 0.01; 0.1 for smoke)")
-    parser.add_argument("--shard-mb", type=float, default=50, help="size of one jsonl shard in MB")
+    parser.add_argument("--shard-mb", type=ranged(float, 0.01), default=50, help="size of one jsonl shard in MB")
     args = parse_args(parser)
     offline, smoke, preset = mirror() is not None, args.preset == "smoke", args.preset
     if preset == "gpu" and offline:

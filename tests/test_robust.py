@@ -1,0 +1,249 @@
+"""Runs that survive real machines: SIGTERM and Ctrl-C stop with a checkpoint and resume exactly, one live
+run per stage, a full disk during a save, damaged checkpoints, bad input files and bad flags: each ends in
+one line that names the file and the fix, and nothing on disk is lost or torn."""
+
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, fresh_home, read_log, run_script
+
+TINY = ["--depth", 2, "--max-seq-len", 64, "--device-batch-size", 4, "--total-batch-size", 512, "--compile", 0,
+        "--eval-tokens", 2048, "--eval-every", 4, "--sample-every", -1]
+
+
+def start(script, *args, home, env=None, torchrun=0, **kw):
+    env = {**os.environ, "FLATCHAT_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [])
+    return subprocess.Popen([*launcher, str(ROOT / script), *map(str, args)], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def wait_for_step(home, stage, step, proc, timeout=120):
+    log, deadline = home / "logs" / f"{stage}.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and any(json.loads(l).get("step", 0) >= step and "loss" in l for l in log.read_text().splitlines() if l.endswith("}")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{stage} did not reach step {step}: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+def losses(home, stage="pretrain"):
+    return [r["loss"] for r in read_log(home, stage) if "loss" in r]
+
+
+def same_weights(a, b, stage="pretrain", step=16):
+    sa, sb = (torch.load(h / f"checkpoints/{stage}/step_{step:06d}/model.pt", weights_only=True) for h in (a, b))
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_the_step_and_resume_equals_a_straight_run(tiny_home, tmp_path, sig, code):
+    straight = fresh_home(tiny_home, tmp_path / "a")
+    run_script("pretrain.py", *TINY, "--num-steps", 16, home=straight)
+    home = fresh_home(tiny_home, tmp_path / "b")
+    proc = start("pretrain.py", *TINY, "--num-steps", 16, home=home)
+    wait_for_step(home, "pretrain", 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    stopped = int(re.search(r"stopped at step (\d+) by", err)[1])
+    assert 3 <= stopped < 16 and f"--resume" in err and "Traceback" not in err
+    assert (home / f"checkpoints/pretrain/step_{stopped:06d}/meta.json").exists()
+    run_script("pretrain.py", *TINY, "--num-steps", 16, "--resume", home=home)
+    assert losses(home) == losses(straight) and same_weights(home, straight)
+
+
+def test_a_second_ctrl_c_exits_at_once_and_leaves_no_torn_checkpoint(tiny_home, tmp_path):
+    import model as M
+    home = fresh_home(tiny_home, tmp_path / "home")
+    proc = start("pretrain.py", *TINY, "--num-steps", 400, "--save-every", 1, home=home)
+    wait_for_step(home, "pretrain", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "second Ctrl-C" in err
+    os.environ["FLATCHAT_HOME"] = str(home)
+    try:
+        state, _, meta, _ = M.load_checkpoint("pretrain")  # the newest complete one loads and verifies
+        assert meta["step"] >= 1 and state
+    finally:
+        del os.environ["FLATCHAT_HOME"]
+
+
+def test_torchrun_ranks_stop_at_the_same_step_and_resume_exactly(tiny_home, tmp_path):
+    env = {"OMP_NUM_THREADS": "1"}
+    straight = fresh_home(tiny_home, tmp_path / "a")
+    run_script("pretrain.py", *TINY, "--num-steps", 16, home=straight, env=env, torchrun=2)
+    home = fresh_home(tiny_home, tmp_path / "b")
+    proc = start("pretrain.py", *TINY, "--num-steps", 16, home=home, env=env, torchrun=2)
+    wait_for_step(home, "pretrain", 3, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("stopped at step") == 1  # rank 0 speaks for both, after both saved
+    run_script("pretrain.py", *TINY, "--num-steps", 16, "--resume", home=home, env=env, torchrun=2)
+    assert losses(home) == losses(straight) and same_weights(home, straight)
+
+
+def test_a_second_run_on_the_same_stage_is_refused_and_a_killed_runs_lock_is_not(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path / "home")
+    first = start("pretrain.py", *TINY, "--num-steps", 400, home=home)
+    wait_for_step(home, "pretrain", 1, first)
+    second = run_script("pretrain.py", *TINY, "--num-steps", 4, home=home, check=False)
+    assert second.returncode == 2 and f"another run (process {first.pid}) is writing" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    first.kill()  # SIGKILL: no cleanup at all, the lock file stays behind
+    first.wait()
+    assert (home / "checkpoints/pretrain/.lock").exists()
+    run_script("pretrain.py", *TINY, "--num-steps", 4, home=home)  # not blocked
+
+
+def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_previous_checkpoint(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path / "home")
+    run_script("pretrain.py", *TINY, "--num-steps", 4, home=home)
+
+    def small_disk():  # files may not grow past 256 KB: the 2 MB model.pt cannot be written (EFBIG, not a signal)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+    proc = start("pretrain.py", *TINY, "--num-steps", 8, "--resume", home=home, preexec_fn=small_disk)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"could not write \S+/\.tmp_step_000008_\d+/model\.pt: File too large \(a checkpoint needs ~\d+ MB", err)
+    root = home / "checkpoints/pretrain"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".lock")) == ["step_000004"]
+    run_script("pretrain.py", *TINY, "--num-steps", 8, "--resume", home=home)  # space is back: it resumes from 4
+    assert (root / "step_000008/meta.json").exists()
+
+
+def test_damaged_checkpoints_are_passed_over_or_named(tiny_home, tmp_path, monkeypatch):
+    import model as M
+    home = fresh_home(tiny_home, tmp_path / "home")
+    run_script("pretrain.py", *TINY, "--num-steps", 8, "--save-every", 4, home=home)
+    monkeypatch.setenv("FLATCHAT_HOME", str(home))
+    newest = home / "checkpoints/pretrain/step_000008"
+    data = bytearray((newest / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 1  # one flipped bit
+    (newest / "model.pt").write_bytes(bytes(data))
+    _, _, meta, _ = M.load_checkpoint("pretrain")
+    assert meta["step"] == 4  # the one before it, which verifies
+    with pytest.raises(M.UserError, match=r"step_000008/model.pt is damaged .* delete .*step_000008"):
+        M.load_checkpoint("pretrain", step=8)
+    (home / "checkpoints/pretrain/step_000004/optim.pt").write_bytes(b"truncated")
+    with pytest.raises(M.UserError, match=r"step_000004/optim.pt is damaged"):
+        M.load_checkpoint("pretrain", load_optim=True)  # nothing left that verifies: the oldest's problem, named
+    (newest / "meta.json").write_text("{not json")
+    proc = run_script("chat.py", "-p", "hi", "--max-tokens", 2, home=home, check=False)
+    assert proc.returncode == 0 and "skipping" in proc.stderr and "meta.json is unreadable or not JSON" in proc.stderr
+
+
+def test_a_fresh_run_keeps_the_log_of_the_run_before_it(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path / "home")
+    run_script("pretrain.py", *TINY, "--num-steps", 6, home=home)
+    before = (home / "logs/pretrain.jsonl").read_text()
+    proc = start("pretrain.py", *TINY, "--num-steps", 400, home=home)  # a fresh start over a finished run
+    while not list(home.glob("logs/previous/*.jsonl")) and proc.poll() is None:
+        time.sleep(0.05)
+    wait_for_step(home, "pretrain", 1, proc)
+    assert len(losses(home)) < 6  # the new run's log
+    proc.kill()
+    proc.wait()
+    kept = list((home / "logs/previous").glob("pretrain-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == before
+    assert (home / "checkpoints/pretrain/step_000006/meta.json").exists()
+
+
+def test_no_gpu_names_the_cause_and_never_advises_deleting_a_good_file(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path / "home")
+    run_script("pretrain.py", *TINY, "--num-steps", 2, home=home)
+    proc = run_script("chat.py", "--device", "cuda", "-p", "hi", home=home, check=False)
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and "delete" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# bad input files: one line naming the file (and line) and the fix
+
+
+def test_bad_input_files_end_in_one_line_naming_them(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path / "home", share=("tokenizer",))
+    train = home / "data/pretrain/train"
+    train.mkdir(parents=True)
+    (home / "data/pretrain/val").mkdir()
+    (home / "data/pretrain/val/shard_00000.jsonl").write_text('{"text": "fine"}\n')
+    cases = {
+        "broken JSON line": (b'{"text": "ok"}\n{"text": "no end\n', r"shard_00000.jsonl:2: .*\"text\""),
+        "invalid UTF-8": (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', r"shard_00000.jsonl:2: not UTF-8 text"),
+        "empty corpus": (b"", r"no documents in .*train"),
+    }
+    for name, (content, message) in cases.items():
+        (train / "shard_00000.jsonl").write_bytes(content)
+        proc = run_script("pretrain.py", *TINY, "--num-steps", 2, home=home, check=False)
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and re.search(message, proc.stderr), (name, proc.stderr)
+        assert not list(home.glob("checkpoints/pretrain/step_*")), name
+
+
+def test_a_conversation_with_a_wrong_role_names_its_file_and_line(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path / "home")
+    run_script("pretrain.py", *TINY, "--num-steps", 2, home=home)
+    chat = home / "data/chat"
+    (chat / "val").mkdir(parents=True)
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "hello"}]}
+    (chat / "identity.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    (chat / "val/identity.jsonl").write_text(json.dumps(good) + "\n")
+    for script in ("midtrain.py", "sft.py"):
+        args = ["--source", "pretrain"] if script == "sft.py" else []
+        proc = run_script(script, *args, "--num-steps", 2, home=home, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert re.search(r"identity.jsonl:2: message 1 has role 'robot' where 'assistant' was expected", proc.stderr)
+
+
+# -----------------------------------------------------------------------------
+# every numeric flag of every script: a bad value is one line, exit 2, and nothing on disk changes
+
+SCRIPTS = ["pretrain.py", "midtrain.py", "sft.py", "rl.py", "evaluate.py", "chat.py", "tokenizer.py train",
+           "tokenizer.py eval", "data/corpus.py", "data/chat_data.py"]
+
+
+STRINGS = {"--prompt", "--stage", "--tasks", "--device", "--mirror", "--dump-batches", "--preset", "--only", "--source"}
+
+
+def numeric_flags(script):
+    """The flags of `script --help` that take a value and default to a number (or None: --step)."""
+    cmd = [sys.executable, str(ROOT / script.split()[0]), *script.split()[1:], "--help"]
+    flags = []
+    for entry in re.split(r"\n  (?=-)", subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout):
+        flag, defaults = re.match(r"(?:-\w, )?(--[a-z-]+) [A-Z_]+", entry), re.findall(r"\(default: ([^)]*)\)", " ".join(entry.split()))
+        if flag and defaults and re.fullmatch(r"-?[\d.e+]+|None", defaults[-1]) and flag[1] not in STRINGS:
+            flags.append(flag[1])
+    return flags
+
+
+def snapshot(home):
+    return {p: p.stat().st_mtime_ns for p in home.rglob("*")}
+
+
+def test_every_numeric_flag_rejects_bad_values_in_one_line_and_touches_nothing(tiny_home, tmp_path):
+    home = fresh_home(tiny_home, tmp_path / "home")
+    run_script("pretrain.py", *TINY, "--num-steps", 2, home=home)
+    before, tried = snapshot(home), 0
+    for script in SCRIPTS:
+        flags = numeric_flags(script)
+        assert flags, script
+        for flag in flags:
+            for bad in ("-5", "abc"):
+                proc = run_script(*script.split(), flag, bad, home=home, check=False, timeout=60)
+                lines = proc.stderr.strip().splitlines()
+                assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0], (script, flag, bad, proc.stderr)
+                tried += 1
+    assert snapshot(home) == before and tried > 100
