@@ -399,19 +399,30 @@ def training_section(home):
         lines.append(f"| {stage} | {step} | {(max(times) - min(times)) / 60:.1f} min | {loss} | {val[-1]} |")
     return "\n".join(lines), total
 
+def score_cell(m, key):
+    """A multiple-choice score, marked '(chance)' when within 2 standard errors of guessing on its items."""
+    value, chance, n = m.get(key), m.get(f"{key}_chance", CHAT_BASELINES.get(key)), m.get(f"{key}_items")
+    if value is None:
+        return "-"
+    noise = 2 * math.sqrt(chance * (1 - chance) / n) if chance and n else 0.0
+    return f"{value:.4f}" + (" (chance)" if chance and n and abs(value - chance) <= noise else "")
+
 def metrics_section(ms):
     """The table of metrics per stage (ms: stage -> its metrics), then each stage's own numbers."""
-    lines = ["## Metrics", "", "| metric | " + " | ".join(STAGES.values()) + " |", "|---|" + "---|" * len(STAGES)]
+    lines = ["## Metrics", "", "| metric | chance | " + " | ".join(STAGES.values()) + " |", "|---|---|" + "---|" * len(STAGES)]
     for key, name in ROWS.items():
-        cells = [f"{ms[s][key]:.4f}" if ms.get(s, {}).get(key) is not None else "-" for s in STAGES]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
+        chance = next((m[f"{key}_chance"] for m in ms.values() if f"{key}_chance" in m), CHAT_BASELINES.get(key))
+        chance = "0 (centered)" if key in ("core", "chatcore") else "-" if chance is None else f"{chance:.4f}" if chance else "0"
+        lines.append(f"| {name} | {chance} | " + " | ".join(score_cell(ms.get(s, {}), key) for s in STAGES) + " |")
+    lines += ["", "A score marked (chance) is within 2 standard errors of guessing, for the number of items "
+              "evaluated: it shows nothing learned yet.", ""]
     for s, m in ms.items():
         lines += [f"- {STAGES[s]}: CORE over {m['core_k']} of {m['core_total']} tasks"] if "core_k" in m else []
         lines += [f"- {STAGES[s]}: ChatCORE over {m['chatcore_k']} of 5 tasks"] if m.get("chatcore_k") else []
     for s, m in ms.items():  # every number the stage measured, CORE per task
         lines += ["", f"## {STAGES[s]} ({s}, step {m['step']})", ""]
-        lines += [f"- {ROWS.get(k, k)}: {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "eval_seconds"]
+        lines += [f"- {ROWS.get(k, k)}: {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "eval_seconds"
+                  and not k.endswith("_chance")]
         if m.get("core_tasks"):
             lines += ["", "| CORE task | accuracy | centered | items |", "|---|---|---|---|"]
             lines += [f"| {t} | {r['acc']:.4f} | {r['centered']:+.4f} | {r['n']} |" for t, r in m["core_tasks"].items()]
@@ -502,6 +513,8 @@ if __name__ == "__main__":
             m.update({f"humaneval_pass@{args.samples}": pk} if args.samples > 1 else {})
         else:
             m[key] = run_letters(model, tokenizer, items, args.batch_size, rank, world)
+            m[f"{key}_chance"] = sum(1 / len(it["choices"]) for it in items) / max(len(items), 1)
+        m[f"{key}_items"] = len(items)
         print0(f"{key} | {'pass@1' if key == 'humaneval' else 'acc'} {m[key]:.4f} over {len(items)} items")
 
     # -------------------------------------------------------------------------

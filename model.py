@@ -295,11 +295,12 @@ def use_calculator(expr):
     return str(value)
 
 def gsm8k_reward(reply, ref):
-    """1.0 if the last number of reply equals ref as numbers ("1,234.0" == "1234"), else 0.0: the GSM8K
-    score of evaluate.py and the reward of rl.py, defined once."""
-    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", reply)
+    """1.0 if the number after the reply's '#### ' marker (which GSM8K solutions end with, and the model is
+    trained to write) equals ref as numbers ("1,234.0" == "1234"), else 0.0; no marker: 0.0 (a reply of
+    numbers is not an answer). The GSM8K score of evaluate.py and the reward of rl.py, defined once."""
+    m = re.search(r"####\s*(-?\d[\d,]*(?:\.\d+)?)", reply)
     try:
-        return float(bool(nums) and float(nums[-1].replace(",", "")) == float(str(ref).replace(",", "")))
+        return float(bool(m) and float(m[1].replace(",", "")) == float(str(ref).replace(",", "")))
     except ValueError:
         return 0.0
 

@@ -20,6 +20,7 @@ import hashlib
 import heapq
 import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -62,7 +63,7 @@ def ranged(kind, low, high=None, sentinel=None):
     """An argparse type: a `kind` (int or float) in [low, high], or the sentinel (-1: off / automatic)."""
     def parse(text):
         value = kind(text)
-        if value != sentinel and (value < low or (high is not None and value > high)):
+        if value != sentinel and not (low <= value <= (math.inf if high is None else high)):  # nan fails too
             span = f"at least {low}" if high is None else f"from {low} to {high}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: {span}" + (f", or {sentinel}" if sentinel is not None else ""))
         return value

@@ -19,12 +19,13 @@ def test_smoke_preset_runs_every_stage_and_writes_the_report_card(tmp_path):
         assert (home / "logs" / f"run_{stage}.txt").exists()
     card = (home / "report.md").read_text()
     header = next(line for line in card.splitlines() if line.startswith("| metric"))
-    assert [c.strip() for c in header.strip("|").split("|")] == ["metric", "BASE", "MID", "SFT", "RL"]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["metric", "chance", "BASE", "MID", "SFT", "RL"]
     rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| ")}
-    assert re.search(r"\d\.\d{4}", rows["bpb"].split("|")[2])  # BASE bpb measured
+    assert re.search(r"\d\.\d{4}", rows["bpb"].split("|")[3])  # BASE bpb measured
     for metric in ("ARC-E", "MMLU", "GSM8K", "HumanEval", "ChatCORE"):
-        cells = [c.strip() for c in rows[metric].split("|")[3:6]]  # MID, SFT, RL
-        assert all(re.fullmatch(r"-?\d\.\d{4}", c) for c in cells), (metric, cells)
+        cells = [c.strip() for c in rows[metric].split("|")[4:7]]  # MID, SFT, RL
+        assert all(re.fullmatch(r"-?\d\.\d{4}( \(chance\))?", c) for c in cells), (metric, cells)
+    assert re.fullmatch(r"0\.2\d{3}", rows["MMLU"].split("|")[2].strip())  # 4 choices: chance ~0.25
     assert "CORE over 18 of 22 tasks" in card
     pre = [r["loss"] for r in read_log(home, "pretrain") if "loss" in r]
     assert pre[-1] < pre[0]  # the smoke model learned something

@@ -196,10 +196,12 @@ def test_val_rows_start_with_bos_and_cover_each_token_once(tmp_path):
 
 
 def test_gsm8k_answer_extraction():
-    assert gsm8k_reward("She pays 3 * 4 = 12 dollars, so the answer is 1,234.", "1234") == 1.0
-    assert gsm8k_reward("-5 degrees, then 7.25", "7.25") == 1.0 and gsm8k_reward("7.25, then -5", "-5") == 1.0
-    assert gsm8k_reward("no digits here", "0") == 0.0 and gsm8k_reward("72.0", "72") == 1.0
-    assert gsm8k_reward("71", "72") == 0.0 and gsm8k_reward("72", "not a number") == 0.0
+    assert gsm8k_reward("She pays 3 * 4 = 12 dollars.\n#### 1,234", "1234") == 1.0
+    assert gsm8k_reward("#### 7.25 and then -5", "7.25") == 1.0 and gsm8k_reward("####-5", "-5") == 1.0
+    assert gsm8k_reward("no digits here", "0") == 0.0 and gsm8k_reward("#### 72.0", "72") == 1.0
+    assert gsm8k_reward("#### 71", "72") == 0.0 and gsm8k_reward("#### 72", "not a number") == 0.0
+    for gibberish in ("72", "the the 72 72 72", "1 2 3 72", "= 72", "answer: 72"):  # numbers, but no answer
+        assert gsm8k_reward(gibberish, "72") == 0.0
     with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(50)]
     assert E.gsm8k_reference(rows[0]["answer"]) == "18"  # "... #### 18"
@@ -207,6 +209,17 @@ def test_gsm8k_answer_extraction():
         ref = E.gsm8k_reference(r["answer"])
         assert ref.lstrip("-").isdigit()
         assert gsm8k_reward(r["answer"], ref) == 1.0  # the worked solution ends with its answer
+
+
+def test_report_card_marks_scores_within_noise_of_chance():
+    m = dict(mmlu=0.30, mmlu_chance=0.25, mmlu_items=30, arc_easy=0.90, arc_easy_chance=0.26, arc_easy_items=30,
+             gsm8k=0.0, gsm8k_items=30)
+    assert E.score_cell(m, "mmlu") == "0.3000 (chance)"  # 2 standard errors of 30 guesses: +-0.16
+    assert E.score_cell(m, "arc_easy") == "0.9000" and E.score_cell(m, "gsm8k") == "0.0000"
+    assert E.score_cell(dict(m, mmlu_items=3000), "mmlu") == "0.3000"  # +-0.016: 0.30 is above chance
+    assert E.score_cell(m, "humaneval") == "-"
+    table = E.metrics_section({"sft": dict(m, step=5)})
+    assert "| MMLU | 0.2500 | - | - | 0.3000 (chance) | - |" in table and "| GSM8K | 0 |" in table
 
 
 def test_letter_scoring():
@@ -231,13 +244,13 @@ def fake_generator(replies):
     return generate_batch
 
 
-def test_run_gsm8k_scores_the_final_number(monkeypatch):
+def test_run_gsm8k_scores_the_marked_answer(monkeypatch):
     with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(4)]
     items = [{"messages": [{"role": "user", "content": r["question"]}], "answer": E.gsm8k_reference(r["answer"])}
              for r in rows]
     # the worked solutions for the first two questions, a wrong final number for the other two
-    replies = {r["question"]: [r["answer"].replace("####", "so the answer is") if i < 2 else "It is 123456."]
+    replies = {r["question"]: [r["answer"] if i < 2 else "It is 123456.\n#### 123456"]
                for i, r in enumerate(rows)}
     monkeypatch.setattr(E, "generate_batch", fake_generator(replies))
     assert E.run_gsm8k(PreferModel("x"), TOK, items, max_tokens=64) == 0.5
@@ -316,8 +329,8 @@ def test_evaluate_script_and_report_card(tiny_home, tmp_path, monkeypatch):
     report = (home / "report.md").read_text()
     assert "CORE over 18 of 22 tasks" in report and "| pretrain | 3 | 2.0 min | 5.2500 | 2.5000 bpb |" in report
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
-    assert set(E.ROWS.values()) <= set(rows) and rows["ARC-E"].split("|")[2].strip() == "-"  # not run on BASE
-    assert rows["MMLU"].split("|")[4].strip() != "-"  # measured on SFT
+    assert set(E.ROWS.values()) <= set(rows) and rows["ARC-E"].split("|")[3].strip() == "-"  # not run on BASE
+    assert rows["MMLU"].split("|")[5].strip() != "-"  # measured on SFT
     (home / "report.md").unlink()
     run_script("evaluate.py", "--report", home=home)
     same = lambda text: [l for l in text.splitlines() if not l.startswith(("generated", "- repo size"))]

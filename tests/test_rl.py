@@ -35,17 +35,17 @@ TRAIN = [gsm8k_conv(a, b) for a, b in [(1, 2), (2, 1), (1, 1), (1, 0), (2, 0), (
 TEST = [{**gsm8k_conv(a, b), "answer": str(a + b)} for a, b in [(1, 1), (2, 1), (0, 1), (3, 0)]]
 
 
-def unigram_model(tok):
-    """A 2-layer GPT whose every position predicts the same distribution: mostly the digits 1-3, spaces,
-    '+', calculator calls and <|assistant_end|>. So its answers are short numbers (some right, some wrong)
-    and the calculator fires; training then makes it context dependent."""
+def unigram_model(tok, marker=True):
+    """A 2-layer GPT whose every position predicts the same distribution: mostly the digits 1-3, '##',
+    spaces, '+', calculator calls and <|assistant_end|>. So its answers are short numbers, sometimes after
+    a '####' marker (some right, some wrong), and the calculator fires; training makes it context dependent."""
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
     model = GPT(cfg)
     model.init_weights()
     sp = tok.encode_special
     favored = {ord("1"): 8, ord("2"): 8, ord("3"): 8, ord(" "): 7, ord("+"): 7, sp("<|python_start|>"): 6,
-               sp("<|python_end|>"): 7, sp("<|assistant_end|>"): 6.5}
+               sp("<|python_end|>"): 7, sp("<|assistant_end|>"): 6.5, **{t: 8.5 for t in tok.encode("##") if marker}}
     with torch.no_grad():
         model.wte.weight[:] = model.wte.weight[0]  # the blocks start as the identity: one input, one output
         v = norm(model.wte.weight[0])
@@ -102,10 +102,10 @@ def test_reward_on_fixtures():
     assert rl.reference({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x\n#### 1,000"}]}) == "1000"
     assert rl.reference({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no answer"}]}) is None
     assert rl.reference({"messages": [], "answer": "1,234"}) == "1234"
-    assert gsm8k_reward("So 12 + 6 = 18 apples.", "18") == 1.0
-    assert gsm8k_reward("He paid $1,234.", "1234") == 1.0 and gsm8k_reward("18.0", "18") == 1.0
-    assert gsm8k_reward("It drops to -5 degrees", "-5") == 1.0 and gsm8k_reward("It drops 5 degrees", "-5") == 0.0
-    assert gsm8k_reward("18 at first, then 19", "18") == 0.0  # the last number counts
+    assert gsm8k_reward("So 12 + 6 = 18 apples.\n#### 18", "18") == 1.0
+    assert gsm8k_reward("He paid $1,234.\n#### 1,234", "1234") == 1.0 and gsm8k_reward("#### 18.0", "18") == 1.0
+    assert gsm8k_reward("#### -5 degrees", "-5") == 1.0 and gsm8k_reward("#### 5 degrees", "-5") == 0.0
+    assert gsm8k_reward("So 12 + 6 = 18 apples.", "18") == 0.0  # the right number, but not as the answer
     assert gsm8k_reward("no number here", "3") == 0.0 and gsm8k_reward("", "3") == 0.0
 
 
@@ -126,7 +126,7 @@ def test_reference_solutions_of_real_gsm8k_earn_reward_1(rl_home):
         start = ids.index(tok.encode_special("<|assistant_start|>")) + 1
         reply = tok.decode([t for t in ids[start:] if tok.token_bytes[t] > 0])  # as rollout() decodes
         assert gsm8k_reward(reply, rl.reference(conv)) == 1.0
-        assert gsm8k_reward(reply + " or maybe 1234567", rl.reference(conv)) == 0.0
+        assert gsm8k_reward(reply.replace("####", "so"), rl.reference(conv)) == 0.0  # the number without the marker
 
 
 def test_missing_gsm8k_is_one_clear_error(tmp_path):
@@ -144,7 +144,7 @@ def test_missing_gsm8k_is_one_clear_error(tmp_path):
 
 def test_gradient_flows_only_through_sampled_tokens(rl_home, monkeypatch):
     _, tok = rl_home
-    model, _ = unigram_model(tok)
+    model, _ = unigram_model(tok, marker=False)  # without '##' in its answers, the calculator fires more often
     out, loss_fn = [], M.softcap_cross_entropy
 
     def keep_head_input(h, *args):  # what the head reads at each position, to see its gradient after backward
@@ -188,10 +188,10 @@ def test_equal_rewards_give_zero_advantage_and_zero_loss(rl_home):
 def test_higher_reward_answer_gets_more_likely(rl_home):
     _, tok = rl_home
     model, _ = unigram_model(tok)
-    conv = TRAIN[0]  # 1 + 2: the right answer is the single token "3"
+    conv = TRAIN[0]  # 1 + 2: the right answer is "#### 3"
     prompt, end = tok.render_for_completion(conv), tok.encode_special("<|assistant_end|>")
-    seqs = [[ord(c), end] for c in "3123"]
-    rewards = [gsm8k_reward(tok.decode(s[:1]), rl.reference(conv)) for s in seqs]
+    seqs = [tok.encode("####") + [ord(c), end] for c in "3123"]
+    rewards = [gsm8k_reward(tok.decode(s[:-1]), rl.reference(conv)) for s in seqs]
     assert rewards == [1.0, 0.0, 0.0, 1.0]
 
     def probs():
@@ -200,7 +200,7 @@ def test_higher_reward_answer_gets_more_likely(rl_home):
 
     before = probs()
     optimizer = model.setup_optimizer(0.002, 0.02, 0.004)
-    x, y = rl.group_batch(prompt, seqs, [[1, 1]] * 4, tok.bos_id)
+    x, y = rl.group_batch(prompt, seqs, [[1] * len(s) for s in seqs], tok.bos_id)
     rl.pg_loss(model, x, y, rl.advantages(rewards)).backward()
     optimizer.step()
     after = probs()
