@@ -159,6 +159,7 @@ class ChatApp(App):
     .assistant { padding-left: 2; }
     .note { color: $text-muted; margin-top: 1; }
     #status { height: 1; background: $boost; padding: 0 1; }
+    #stages { height: 1fr; }
     .stage { height: auto; margin-bottom: 1; }
     .stage Sparkline { height: 4; }
     """
@@ -239,7 +240,7 @@ class ChatApp(App):
         """Show the reply so far (chat_id None) or the finished one, kept in its conversation's history."""
         if reply is not None:
             out.update(reply.text + (" ▌" if chat_id is None else ""))
-            self.speed, self.prompt_len = reply.stats(), reply.prompt_len
+            self.speed, self.prompt_len = reply.stats(), reply.prompt_len + reply.n  # the prompt and the reply
         if chat_id is not None:
             if chat_id == self.chat_id:  # not after ctrl+n started another conversation
                 self.messages.append(reply.message() if reply else {"role": "assistant", "content": ""})

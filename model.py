@@ -865,7 +865,7 @@ def lock_stage(stage):
         return
     root = stage_dir(stage)
     root.mkdir(parents=True, exist_ok=True)
-    f = open(root / ".lock", "a+")
+    f = open(root.parent / f".{stage}.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,4 +1,9 @@
-"""Shared test fixtures: the data mirror, a tiny base dir (corpus + tokenizer), running a stage script."""
+"""Shared test fixtures: the data (tests/fixtures/mirror, or the whole mirror), a tiny base dir (corpus +
+tokenizer), running a stage script.
+
+By default the tests read tests/fixtures/mirror (cut from the offline mirror by tests/make_fixtures.py): a
+fresh clone needs no mirror and no network. With FLATCHAT_DATA_MIRROR set (CI sets ../shared/data) they
+read that instead, and the tests marked needs_full_mirror run too."""
 
 import json
 import os
@@ -11,8 +16,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR", ROOT.parent / "shared" / "data")).resolve()  # CI passes ../shared/data
+FULL_MIRROR = bool(os.environ.get("FLATCHAT_DATA_MIRROR"))
+MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR") or ROOT / "tests" / "fixtures" / "mirror").resolve()
 os.environ["FLATCHAT_DATA_MIRROR"] = str(MIRROR)  # data scripts run by the tests never touch the network
+ENABLE = "set FLATCHAT_DATA_MIRROR=../shared/data (a folder laid out like it) to run them"
+needs_full_mirror = pytest.mark.skipif(not FULL_MIRROR, reason=f"needs the whole data mirror: {ENABLE}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "whole data mirror" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} tests need the whole data mirror and were skipped: {ENABLE}")
 # tiny models are dominated by per-op overhead: one thread each is faster, and tests run side by side
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(ROOT))

@@ -3,6 +3,7 @@ and `chat.py -p` as a user runs it. A real tiny checkpoint is trained in the tes
 
 import asyncio
 import json
+import re
 import os
 import subprocess
 import sys
@@ -248,3 +249,31 @@ def test_checkpoint_of_another_tokenizer_is_refused(tmp_path, home, monkeypatch)
     (tmp_path / "checkpoints").symlink_to(home / "checkpoints")
     with pytest.raises(M.UserError, match="another tokenizer"):
         chat.load(device="cpu")
+
+
+def test_training_view_scrolls_when_the_stages_do_not_fit_and_context_counts_the_replies(loaded, home):
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    for stage in ("pretrain", "midtrain", "sft", "rl"):
+        rows = [{"step": s, "loss": 4.0 - s / 10, "lr": 0.01, "dt": 0.5, "tok_per_s": 900.0, "num_steps": 8} for s in range(1, 9)]
+        rows += [{"step": s, "val_loss": 3.0 - s / 10} for s in range(0, 9, 2)]  # 5 eval rows per stage
+        (logs / f"{stage}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    async def go():
+        app = chat.ChatApp(*loaded)
+        async with app.run_test(size=(110, 36)) as pilot:
+            await send(app, pilot, "hi")
+            status = str(app.query_one("#status").content)
+            used = int(re.search(r"context (\d+)/", status)[1])  # the prompt and the reply together
+            assert used == len(app.tok.render_conversation({"messages": app.messages}, max_tokens=10**6)[0]) > 6
+            await pilot.press("ctrl+l")
+            await pilot.pause(1.0)
+            stages = app.query_one("#stages")
+            assert stages.max_scroll_y > 0 and app.focused is stages  # taller than the screen; keys scroll it
+            await pilot.press("end")
+            await pilot.pause(0.5)
+            last = app.logs["rl"]["widgets"][2]  # the rl eval rows, at the very bottom
+            assert stages.region.contains_region(last.region) and "val_loss 2.2" in str(last.content)
+    asyncio.run(go())
+    for stage in ("pretrain", "midtrain", "sft", "rl"):
+        (logs / f"{stage}.jsonl").unlink()

@@ -3,7 +3,7 @@ Tests of the data scripts (data/*.py): hermetic, offline (the mirror folder), a 
 
     python -m pytest -q tests/test_data.py
 
-The scripts run in-process with FLATCHAT_HOME = a temp dir and FLATCHAT_DATA_MIRROR = ../shared/data;
+The scripts run in-process with FLATCHAT_HOME = a temp dir and FLATCHAT_DATA_MIRROR = the mirror (tests/fixtures/mirror unless set);
 requests is patched so that any network call fails the test. fetch() is tested against a tiny HTTP
 server on 127.0.0.1 (loopback only) that supports Range requests.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import MIRROR, ROOT  # the mirror: $FLATCHAT_DATA_MIRROR or ../shared/data
+from conftest import MIRROR, ROOT, needs_full_mirror  # $FLATCHAT_DATA_MIRROR, else tests/fixtures/mirror
 
 sys.path.insert(0, str(ROOT / "data"))
 import chat_data  # noqa: E402
@@ -62,7 +62,7 @@ def run_script(monkeypatch, name, *argv):
 # corpus.py
 
 
-@needs_mirror
+@needs_full_mirror  # the fixtures are too few documents for a 1% val split
 def test_corpus_cpu_split_is_disjoint_and_idempotent(offline, monkeypatch, capsys):
     run_script(monkeypatch, "corpus.py", "--preset", "cpu")
     out = offline / "pretrain"
@@ -191,7 +191,7 @@ def test_spelling_tasks_are_correct_and_deterministic():
 # chat_data.py: the whole offline run
 
 
-@needs_mirror
+@needs_full_mirror  # it checks the sizes of the whole datasets
 def test_chat_data_offline_run_writes_everything_without_leaks(offline, monkeypatch, capsys):
     run_script(monkeypatch, "chat_data.py", "--num-spelling", "500")
     err = capsys.readouterr().err

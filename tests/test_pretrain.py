@@ -1,5 +1,7 @@
 """pretrain.py end to end on a tiny model: loss falls, exact resume after SIGKILL, torchrun == 1 process."""
 
+import hashlib
+import json
 import shutil
 
 import torch
@@ -80,8 +82,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_home, tmp_path):
     state = torch.load(bad / "model.pt", weights_only=True)
     state["lm_head.weight"][0, 0] = float("nan")
     torch.save(state, bad / "model.pt")
-    meta = (bad / "meta.json").read_text().replace('"step": 2', '"step": 3')
-    (bad / "meta.json").write_text(meta)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["step"], meta["sha256"]["model.pt"] = 3, hashlib.sha256((bad / "model.pt").read_bytes()).hexdigest()
+    (bad / "meta.json").write_text(json.dumps(meta))  # a checkpoint that verifies, with a nan in it
     proc = run_script("pretrain.py", *TINY, "--num-steps", 6, "--resume", home=home, check=False)
     assert proc.returncode != 0 and "loss is nan at step 3" in proc.stderr
     assert "Traceback" not in proc.stderr and "is intact" in proc.stderr
