@@ -270,7 +270,7 @@ def test_sigkill_during_save_never_leaves_a_broken_latest(tmp_path, monkeypatch)
     rng, loaded = random.Random(0), 0
     env = {**os.environ, "FLATCHAT_HOME": str(tmp_path)}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for trial in range(12):
+    for trial in range(8):
         start = (trial + 1) * 1000
         p = subprocess.Popen([sys.executable, "-c", SAVER.format(root=root, start=start)], env=env,
                              stdout=subprocess.PIPE, text=True)
@@ -284,7 +284,7 @@ def test_sigkill_during_save_never_leaves_a_broken_latest(tmp_path, monkeypatch)
         state, _, meta, _ = M.load_checkpoint("pretrain", step)
         assert meta["step"] == step and all((v == step).all() for v in state.values())
         loaded += step > start  # this trial's own saves, not an older trial's
-    assert loaded >= 5  # the kills really landed while checkpoints were being written
+    assert loaded >= 3  # the kills really landed while checkpoints were being written
 
 
 def test_loss_is_the_soft_capped_cross_entropy_and_ignores_minus_one():
