@@ -4,10 +4,11 @@ chat.py: talk to a flatchat checkpoint in the terminal, and watch training runs 
     python chat.py                            # TUI on the newest checkpoint: rl > sft > midtrain > pretrain
     python chat.py --stage sft --step 800     # TUI on a chosen checkpoint
     python chat.py -p "What is 12*3?"         # one reply on stdout, no TUI (for scripts and pipes)
+    python chat.py --serve --port 8000        # an OpenAI-compatible API at http://127.0.0.1:8000/v1
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
-Keys. Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o cycle
-the temperature / top-k, ctrl+s switches to the next stage that has a checkpoint, ctrl+q quits. ctrl+l toggles
+Keys. Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r
+cycle the temperature / top-k / repetition penalty, ctrl+s switches to the next stage that has a checkpoint, ctrl+q quits. ctrl+l toggles
 the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval results, tailed live from
 logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: each message is continued as plain text.
 """
@@ -16,9 +17,13 @@ import codecs
 import contextlib
 import json
 import math
+import random
+import select
+import socket
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from textual import work
 from textual.app import App
@@ -105,13 +110,15 @@ class Reply:
         plain = all(p["type"] == "text" for p in self.parts)
         return {"role": "assistant", "content": "".join(p["text"] for p in self.parts) if plain else self.parts}
 
-def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.6, top_k=50, seed=42):
-    """Yields (new text, Reply) per token of the reply; the prompt leaves it room, the context's end stops it."""
+def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.6, top_k=50, seed=42, top_p=None,
+                 penalties=None, ids=None):
+    """Yields (new text, Reply) per token of the reply; the prompt leaves it room, the context's end stops it.
+    penalties: model.penalize's repetition / presence / frequency; ids: an exact prompt (the server's)."""
     context = model.config.sequence_len
-    ids = build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
+    ids = ids or build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
     reply = Reply(tok, len(ids))
-    for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))),
-                              temperature=temperature, top_k=top_k or None, seed=seed, tokenizer=tok):
+    for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))), temperature=temperature,
+                              top_k=top_k or None, top_p=top_p, seed=seed, tokenizer=tok, penalties=penalties):
         yield reply.add(tokens[0]), reply
         if reply.done:
             return
@@ -165,14 +172,17 @@ class ChatApp(App):
     """
     BINDINGS = [Binding("escape", "stop", "stop")] + [Binding(*b, priority=True) for b in [  # even in the input
         ("ctrl+n", "new_chat", "new chat"), ("ctrl+t", "cycle('temperature')", "temperature"),
-        ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+s", "next_stage", "stage"),
+        ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"), ("ctrl+s", "next_stage", "stage"),
         ("ctrl+l", "toggle_view", "chat/training")]]
-    CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0]}  # what ^t, ^o cycle
+    CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0],  # what ^t, ^o, ^r cycle
+               "repetition": [1.0, 1.1, 1.2, 1.5]}
 
-    def __init__(self, stage, model, tok, meta, max_tokens=256, temperature=0.6, top_k=50, seed=42):
+    def __init__(self, stage, model, tok, meta, max_tokens=256, temperature=0.6, top_k=50, seed=42, penalties=None):
         super().__init__()
         self.stage, self.model, self.tok, self.meta, self.device = stage, model, tok, meta, model.get_device()
         self.max_tokens, self.temperature, self.top_k, self.seed = max_tokens, temperature, top_k, seed
+        self.penalties = dict(penalties or {})  # presence, frequency (flags); repetition: ^r cycles it
+        self.repetition = self.penalties.pop("repetition", 1.0)
         self.messages, self.replies, self.speed, self.prompt_len, self.chat_id = [], 0, "", 0, 0
         self.busy, self.stop_event = False, threading.Event()
         self.log_dir, self.logs = base_dir() / "logs", {}  # stage -> its offset, losses, evals, widgets
@@ -195,7 +205,7 @@ class ChatApp(App):
 
     def show_status(self):
         parts = [f"{self.stage} step {self.meta['step']} ({'completion' if self.stage == 'pretrain' else 'chat'})",
-                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}",
+                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}", f"repetition {self.repetition}",
                  f"context {self.prompt_len}/{self.model.config.sequence_len}", self.speed,
                  "generating (esc stops)" if self.busy else ""]
         self.query_one("#status", Static).update(" | ".join(p for p in parts if p))
@@ -225,8 +235,9 @@ class ChatApp(App):
     def respond(self, out, messages, seed, chat_id):
         last, reply = time.time(), None
         try:
-            for _, reply in stream_reply(self.model, self.tok, messages, self.stage != "pretrain",
-                                         self.max_tokens, self.temperature, self.top_k, seed):
+            penalties = {**self.penalties, "repetition": self.repetition}
+            for _, reply in stream_reply(self.model, self.tok, messages, self.stage != "pretrain", self.max_tokens,
+                                         self.temperature, self.top_k, seed, penalties=penalties):
                 if self.stop_event.is_set():
                     break
                 if time.time() - last > 0.05:
@@ -323,6 +334,136 @@ class ChatApp(App):
         return self.logs[stage]
 
 # -----------------------------------------------------------------------------
+# An OpenAI-compatible HTTP server (python chat.py --serve): /v1/chat/completions, /v1/completions, /v1/models
+
+class APIError(Exception):
+    """A bad request: answered with status 400 and OpenAI's JSON error body."""
+
+class API(BaseHTTPRequestHandler):
+    """One thread per connection (ThreadingHTTPServer); the model answers one request at a time (a lock)."""
+    lock = threading.Lock()
+
+    def do_GET(self):
+        if self.path.rstrip("/") != "/v1/models":
+            return self.send(404, error(f"no route GET {self.path}"))
+        self.send(200, {"object": "list", "data": [{"id": self.server.name, "object": "model", "created": 0, "owned_by": "flatchat"}]})
+
+    def do_POST(self):
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+            chat = self.path.rstrip("/") == "/v1/chat/completions"
+            if not chat and self.path.rstrip("/") != "/v1/completions":
+                return self.send(404, error(f"no route POST {self.path}"))
+            ids, kw = self.request_args(body, chat)
+        except (APIError, ValueError) as e:  # ValueError: invalid JSON, a bad conversation
+            return self.send(400, error(str(e)))
+        with API.lock:  # requests queue for the model
+            self.answer(body, ids, kw, chat)
+
+    def request_args(self, body, chat):
+        """The prompt ids and the sampling arguments of a request, checked (APIError says what is wrong)."""
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object")
+        if body.get("model", self.server.name) != self.server.name:
+            raise APIError(f"unknown model {body.get('model')!r}: this server has {self.server.name!r} (GET /v1/models)")
+        tok, context, base = self.server.tok, self.server.model.config.sequence_len, self.server.stage == "pretrain"
+        if chat:
+            messages = body.get("messages")
+            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"):
+                raise APIError("'messages' must be a list of {role, content} ending with a user message")
+            ids = build_prompt(tok, messages, 10**9, 0, chat=not base)  # bad roles: check_conversation's ValueError
+        elif isinstance(body.get("prompt"), str):
+            ids = [tok.bos_id] + tok.encode(body["prompt"])
+        else:
+            raise APIError("'prompt' must be a string")
+        if len(ids) >= context:
+            raise APIError(f"the prompt is {len(ids)} tokens: this model's context is {context} tokens")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", min(256, context - len(ids))))
+        checks = [("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
+                  ("repetition_penalty", 0.01, 10), ("max_tokens", 1, context)]
+        for name, low, high in checks:
+            value = max_tokens if name == "max_tokens" else body.get(name)
+            if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
+                raise APIError(f"'{name}' must be a number from {low} to {high}, got {value!r}")
+        if len(ids) + max_tokens > context:
+            raise APIError(f"the prompt is {len(ids)} tokens and max_tokens {max_tokens}: together more than this "
+                           f"model's context of {context} tokens")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+            raise APIError("'stop' must be a string or a list of up to 4 strings")
+        if body.get("n", 1) != 1:
+            raise APIError("only n = 1 is supported")
+        penalties = dict(repetition=body.get("repetition_penalty", 1.0), presence=body.get("presence_penalty", 0.0),
+                         frequency=body.get("frequency_penalty", 0.0))
+        return ids, dict(max_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_k=None, top_p=body.get("top_p"),
+                         seed=body.get("seed", random.randrange(2**31)), penalties=penalties, stop=stop)
+
+    def answer(self, body, ids, kw, chat):
+        """Generate, streamed as server-sent events or whole; a client that goes away stops its generation."""
+        stream, stop, kind = body.get("stream"), kw.pop("stop"), "chat.completion" if chat else "text_completion"
+        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(16**12):012x}", created=int(time.time()),
+                    model=self.server.name, object=kind + (".chunk" if stream and chat else ""))
+
+        def piece(text, reason=None):  # a response, or a streamed chunk, with one choice
+            out = {"delta" if stream else "message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            return {**head, "choices": [{"index": 0, "finish_reason": reason, **out}]}
+        text, sent, cut, reply = "", 0, -1, None
+        hold = max(map(len, stop), default=1) - 1  # held back while it may be the start of a stop string
+        try:
+            if stream:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+            for new, reply in stream_reply(self.server.model, self.server.tok, [], ids=ids, **kw):
+                if self.gone():
+                    return
+                text += new
+                if (cut := min((text.find(s) for s in stop if s in text), default=-1)) >= 0:
+                    text = text[:cut]
+                    break
+                if stream and len(text) - hold > sent:
+                    self.event(piece(text[sent:len(text) - hold]))
+                    sent = len(text) - hold
+            n = reply.n if reply else 0
+            reason = "stop" if cut >= 0 or n < kw["max_tokens"] else "length"
+            if not stream:
+                return self.send(200, {**piece(text, reason), "usage": dict(prompt_tokens=len(ids), completion_tokens=n,
+                                                                             total_tokens=len(ids) + n)})
+            self.event(piece(text[sent:], reason))
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):  # the client went away: its generation stops here
+            pass
+
+    def gone(self):  # has the client closed its connection? (readable, with nothing to read)
+        return bool(select.select([self.connection], [], [], 0)[0]) and not self.connection.recv(1, socket.MSG_PEEK)
+
+    def event(self, data):
+        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+        self.wfile.flush()
+
+    def send(self, status, data):
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):  # one line per request on stderr
+        print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
+
+def error(message):
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+def make_server(stage, model, tok, host="127.0.0.1", port=8000):
+    """The HTTP server of API for one loaded model (port 0: any free port); serve_forever() runs it."""
+    server = ThreadingHTTPServer((host, port), API)
+    server.daemon_threads = True
+    server.stage, server.model, server.tok, server.name = stage, model, tok, f"flatchat-{stage}"
+    return server
+
+# -----------------------------------------------------------------------------
 # Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then -p or the TUI
 
 if __name__ == "__main__":
@@ -337,13 +478,29 @@ if __name__ == "__main__":
     parser.add_argument("--temperature", type=ranged(float, 0), default=0.6, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample among the k most likely tokens (0 = off)")
     parser.add_argument("--seed", type=ranged(int, 0), default=42, help="sampling seed of the first reply (reply n: seed + n)")
+    parser.add_argument("--repetition-penalty", type=ranged(float, 0.01, 10), default=1.0, help="divides the logits of tokens "
+                        "already in the reply (1 = off; ^r cycles it in the TUI)")
+    parser.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0, help="subtracted once from tokens already in the reply (0 = off)")
+    parser.add_argument("--frequency-penalty", type=ranged(float, -2, 2), default=0.0, help="subtracted per time a token is in the reply (0 = off)")
+    # serving
+    parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible HTTP API instead")
+    parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="--serve: the port (0 = any free one)")
     args = parser.parse_args()
     # a UserError (no checkpoint, another tokenizer) ends in one line and exit 2 (model.py's excepthook)
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
+    penalties = dict(repetition=args.repetition_penalty, presence=args.presence_penalty, frequency=args.frequency_penalty)
+    if args.serve:
+        server = make_server(stage, model, tok, args.host, args.port)
+        print(f"serving {server.name} at http://{args.host}:{server.server_port}/v1 (OpenAI API: /chat/completions, "
+              "/completions, /models); ctrl+c stops", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+        sys.exit(0)
     if args.prompt is None:
-        ChatApp(stage, model, tok, meta, args.max_tokens, args.temperature, args.top_k, args.seed).run()
+        ChatApp(stage, model, tok, meta, args.max_tokens, args.temperature, args.top_k, args.seed, penalties).run()
         sys.exit(0)
     for piece, _ in stream_reply(model, tok, [{"role": "user", "content": args.prompt}], stage != "pretrain",
-                                 args.max_tokens, args.temperature, args.top_k, args.seed):
+                                 args.max_tokens, args.temperature, args.top_k, args.seed, penalties=penalties):
         print(piece, end="", flush=True)
     print()

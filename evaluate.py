@@ -382,10 +382,41 @@ def system_section(tokenizer, files):
         "", "## Tokenizer", "", f"- vocab size: {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})",
         f"- compression: {nbytes / n:.2f} bytes/token on {nbytes:,} bytes of val text" if n else "- compression: -"])
 
+def loss_svg(rows, width=560, height=220, pad=44):
+    """A stage's loss curve as a hand-drawn SVG: train loss (line, left axis) and its validation metric
+    (dots, right axis: val loss, or val bpb for pretraining) against the step."""
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    key = next((k for k in ("val_bpb", "val_loss") if any(k in r for r in rows)), None)
+    val = [(r["step"], r[key]) for r in rows if key in r]
+    steps = [s for s, _ in train + val] or [0]
+    x = lambda s: pad + (s - min(steps)) / max(max(steps) - min(steps), 1) * (width - 2 * pad)
+    def scale(points):  # y of each value, and the axis labels (top, bottom)
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        return (lambda v: height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)), (hi, lo)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
+           f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">step {min(steps)} .. {max(steps)}</text>']
+    for points, color, side, name in ((train, "#1f77b4", pad, "train loss"), (val, "#ff7f0e", width - pad, key)):
+        if not points:
+            continue
+        y, (hi, lo) = scale(points)
+        anchor = "end" if side == pad else "start"
+        out += [f'<text x="{side + (-4 if side == pad else 4)}" y="{y(v) + 4}" text-anchor="{anchor}" fill="{color}">{v:.3f}</text>'
+                for v in (hi, lo)]
+        out.append(f'<text x="{side}" y="{pad - 14}" text-anchor="middle" fill="{color}">{name}</text>')
+        if name == "train loss":
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="' +
+                       " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points) + '"/>')
+        else:
+            out += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"/>' for s, v in points]
+    return "\n".join(out + ["</svg>"]) + "\n"
+
 def training_section(home):
-    """Steps, wall time, final loss and validation of each stage from logs/<stage>.jsonl: (markdown, s)."""
-    lines, total = ["## Training", "", "| stage | steps | wall time | final loss | final validation |",
-                    "|---|---|---|---|---|"], 0.0
+    """Steps, wall time, final loss and validation of each stage from logs/<stage>.jsonl, and each stage's
+    loss curve written as report/loss_<stage>.svg: (markdown, seconds)."""
+    lines, total, plots = ["## Training", "", "| stage | steps | wall time | final loss | final validation |",
+                           "|---|---|---|---|---|"], 0.0, []
     for stage in STAGES:
         path = home / "logs" / f"{stage}.jsonl"
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.endswith("}")] if path.exists() else []
@@ -397,7 +428,10 @@ def training_section(home):
         step, loss = (train[-1]["step"], f"{train[-1]['loss']:.4f}") if train else ("-", "-")
         val = [f"{r[k]:.4f} {k[4:]}" for r in rows for k in ("val_bpb", "val_loss") if k in r] or ["-"]
         lines.append(f"| {stage} | {step} | {(max(times) - min(times)) / 60:.1f} min | {loss} | {val[-1]} |")
-    return "\n".join(lines), total
+        if train:
+            (home / "report" / f"loss_{stage}.svg").write_text(loss_svg(rows))
+            plots.append(f"![{stage} loss](report/loss_{stage}.svg)")
+    return "\n".join(lines + ([""] + plots if plots else [])), total
 
 def score_cell(m, key):
     """A multiple-choice score, marked '(chance)' when within 2 standard errors of guessing on its items."""

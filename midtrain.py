@@ -32,7 +32,7 @@ parser.add_argument("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2, h
 parser.add_argument("--eval-rows", type=ranged(int, 1), default=256, help="val rows per evaluation (all processes together)")
 parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file")
 parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
-add_training_args(parser, init_lr_frac=1.0)  # the base model's learning rates, x --init-lr-frac
+add_training_args(parser, init_lr_frac=1.0, lora=True)  # the base model's learning rates, x --init-lr-frac
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------

@@ -169,13 +169,51 @@ class GPT(nn.Module):
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         return 15 * torch.tanh(logits / 15)
 
-    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, compile=False):
-        """Muon for the 2-D block matrices, AdamW for embedding and head; Adam lrs scale as 1/sqrt(width)."""
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, compile=False,
+                        lora_lr=1e-3):
+        """Muon for the 2-D block matrices, AdamW for embedding and head; Adam lrs scale as 1/sqrt(width).
+        With LoRA adapters (add_lora), AdamW for the adapters alone: everything else is frozen."""
+        if adapters := [p for n, p in self.named_parameters() if ".lora_" in n]:
+            return MuonAdamW([dict(kind="adamw", params=adapters, lr=lora_lr, initial_lr=lora_lr, weight_decay=weight_decay)])
         scale = (self.config.n_embd / 768) ** -0.5
         groups = [dict(kind="muon", params=list(self.blocks.parameters()), lr=matrix_lr, momentum=0.95),
                   dict(kind="adamw", params=[self.wte.weight], lr=embedding_lr * scale),
                   dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * scale)]
         return MuonAdamW([dict(g, initial_lr=g["lr"], weight_decay=weight_decay) for g in groups], compile)
+
+    def add_lora(self, rank, alpha, targets=("q", "k", "v", "o")):
+        """Freeze every weight and give the chosen linear layers of every block a low-rank adapter (q, k, v, o:
+        attention's projections; mlp: both MLP matrices). Returns (trainable, all) parameter counts."""
+        self.requires_grad_(False)
+        names = {"q": ("attn", "c_q"), "k": ("attn", "c_k"), "v": ("attn", "c_v"), "o": ("attn", "c_proj")}
+        pairs = [names[t] for t in targets if t != "mlp"] + ([("mlp", "c_fc"), ("mlp", "c_proj")] if "mlp" in targets else [])
+        for block in self.blocks:
+            for part, name in pairs:
+                setattr(getattr(block, part), name, LoRA(getattr(getattr(block, part), name), rank, alpha))
+        return sum(p.numel() for p in self.parameters() if p.requires_grad), self.num_params()
+
+    def merged_state_dict(self):
+        """The state dict of the plain model (what every other stage loads): each LoRA layer's weight merged."""
+        merged = {f"{n}.weight": m.merged() for n, m in self.named_modules() if isinstance(m, LoRA)}
+        plain = {k: v for k, v in self.state_dict().items() if ".lora_" not in k and ".base." not in k}
+        return {**plain, **merged}
+
+class LoRA(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: W x + (alpha / rank) B A x. B starts at zero, so
+    training starts from the unchanged model; merged() is the single weight that computes the same."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, **kw) / base.in_features**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def merged(self):
+        return (self.base.weight + self.scale * self.lora_B @ self.lora_A).detach()
 
 # -----------------------------------------------------------------------------
 # Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
@@ -304,6 +342,15 @@ def gsm8k_reward(reply, ref):
     except ValueError:
         return 0.0
 
+def penalize(logits, counts, repetition=1.0, presence=0.0, frequency=0.0):
+    """Logits (B, V) of tokens already generated (counts (B, V): how often each) made less likely. repetition
+    (CTRL's, 1 = off): a positive logit is divided by it, a negative one multiplied; presence and frequency
+    (OpenAI's, 0 = off): minus presence once per token seen, minus frequency per time it was seen."""
+    seen = counts > 0
+    if repetition != 1.0:
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - presence * seen - frequency * counts
+
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling. It draws
     one uniform number per row against the cumulative probabilities of the candidates (torch.multinomial
@@ -344,14 +391,20 @@ def evaluate_loss(model, batches, token_bytes=None):
 # -----------------------------------------------------------------------------
 # What every training stage shares: flags, the start from a checkpoint, one optimizer step
 
-def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1):
-    """The flags every training stage shares: learning rates, evaluation and checkpoint cadence, resume."""
+def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1, lora=False):
+    """The flags every training stage shares: learning rates, evaluation and checkpoint cadence, resume;
+    lora: the low-rank adapter flags of the finetuning stages."""
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
     opt.add_argument("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the token embedding (at width 768)")
     opt.add_argument("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the output head (at width 768)")
     if init_lr_frac is not None:
         opt.add_argument("--init-lr-frac", type=ranged(float, 0), default=init_lr_frac, help="all learning rates x this")
+    if lora:
+        opt.add_argument("--lora-rank", type=ranged(int, 0), default=0, help="LoRA: train rank-r adapters only, the rest frozen (0 = off: full finetuning)")
+        opt.add_argument("--lora-alpha", type=ranged(float, 0), default=16.0, help="LoRA: the adapters' update is scaled by alpha / rank")
+        opt.add_argument("--lora-targets", default="q,k,v,o", help="LoRA: comma list of q, k, v, o (attention) and mlp")
+        opt.add_argument("--lora-lr", type=ranged(float, 0), default=1e-3, help="LoRA: AdamW learning rate of the adapters")
     run = parser.add_argument_group("evaluation, checkpoints")
     run.add_argument("--eval-every", type=ranged(int, 1, sentinel=-1), default=eval_every, help="steps between evaluations (-1 = only at the end)")
     run.add_argument("--save-every", type=ranged(int, 1, sentinel=-1), default=save_every, help="steps between checkpoints (-1 = only at the end)")
@@ -368,8 +421,21 @@ def start_from_checkpoint(args, stage, source, source_step=-1):
     start, step = (stage, None) if args.resume else (source, None if source_step < 0 else source_step)
     model, tokenizer, meta, *optim_state = load_model(start, device, step=step, load_optim=args.resume)
     print0(f"loaded {start} step {meta['step']}")
+    if getattr(args, "lora_rank", 0):
+        if args.resume:  # a LoRA checkpoint holds merged weights: continue from its base and its own adapters
+            adapters = torch.load(stage_dir(stage) / f"step_{meta['step']:06d}" / "adapters.pt", map_location=device, weights_only=True)
+            model = load_model(meta["source"]["stage"], device, meta["source"]["step"], tokenizer)[0]
+        targets = [t for t in args.lora_targets.split(",") if t in ("q", "k", "v", "o", "mlp")]
+        if not targets or len(targets) < len(args.lora_targets.split(",")):
+            raise UserError(f"--lora-targets {args.lora_targets}: a comma list of q, k, v, o and mlp")
+        trainable, total = model.add_lora(args.lora_rank, args.lora_alpha, targets)
+        if args.resume:
+            model.load_state_dict(adapters, strict=False)
+        print0(f"LoRA rank {args.lora_rank} on {','.join(targets)}: {trainable:,} trainable parameters of {total:,} "
+               f"({100 * trainable / total:.2f}%), the rest frozen")
     frac = args.init_lr_frac
-    optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac)
+    optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac,
+                                      lora_lr=getattr(args, "lora_lr", 0.0))
     if args.resume:
         optimizer.load_state_dict(optim_state[0])
     return rank, world, device, model.train(), tokenizer, meta, optimizer
@@ -480,12 +546,13 @@ class _Row:
 
 @torch.no_grad()
 def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
-             seed=42, tokenizer=None):
+             seed=42, tokenizer=None, penalties=None):
     """Stream tokens: prefill `ids` once, then yield (tokens, masks), one entry per sample, per step.
 
     With a tokenizer, a row stops after <|assistant_end|> or <|bos|> (the stop token is yielded) and the
     calculator runs: after <|python_end|> the tool's <|output_start|>result<|output_end|> is forced
     (mask 0; mask 1 = sampled by the model). Finished rows yield -1 until every row is done.
+    penalties: dict(repetition=, presence=, frequency=) for penalize(), on the tokens this call generated.
     """
     device = model.get_device()
     fit_threads(device)
@@ -499,7 +566,10 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
     kv.expand(num_samples)
     logits = logits.expand(num_samples, -1)  # (B, V)
     rows = [_Row() for _ in range(num_samples)]
+    counts = torch.zeros_like(logits) if penalties else None  # (B, V): how often each row generated each token
     for _ in range(max_tokens):
+        if penalties:
+            logits = penalize(logits.float(), counts, **penalties)
         sampled = sample_next(logits, rng, temperature, top_k, top_p).tolist()
         tokens, masks = [], []
         for row, tok in zip(rows, sampled):
@@ -523,6 +593,8 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
         yield tokens, masks
         if all(r.done for r in rows):
             return
+        if penalties:
+            counts[[i for i, t in enumerate(tokens) if t >= 0], [t for t in tokens if t >= 0]] += 1
         feed = torch.tensor([[t if t >= 0 else 0] for t in tokens], dtype=torch.long, device=device)
         with amp_ctx(device):
             logits = model(feed, kv_cache=kv)[:, -1]
@@ -719,7 +791,9 @@ def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     root = stage_dir(stage)
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}_{os.getpid()}"
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    files = {"model.pt": {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}, "rng.pt": rng,
+    adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}  # LoRA: merged weights + the adapters
+    state = model.merged_state_dict() if adapters else {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+    files = {"model.pt": state, "rng.pt": rng, **({"adapters.pt": adapters} if adapters else {}),
              **({"optim.pt": optimizer.state_dict()} if optimizer is not None else {})}
     name, sink = "-", _Sink()
     try:
@@ -811,7 +885,7 @@ def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
     if not found:
         what = "no checkpoint" if step is None else f"no checkpoint at step {step}"
         raise UserError(f"{what} in {stage_dir(stage)}: create it with `{STAGE_COMMANDS[stage]}`")
-    names = ["model.pt", "rng.pt"] + (["optim.pt"] if load_optim else [])
+    names = ["model.pt", "rng.pt", "adapters.pt"] + (["optim.pt"] if load_optim else [])
     for _, _, d in reversed(found):
         meta = json.loads((d / "meta.json").read_text())
         if meta.get("model_format", 1) != MODEL_FORMAT:

@@ -1,14 +1,20 @@
 """
 rl.py: reinforcement learning on GSM8K, nanochat's simplified GRPO. For each question the SFT model
-samples a group of answers from one prefill (calculator on); an answer whose last number is right earns
+samples a group of answers from one prefill (calculator on); an answer whose '#### N' is right earns
 reward 1, else 0; a sample's advantage is its reward minus its group's mean. The loss raises the
 log-probability of the tokens the model sampled in proportion to their advantage: on-policy, no
 reference model, no KL penalty, no ratio clipping. The prompt and the calculator's output are read, not
 written, by the model, so they carry no loss.
+With --method dpo, preference optimisation (DPO) instead: of each question's samples a right one is
+chosen and a wrong one rejected (questions without both are skipped), or the pairs come from a file
+(--pairs); the loss raises the chosen answer's log-probability over the rejected one's, measured against
+the frozen starting model.
 
     python rl.py                                              # from the latest sft checkpoint
     python rl.py --num-steps 20 --examples-per-step 4 --num-samples 4 --max-new-tokens 128 \\
         --eval-every 10 --eval-examples 20                    # a few minutes on a CPU
+    python rl.py --method dpo --beta 0.1                      # DPO on pairs sampled from GSM8K
+    python rl.py --method dpo --pairs prefs.jsonl             # DPO on your own preference pairs
     torchrun --standalone --nproc_per_node=8 rl.py            # 8 GPUs, each samples its own questions
     python rl.py --resume                                     # continue the latest rl checkpoint
 
@@ -17,18 +23,21 @@ Reads checkpoints/sft (`python sft.py`), data/chat/gsm8k_train.jsonl and data/ev
 The script runs under `if __name__ == "__main__"` so that tests can import the functions above it.
 """
 
+import json
 import math
 import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from model import (UserError, add_training_args, amp_ctx, catch_stop_signals, compute_cleanup, due, epoch_order, exit_stopped, generate_batch,
-                   gsm8k_reward, JsonlLogger, print0, save_checkpoint, start_from_checkpoint, stop_requested)
-from tokenizer import Parser, base_dir, ranged, read_conversations
+from model import (UserError, add_training_args, amp_ctx, catch_stop_signals, compute_cleanup, due, epoch_order,
+                   exit_stopped, generate_batch, gsm8k_reward, JsonlLogger, load_model, print0, save_checkpoint,
+                   start_from_checkpoint, stop_requested)
+from tokenizer import DataError, Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
-# Reward: model.gsm8k_reward (the last number of the reply against the reference, as evaluate.py scores)
+# Reward: model.gsm8k_reward (the number after the reply's '####' against the reference, as evaluate.py scores)
 
 def reference(conv):
     """The number a GSM8K answer must end with: the eval file's "answer", else what follows '####' in the
@@ -76,6 +85,44 @@ def pg_loss(model, x, y, adv):
         logp = -model(x, y, loss_reduction="none")  # (n, L), 0 where y == -1
     return -(adv.to(logp.device)[:, None] * logp).sum() / (y >= 0).sum().clamp(min=1)
 
+# -----------------------------------------------------------------------------
+# DPO: a chosen and a rejected answer to one prompt, against the frozen starting model
+
+def sequence_logps(model, x, y):
+    """Each row's summed log-probability of its target tokens (n,): what the model assigns an answer."""
+    with amp_ctx(x.device):
+        return -model(x, y, loss_reduction="none").sum(-1)
+
+def dpo_loss(policy, reference, beta):
+    """DPO (Rafailov et al. 2023) on summed log-probabilities (chosen, rejected) of the policy and of the
+    frozen reference: -log sigmoid(beta * margin), margin = how much more the policy raised the chosen
+    answer than the rejected one. Returns (loss, beta * margin: the implicit reward margin)."""
+    margin = beta * ((policy[0] - reference[0]) - (policy[1] - reference[1]))
+    return -F.logsigmoid(margin), margin.detach()
+
+def read_pairs(path, tokenizer):
+    """Preference pairs from a JSONL file, one {"prompt": str | "conversation": {"messages": [...]},
+    "chosen": reply, "rejected": reply} per line (a reply: a string or assistant parts). Each becomes
+    (prompt ids, [chosen ids, rejected ids], [their masks]), rendered by the chat format; a bad line is
+    one error naming path:line."""
+    pairs = []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+            if row is None:
+                continue
+            conv = {"messages": [{"role": "user", "content": row["prompt"]}]} if "prompt" in row else row["conversation"]
+            rendered = [tokenizer.render_conversation({"messages": conv["messages"] + [{"role": "assistant", "content": row[k]}]},
+                                                      max_tokens=10**9) for k in ("chosen", "rejected")]
+            prompt = tokenizer.render_for_completion(conv)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{n}: {e if isinstance(e, ValueError) else f'missing or wrong field {e}'} (each line: "
+                            '{"prompt" or "conversation", "chosen", "rejected"})') from None
+        pairs.append((prompt, [ids[len(prompt):] for ids, _ in rendered], [m[len(prompt):] for _, m in rendered]))
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs in it")
+    return pairs
+
 def load_gsm8k(path):
     """The conversations of a GSM8K file, each with a reference number (one clear error otherwise)."""
     if not path.exists():
@@ -100,6 +147,9 @@ if __name__ == "__main__":
     parser.add_argument("--temperature", type=ranged(float, 0), default=1.0, help="sampling temperature (training and eval)")
     parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--std-norm", action="store_true", help="also divide advantages by the group's std")
+    parser.add_argument("--method", default="grpo", choices=["grpo", "dpo"], help="group policy gradient, or DPO on preference pairs")
+    parser.add_argument("--beta", type=ranged(float, 0.0), default=0.1, help="DPO: strength of the pull towards the reference model")
+    parser.add_argument("--pairs", default="", help="DPO: a JSONL file of preference pairs (default: pairs sampled from GSM8K)")
     parser.add_argument("--eval-examples", type=ranged(int, 0), default=400, help="first N questions of gsm8k_test evaluated (0 = no eval)")
     parser.add_argument("--eval-samples", type=ranged(int, 1), default=4, help="k answers per eval question: pass@1 and pass@k")
     add_training_args(parser, init_lr_frac=0.05, eval_every=60, save_every=60)  # the lrs decay linearly to 0
@@ -114,15 +164,23 @@ if __name__ == "__main__":
                         "processes: change one of them")
     Q = args.examples_per_step // world  # questions per process per step
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
+    dpo = args.method == "dpo"
+    if dpo:  # DPO's reference: the frozen model this run started from
+        source = src_meta["source"] if args.resume else dict(stage="sft", step=src_meta["step"])
+        reference_model = load_model(source["stage"], device, source["step"], tokenizer)[0].requires_grad_(False)
 
     # -------------------------------------------------------------------------
     # Data: the train questions as one stream in a seeded order (reshuffled each epoch); at each step the
     # processes take the next examples_per_step of it, each its own slice. The eval slice is fixed.
-    train = load_gsm8k(base_dir() / "data" / "chat" / "gsm8k_train.jsonl")
-    evals = load_gsm8k(base_dir() / "data" / "eval" / "gsm8k_test.jsonl")[:args.eval_examples] if args.eval_examples > 0 else []
+    test_file = base_dir() / "data" / "eval" / "gsm8k_test.jsonl"
+    if args.pairs:  # DPO on the file's pairs; GSM8K test is evaluated if it is there
+        train, test_file = read_pairs(args.pairs, tokenizer), test_file if test_file.exists() else None
+    else:
+        train = load_gsm8k(base_dir() / "data" / "chat" / "gsm8k_train.jsonl")
+    evals = load_gsm8k(test_file)[:args.eval_examples] if args.eval_examples > 0 and test_file else []
     num_steps = args.num_steps if args.num_steps > 0 else max(1, len(train) // args.examples_per_step)
-    print0(f"{len(train):,} train questions, {len(evals)} eval questions; {num_steps} steps of {args.examples_per_step} "
-           f"questions x {args.num_samples} samples ({Q} per process x {world})")
+    print0(f"{args.method}: {len(train):,} train {'pairs' if args.pairs else 'questions'}, {len(evals)} eval questions; "
+           f"{num_steps} steps of {args.examples_per_step} ({Q} per process x {world})")
 
     def question(pos):
         """The pos-th question of the stream; its samples are seeded by pos alone, so a resumed run (or
@@ -168,6 +226,42 @@ if __name__ == "__main__":
             exit_stopped(step, step > start_step)
         if last:
             break
+
+        if dpo:  # pairs (from the file, or a right and a wrong sample), one backward each
+            t0, stats = time.time(), torch.zeros(8, dtype=torch.float64, device=device)  # loss, margin, right, chosen, rejected, pairs, skipped, tokens
+            for i in range(Q):
+                item, seed = question(pos + rank * Q + i)
+                if args.pairs:
+                    prompt, seqs, masks = item
+                else:  # the first right and the first wrong of the group
+                    prompt, samples, sample_masks, rewards, _ = rollout(model, tokenizer, item, args.num_samples, seed, **sampling)
+                    if len(set(rewards)) == 1:
+                        stats[6] += 1
+                        continue
+                    pick = [rewards.index(1.0), rewards.index(0.0)]
+                    seqs, masks = [samples[j] for j in pick], [sample_masks[j] for j in pick]
+                x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
+                logps = sequence_logps(model, x, y)
+                with torch.no_grad():
+                    ref_logps = sequence_logps(reference_model, x, y)
+                loss, margin = dpo_loss(logps, ref_logps, args.beta)
+                (loss / Q).backward()
+                stats += torch.tensor([loss.item(), margin.item(), float(margin > 0), logps[0].item(), logps[1].item(),
+                                       1, 0, x.numel()], dtype=torch.float64, device=device)
+            pos += args.examples_per_step
+            if ddp:
+                dist.all_reduce(stats)
+            loss, margin, right, chosen, rejected, n, skipped, tokens = stats.tolist()
+            lrm = 1.0 - step / num_steps
+            if n:
+                optimizer.set_lr(lrm)
+                optimizer.step()
+            model.zero_grad(set_to_none=True)
+            n = max(n, 1)
+            logger.train_step(step + 1, num_steps, loss / n, lrm * args.matrix_lr * args.init_lr_frac, time.time() - t0,
+                              int(tokens), flops_per_token, margin=margin / n, accuracy=right / n,
+                              logp_chosen=chosen / n, logp_rejected=rejected / n, skipped=int(skipped))
+            continue
 
         # rollouts, then one backward per question whose group has a signal
         t0 = time.time()

@@ -32,7 +32,7 @@ parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1,
 parser.add_argument("--eval-rows", type=ranged(int, 1), default=128, help="val conversations per evaluation (all processes)")
 parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file")
 parser.add_argument("--skip-bad", action="store_true", help="skip malformed conversation lines (counted) instead of stopping")
-add_training_args(parser, init_lr_frac=0.02)  # finetuning is gentle: the base learning rates x 0.02
+add_training_args(parser, init_lr_frac=0.02, lora=True)  # finetuning is gentle: the base learning rates x 0.02
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------

@@ -277,3 +277,110 @@ def test_training_view_scrolls_when_the_stages_do_not_fit_and_context_counts_the
     asyncio.run(go())
     for stage in ("pretrain", "midtrain", "sft", "rl"):
         (logs / f"{stage}.jsonl").unlink()
+
+
+# -----------------------------------------------------------------------------
+# The OpenAI-compatible server (chat.py --serve), through the official openai client and raw HTTP
+
+QUESTION = [{"role": "user", "content": "what is 12*3?"}]
+
+
+@pytest.fixture
+def api(loaded):
+    """chat.py's server on a free port of 127.0.0.1, in a thread: (base url, the server)."""
+    import threading
+    stage, model, tok, _ = loaded
+    server = chat.make_server(stage, model, tok, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_client_gets_the_tuis_reply_whole_and_streamed(api, loaded):
+    import openai
+    url, _ = api
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    want = reply_text(loaded, QUESTION, temperature=0, top_k=None)
+    assert [m.id for m in client.models.list()] == ["flatchat-sft"]
+    r = client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    assert "[calc: 12*3 = 36]" in want and r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 5
+    chunks = list(client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0, max_tokens=40, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop" and len(chunks) > 3  # token by token
+    r = client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    r = client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0, stop=["36"])
+    assert r.choices[0].message.content == want[:want.index("36")] and r.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0, stop="36", stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == want[:want.index("36")]
+    a, b = (client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=1.0, seed=7,
+                                           presence_penalty=0.5, frequency_penalty=0.5).choices[0].message.content for _ in range(2))
+    assert a == b  # the same seed, the same reply
+    r = client.completions.create(model="flatchat-sft", prompt="Once upon a time", temperature=0, max_tokens=8)
+    assert r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_requests_get_a_400_in_openais_error_format_and_the_server_goes_on(api):
+    import requests
+    url, _ = api
+    bad = {"invalid JSON": "{not json", "wrong roles": {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]},
+           "unknown model": {"model": "gpt-9", "messages": QUESTION},
+           "prompt longer than the context": {"messages": [{"role": "user", "content": "the cat " * 200}]},
+           "max_tokens 0": {"messages": QUESTION, "max_tokens": 0}, "max_tokens past the context": {"messages": QUESTION, "max_tokens": 10**6},
+           "temperature 5": {"messages": QUESTION, "temperature": 5}, "no messages": {"messages": []},
+           "a role that does not exist": {"messages": [{"role": "robot", "content": "hi"}]}}
+    for name, body in bad.items():
+        r = requests.post(f"{url}/chat/completions", data=body if isinstance(body, str) else json.dumps(body), timeout=30)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], name
+    assert requests.post(f"{url}/completions", json={"prompt": 5}, timeout=30).status_code == 400
+    assert requests.post(f"{url}/chat/completions", json={"messages": QUESTION, "max_tokens": 4}, timeout=30).status_code == 200
+
+
+def test_sixteen_clients_at_once_are_all_answered(api, loaded):
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+    url, _ = api
+    want = reply_text(loaded, QUESTION, temperature=0, top_k=None)
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    ask = lambda _: client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0).choices[0].message.content
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(ask, range(16))) == [want] * 16
+
+
+def test_a_client_that_goes_away_stops_its_generation(api, monkeypatch):
+    import requests
+    url, server = api
+    made = []
+
+    def slow_stream(model, tok, messages, ids=None, **kw):  # 100 tokens, 0.05 s each: 5 s if nobody stops it
+        reply = chat.Reply(tok)
+        for t in tok.encode("la " * 100):
+            made.append(t)
+            time.sleep(0.05)
+            yield reply.add(t), reply
+    monkeypatch.setattr(chat, "stream_reply", slow_stream)
+    with requests.post(f"{url}/chat/completions", json={"messages": QUESTION, "stream": True, "max_tokens": 60},
+                       stream=True, timeout=30) as r:
+        next(r.iter_lines())  # the first chunk, then hang up
+    time.sleep(0.5)
+    stopped = len(made)
+    time.sleep(0.5)
+    assert len(made) == stopped < 40  # nothing more was generated after the client left
+
+
+def test_serve_from_the_command_line(home):
+    import requests
+    env = {**os.environ, "FLATCHAT_HOME": str(home), "FLATCHAT_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--serve", "--port", "0"], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        url = re.search(r"(http://\S+/v1)", line)[1]
+        assert requests.get(f"{url}/models", timeout=30).json()["data"][0]["id"] == "flatchat-sft"
+    finally:
+        p.send_signal(2)  # ctrl+c
+        assert p.wait(timeout=30) == 0

@@ -335,3 +335,22 @@ def test_evaluate_script_and_report_card(tiny_home, tmp_path, monkeypatch):
     run_script("evaluate.py", "--report", home=home)
     same = lambda text: [l for l in text.splitlines() if not l.startswith(("generated", "- repo size"))]
     assert same((home / "report.md").read_text()) == same(report)  # the card rebuilt from its parts
+
+
+def test_report_card_draws_each_stages_loss_curve_as_svg(tmp_path):
+    import xml.etree.ElementTree as ET
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rows = [{"step": s, "loss": 5 - s / 10, "time": 100 + s} for s in range(1, 21)]
+    rows += [{"step": s, "val_bpb": 2 - s / 40, "time": 100 + s} for s in (0, 10, 20)]
+    (logs / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = E.write_report(tmp_path).read_text()
+    assert "![pretrain loss](report/loss_pretrain.svg)" in card
+    svg = ET.parse(tmp_path / "report/loss_pretrain.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    line = svg.find(f"{ns}polyline").get("points").split()
+    assert len(line) == 20 and len(svg.findall(f"{ns}circle")) == 3  # 20 train losses, 3 val points
+    ys = [float(p.split(",")[1]) for p in line]
+    assert ys == sorted(ys)  # the loss falls: the line goes down the picture (y grows downwards)
+    texts = [t.text for t in svg.findall(f"{ns}text")]
+    assert "train loss" in texts and "val_bpb" in texts and "4.900" in texts and "3.000" in texts

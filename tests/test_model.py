@@ -374,3 +374,41 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
     for name, p in m.state_dict().items():
         d0, d1 = after[0][name] - p, after[1][name] - p
         assert (d0 - d1).norm() <= 1e-4 * d0.norm() + 1e-7, name
+
+
+def test_repetition_presence_and_frequency_penalties_on_hand_made_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    counts = torch.tensor([[2.0, 1.0, 0.0, 0.0]])  # tokens 0 (twice) and 1 (once) were generated already
+    assert torch.equal(M.penalize(logits, counts, repetition=2.0), torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    assert torch.equal(M.penalize(logits, counts, presence=0.5), torch.tensor([[1.5, -1.5, 0.5, 3.0]]))
+    assert torch.equal(M.penalize(logits, counts, frequency=0.5), torch.tensor([[1.0, -1.5, 0.5, 3.0]]))
+    assert torch.equal(M.penalize(logits, counts, 1.0, 0.0, 0.0), logits)  # off: nothing changes
+    m = trained_tiny_model()
+    plain, _ = generate_batch(m, [5, 17, 42], max_tokens=40, temperature=0)
+    off, _ = generate_batch(m, [5, 17, 42], max_tokens=40, temperature=0, penalties=dict(repetition=1.0, presence=0.0, frequency=0.0))
+    hard, _ = generate_batch(m, [5, 17, 42], max_tokens=40, temperature=0, penalties=dict(frequency=100.0))
+    assert off == plain and len(set(plain[0])) < 40 and len(set(hard[0])) == 40  # a huge penalty: no token twice
+
+
+def test_lora_merged_weights_compute_what_base_plus_adapters_compute():
+    torch.manual_seed(0)
+    m = trained_tiny_model(steps=3)
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    trainable, total = m.add_lora(4, 8.0, ("q", "v", "mlp"))
+    assert trainable == 2 * (4 * (64 + 64) + 4 * (64 + 32)) + 2 * (4 * (64 + 256) + 4 * (256 + 64)) and total > 10 * trainable
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == [n for n, _ in m.named_parameters() if ".lora_" in n]
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(m(x), _plain(base)(x), atol=1e-6)  # B starts at 0: the model is unchanged
+        for module in m.modules():
+            if isinstance(module, M.LoRA):
+                torch.nn.init.normal_(module.lora_B, std=0.1)
+        plain = _plain(m.merged_state_dict())
+        assert torch.allclose(m(x), plain(x), atol=1e-5) and not torch.allclose(m(x), _plain(base)(x), atol=1e-3)
+    assert set(m.merged_state_dict()) == set(base)  # the plain model's keys: every stage loads it as usual
+
+
+def _plain(state):
+    model = GPT(CFG)
+    model.load_state_dict(state)
+    return model.eval()

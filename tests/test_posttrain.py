@@ -3,13 +3,14 @@ exact resume after SIGKILL, and the base -> mid -> sft chain through checkpoint 
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from conftest import fresh_home, read_log, run_killed, run_script
 
-BASE = ["--depth", 2, "--max-seq-len", 128, "--device-batch-size", 4, "--total-batch-size", 1024,
+BASE = ["--depth", 2, "--max-seq-len", 128, "--device-batch-size", 4, "--total-batch-size", 1024, "--compile", 0,
         "--eval-tokens", 2048, "--sample-every", -1]
 MID = ["--device-batch-size", 2, "--total-batch-size", 512, "--eval-rows", 8, "--max-seq-len", 128]
 SFT = ["--device-batch-size", 2, "--examples-per-step", 4, "--eval-rows", 8]
@@ -140,3 +141,54 @@ def test_chain_base_mid_sft_through_files_and_sft_val_loss_falls(post_home, tmp_
     assert meta["source"] == {"stage": "midtrain", "step": 6}
     val = [r["val_loss"] for r in read_log(home, "sft") if "val_loss" in r]
     assert len(val) == 3 and val[-1] < val[0]
+
+
+# -----------------------------------------------------------------------------
+# LoRA: only the adapters train; the checkpoint holds merged weights (and the adapters beside them)
+
+LORA = ["--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", "q,v,mlp", "--lora-lr", 0.01]
+
+
+def test_lora_trains_only_the_adapters_and_saves_merged_weights(post_home, tmp_path):
+    home = stage_home(post_home, tmp_path / "home")
+    out = run_script("sft.py", *SFT, "--source", "pretrain", "--num-steps", 6, *LORA, home=home).stdout
+    assert re.search(r"LoRA rank 4 on q,v,mlp: [\d,]+ trainable parameters of [\d,]+ \(\d+\.\d+%\), the rest frozen", out)
+    base = torch.load(post_home / "checkpoints/pretrain/step_000008/model.pt", weights_only=True)
+    d = home / "checkpoints/sft/step_000006"
+    merged, adapters = (torch.load(d / f, weights_only=True) for f in ("model.pt", "adapters.pt"))
+    assert set(merged) == set(base)  # a plain checkpoint: later stages, evaluate.py and chat.py load it as any other
+    changed = set()
+    for name, weight in merged.items():
+        layer = name.removesuffix(".weight")
+        if f"{layer}.lora_A" in adapters:
+            A, B = adapters[f"{layer}.lora_A"], adapters[f"{layer}.lora_B"]
+            assert B.abs().sum() > 0 and torch.allclose(weight, base[name] + 2.0 * B @ A, atol=1e-6)  # alpha / rank = 2
+            changed.add(name)
+        else:
+            assert torch.equal(weight, base[name]), name  # frozen: bit for bit the base
+    assert len(changed) == 2 * 4  # q, v, mlp.c_fc, mlp.c_proj in each of the 2 layers
+    run_script("chat.py", "-p", "hi", "--max-tokens", 4, home=home)  # and the merged model answers
+
+
+def test_lora_rank_0_is_todays_finetuning_bit_for_bit(post_home, tmp_path):
+    a, b = stage_home(post_home, tmp_path / "a"), stage_home(post_home, tmp_path / "b")
+    run_script("sft.py", *SFT, "--source", "pretrain", "--num-steps", 4, home=a)
+    run_script("sft.py", *SFT, "--source", "pretrain", "--num-steps", 4, "--lora-rank", 0, home=b)
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "dt", "wait", "tok_per_s", "gflops")} for r in rows]
+    assert drop(read_log(a, "sft")) == drop(read_log(b, "sft"))
+    x, y = (torch.load(h / "checkpoints/sft/step_000004/model.pt", weights_only=True) for h in (a, b))
+    assert all(torch.equal(x[k], y[k]) for k in x) and not (b / "checkpoints/sft/step_000004/adapters.pt").exists()
+
+
+def test_lora_resume_after_sigkill_equals_a_straight_run(post_home, tmp_path):
+    flags = [*MID, "--num-steps", 6, "--save-every", 2, "--eval-every", 3, *LORA]
+    straight = stage_home(post_home, tmp_path / "a")
+    run_script("midtrain.py", *flags, home=straight)
+    killed = stage_home(post_home, tmp_path / "b")
+    run_killed("midtrain.py", *flags, home=killed, checkpoint=killed / "checkpoints/midtrain/step_000002")
+    run_script("midtrain.py", *flags, "--resume", home=killed)
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "dt", "wait", "tok_per_s", "gflops")} for r in rows]
+    assert drop(read_log(killed, "midtrain")) == drop(read_log(straight, "midtrain"))
+    for f in ("model.pt", "adapters.pt"):
+        x, y = (torch.load(h / f"checkpoints/midtrain/step_000006/{f}", weights_only=True) for h in (straight, killed))
+        assert all(torch.equal(x[k], y[k]) for k in x), f

@@ -272,3 +272,74 @@ def test_torchrun_two_processes_match_one_process(rl_home, straight, tmp_path):
     two = fresh_home(rl_home, tmp_path)
     run_script("rl.py", *FLAGS, home=two, env=ENV, torchrun=2)  # 1 question per process instead of 2 in one
     same_rows(read_log(straight, "rl"), read_log(two, "rl"), tol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# DPO (--method dpo)
+
+
+def test_dpo_loss_is_log_2_when_the_policy_is_the_reference_and_a_step_prefers_the_chosen(rl_home):
+    _, tok = rl_home
+    loss, margin = rl.dpo_loss(torch.tensor([-3.0, -5.0]), torch.tensor([-3.0, -5.0]), beta=0.1)
+    assert torch.isclose(loss, torch.log(torch.tensor(2.0))) and margin.item() == 0.0
+    model, _ = unigram_model(tok)
+    reference, _ = unigram_model(tok)
+    conv = TRAIN[0]  # 1 + 2: chosen "#### 3", rejected "#### 1"
+    prompt, end = tok.render_for_completion(conv), tok.encode_special("<|assistant_end|>")
+    seqs = [tok.encode("#### 3") + [end], tok.encode("#### 1") + [end]]
+    x, y = rl.group_batch(prompt, seqs, [[1] * len(s) for s in seqs], tok.bos_id)
+    before = rl.sequence_logps(model, x, y).detach()
+    loss, _ = rl.dpo_loss(rl.sequence_logps(model, x, y), rl.sequence_logps(reference, x, y).detach(), beta=0.1)
+    assert torch.isclose(loss, torch.log(torch.tensor(2.0)))  # a fresh policy is its own reference
+    optimizer = model.setup_optimizer(0.002, 0.02, 0.004)
+    loss.backward()
+    optimizer.step()
+    after = rl.sequence_logps(model, x, y).detach()
+    assert (after[0] - after[1]) > (before[0] - before[1]) + 0.01  # the chosen answer gained on the rejected one
+
+
+def test_dpo_pairs_from_a_file_count_only_the_reply_and_bad_lines_are_named(rl_home, tmp_path):
+    _, tok = rl_home
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+               {"role": "user", "content": "1 + 2?"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"conversation": {"messages": history}, "chosen": "#### 3", "rejected": "#### 1"}) + "\n"
+                    + json.dumps({"prompt": "2 + 2?", "chosen": [{"type": "text", "text": "#### 4"}], "rejected": "5"}) + "\n")
+    (prompt, seqs, masks), _ = rl.read_pairs(path, tok)
+    x, y = rl.group_batch(prompt, seqs, masks, tok.bos_id)
+    end = tok.encode_special("<|assistant_end|>")
+    assert seqs == [tok.encode("#### 3") + [end], tok.encode("#### 1") + [end]]
+    assert (y[:, :len(prompt) - 1] == -1).all()  # the earlier turns, the assistant's 'hello there' too, count nothing
+    assert [int((row >= 0).sum()) for row in y] == [len(s) for s in seqs]
+    path.write_text(path.read_text() + '{"prompt": "3 + 3?", "chosen": "#### 6"}\n')
+    with pytest.raises(rl.DataError, match=r"pairs.jsonl:3: missing or wrong field 'rejected'"):
+        rl.read_pairs(path, tok)
+    path.write_text('{"conversation": {"messages": [{"role": "robot", "content": "x"}]}, "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(rl.DataError, match=r"pairs.jsonl:1: message 0 has role 'robot'"):
+        rl.read_pairs(path, tok)
+
+
+DPO = [*TINY, "--method", "dpo", "--num-steps", 6, "--save-every", 2, "--eval-every", 3]
+
+
+def test_dpo_on_gsm8k_samples_logs_its_numbers_and_resumes_exactly(rl_home, tmp_path):
+    straight = fresh_home(rl_home, tmp_path / "a")
+    run_script("rl.py", *DPO, home=straight, env=ENV)
+    rows = [r for r in read_log(straight, "rl") if "loss" in r]
+    assert len(rows) == 6 and all({"margin", "accuracy", "logp_chosen", "logp_rejected", "skipped"} <= set(r) for r in rows)
+    assert sum(r["skipped"] for r in rows) < 12  # some questions had a right and a wrong answer: pairs
+    killed = fresh_home(rl_home, tmp_path / "b")
+    env = {**os.environ, **ENV, "FLATCHAT_HOME": str(killed), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "rl.py"), *map(str, DPO)], env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoints/rl/step_000002"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    run_script("rl.py", *DPO, "--resume", home=killed, env=ENV)
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "dt", "wait", "tok_per_s", "gflops")} for r in rows]
+    assert drop(read_log(killed, "rl")) == drop(read_log(straight, "rl"))
+    a, b = (torch.load(h / "checkpoints/rl/step_000006/model.pt", weights_only=True) for h in (straight, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
