@@ -160,7 +160,7 @@ def test_tui_streams_the_models_reply_into_the_chat_pane(loaded):
 
 
 def test_tui_keys_stop_generation_cycle_sampling_and_switch_stage(loaded, monkeypatch):
-    def slow_stream(model, tok, messages, *args):  # a reply that would take 10 s
+    def slow_stream(model, tok, messages, *args, **kw):  # a reply that would take 10 s
         reply = chat.Reply(tok)
         for t in tok.encode("la " * 100):
             time.sleep(0.1)
