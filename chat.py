@@ -380,7 +380,7 @@ class API(BaseHTTPRequestHandler):
             raise APIError(f"the prompt is {len(ids)} tokens: this model's context is {context} tokens")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", min(256, context - len(ids))))
         checks = [("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
-                  ("repetition_penalty", 0.01, 10), ("max_tokens", 1, context)]
+                  ("repetition_penalty", 0.01, 10), ("top_k", 0, 10**6), ("max_tokens", 1, context)]
         for name, low, high in checks:
             value = max_tokens if name == "max_tokens" else body.get(name)
             if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
@@ -396,7 +396,7 @@ class API(BaseHTTPRequestHandler):
             raise APIError("only n = 1 is supported")
         penalties = dict(repetition=body.get("repetition_penalty", 1.0), presence=body.get("presence_penalty", 0.0),
                          frequency=body.get("frequency_penalty", 0.0))
-        return ids, dict(max_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_k=None, top_p=body.get("top_p"),
+        return ids, dict(max_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_k=int(body.get("top_k") or 0), top_p=body.get("top_p"),
                          seed=body.get("seed", random.randrange(2**31)), penalties=penalties, stop=stop)
 
     def answer(self, body, ids, kw, chat):

@@ -53,7 +53,8 @@ case "$PRESET" in
     # same time; torch.compile wherever inductor finds a working C++ compiler (else eager, ~1.5x slower)
     BF16=$(python -c "import torch; print(int(torch.ops.mkldnn._is_mkldnn_bf16_supported()))" 2>/dev/null || echo 0)
     HAVE_CXX=$(python -c "import torch._inductor.cpp_builder as c; c.get_cpp_compiler(); print(1)" 2>/dev/null || echo 0)
-    if [ "$BF16" = 1 ]; then export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"; STEPS=720; else STEPS=240; fi
+    [ "$BF16" = 1 ] && export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"
+    STEPS=$([ "${FLATCHAT_DTYPE:-fp32}" = bf16 ] && echo 720 || echo 240)  # FLATCHAT_DTYPE=fp32 picks the fp32 path anywhere
     WHY="${FLATCHAT_DTYPE:-fp32} $([ "$HAVE_CXX" = 1 ] && echo "+ torch.compile" || echo "eager (no working C++ compiler: apt install g++)"),"
     WHY="$WHY $([ "$BF16" = 1 ] && echo "this CPU multiplies bf16 natively" || echo "this CPU has no bf16 units (AVX-512 bf16 / AMX)"): $STEPS pretraining steps"
     DATA="--preset cpu"; CHAT=""; TOK="--vocab-size 8192"
