@@ -104,7 +104,7 @@ class Reply:
 
     def stats(self):
         speed = (self.n - 1) / max(time.time() - self.t_first, 1e-6) if self.n > 1 else 0.0
-        return f"first token {self.t_first - self.t0:.2f} s | {speed:.1f} tok/s" if self.n else ""
+        return f"first token {self.t_first - self.t0:.2f} s, {speed:.0f} tok/s" if self.n else ""
 
     def message(self):
         plain = all(p["type"] == "text" for p in self.parts)
@@ -204,8 +204,8 @@ class ChatApp(App):
         self.set_interval(0.5, self.poll_logs)
 
     def show_status(self):
-        parts = [f"{self.stage} step {self.meta['step']} ({'completion' if self.stage == 'pretrain' else 'chat'})",
-                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}", f"repetition {self.repetition}",
+        parts = [f"{self.stage} step {self.meta['step']}" + (" (completion)" if self.stage == "pretrain" else ""),
+                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}", f"repetition {self.repetition}" if self.repetition != 1 else "",
                  f"context {self.prompt_len}/{self.model.config.sequence_len}", self.speed,
                  "generating (esc stops)" if self.busy else ""]
         self.query_one("#status", Static).update(" | ".join(p for p in parts if p))

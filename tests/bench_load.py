@@ -5,8 +5,9 @@ and following the cores other processes leave free (after: model.fit_threads). N
 
     python tests/bench_load.py --home ~/.cache/flatchat     # a FLATCHAT_HOME of a finished cpu-preset run
 
-Each figure is the median step time (s) of the stage run as a user runs it, the first steps (compile,
-warmup) left out. The busy process is `while True: pass` pinned to the last core.
+Each figure is the median step time (s) of the stage run as the cpu preset runs it (compiled; set
+FLATCHAT_DTYPE=bf16 for its bf16 path), the first steps (compile, warmup) left out. The busy process
+is `while True: pass` pinned to the last core.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ["pretrain.py", "--depth", "4", "--max-seq-len", "256", "--device-batch-size", "32", "--total-batch-size", "8192",
-            "--eval-every", "-1", "--eval-tokens", "8192", "--sample-every", "-1"]
+            "--eval-every", "-1", "--eval-tokens", "8192", "--sample-every", "-1", "--compile", "1"]
 RL = ["rl.py", "--examples-per-step", "4", "--num-samples", "4", "--max-new-tokens", "96", "--eval-examples", "0"]
 
 

@@ -266,9 +266,10 @@ def test_a_bad_flag_changes_nothing_on_disk(tiny_home, tmp_path):
     home = fresh_home(tiny_home, tmp_path / "home")
     run_script("pretrain.py", *TINY, "--num-steps", 2, home=home)
     before = snapshot(home)
-    for script in SCRIPTS:
-        flag = numeric_flags(script)[0]
-        proc = run_script(*script.split(), flag, "-5", home=home, check=False, timeout=60)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0], (script, proc.stderr)
+    flags = {script: numeric_flags(script)[0] for script in SCRIPTS}
+    procs = {script: start(*script.split(), flags[script], "-5", home=home) for script in SCRIPTS}  # all at once
+    for script, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and flags[script] in lines[0], (script, err)
     assert snapshot(home) == before
