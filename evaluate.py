@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import (amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
+from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
                    load_model, print0)
 from tokenizer import Parser, base_dir, iter_documents, ranged, render_mc
 
@@ -174,7 +174,12 @@ def forward_rows(model, rows):
 
 def load_jsonl(path):
     """The rows of a JSONL file in a fixed shuffled order, so that --max-per-task takes a fair sample."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except ValueError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e}): fix the line, or rebuild the file (python data/chat_data.py)") from None
     random.Random(1337).shuffle(rows)
     return rows
 

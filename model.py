@@ -1007,7 +1007,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     time in fp32 buffers that stay in cache. With z = h @ (w * 2/15).T and u = sigmoid(z), the soft-capped
     logits are s = 30 u - 15: exp(30 u) needs no max pass (it stays below e^30). Forward also writes
     d loss / d z / 30 = (softmax - onehot) u (1 - u) over the z it has used, so backward is two matmuls and
-    no fp32 (N, V) tensor is ever made: 1.3x faster cpu-preset steps than the compiled plain loss."""
+    no fp32 (N, V) tensor is ever made: cpu-preset steps 1.08-1.3x faster than with the compiled plain loss,
+    and a fifth less peak memory."""
 
     @staticmethod
     def forward(ctx, h, w, targets, backward, rows=32):  # h (N, C), w (V, C), targets (N,)

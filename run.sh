@@ -56,7 +56,8 @@ case "$PRESET" in
     [ "$BF16" = 1 ] && export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"
     STEPS=$([ "${FLATCHAT_DTYPE:-fp32}" = bf16 ] && echo 720 || echo 240)  # FLATCHAT_DTYPE=fp32 picks the fp32 path anywhere
     WHY="${FLATCHAT_DTYPE:-fp32} $([ "$HAVE_CXX" = 1 ] && echo "+ torch.compile" || echo "eager (no working C++ compiler: apt install g++)"),"
-    WHY="$WHY $([ "$BF16" = 1 ] && echo "this CPU multiplies bf16 natively" || echo "this CPU has no bf16 units (AVX-512 bf16 / AMX)"): $STEPS pretraining steps"
+    WHY="$WHY $([ "$BF16" = 1 ] && echo "this CPU multiplies bf16 natively" || echo "this CPU has no bf16 units (AVX-512 bf16 / AMX)")"
+    WHY="$WHY$([ "$BF16" = 1 ] && [ "${FLATCHAT_DTYPE:-}" != bf16 ] && echo " but FLATCHAT_DTYPE=$FLATCHAT_DTYPE" || true): $STEPS pretraining steps"
     DATA="--preset cpu"; CHAT=""; TOK="--vocab-size 8192"
     PRE="--depth 4 --max-seq-len 256 --device-batch-size 32 --total-batch-size 8192 --num-steps $STEPS --eval-every $((STEPS / 2)) --eval-tokens 32768 --sample-every $((STEPS / 2)) --compile $HAVE_CXX"
     MID="--num-steps 60 --eval-every 30 --eval-rows 64"

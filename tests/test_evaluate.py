@@ -354,3 +354,12 @@ def test_report_card_draws_each_stages_loss_curve_as_svg(tmp_path):
     assert ys == sorted(ys)  # the loss falls: the line goes down the picture (y grows downwards)
     texts = [t.text for t in svg.findall(f"{ns}text")]
     assert "train loss" in texts and "val_bpb" in texts and "4.900" in texts and "3.000" in texts
+
+
+def test_a_broken_eval_file_line_is_named_with_its_number(tmp_path):
+    path = tmp_path / "gsm8k_test.jsonl"
+    path.write_text('{"answer": "1"}\n\n{"answer": "2"}\n{"answer": \n')
+    with pytest.raises(E.UserError, match=r"gsm8k_test.jsonl:4: not JSON"):
+        E.load_jsonl(path)
+    path.write_text('{"answer": "1"}\n\n{"answer": "2"}\n')
+    assert sorted(r["answer"] for r in E.load_jsonl(path)) == ["1", "2"]
