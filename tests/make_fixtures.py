@@ -8,7 +8,6 @@ of the source), what was kept, and its licence. Rerun it when the mirror changes
 """
 
 import argparse
-import csv
 import gzip
 import hashlib
 import io

@@ -6,7 +6,6 @@ import pickle
 import random
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest

@@ -64,7 +64,7 @@ def test_a_stop_signal_saves_the_step_and_resume_equals_a_straight_run(tiny_home
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     stopped = int(re.search(r"stopped at step (\d+) by", err)[1])
-    assert 3 <= stopped < 16 and f"--resume" in err and "Traceback" not in err
+    assert 3 <= stopped < 16 and "--resume" in err and "Traceback" not in err
     assert (home / f"checkpoints/pretrain/step_{stopped:06d}/meta.json").exists()
     run_script("pretrain.py", *TINY, "--num-steps", 16, "--resume", home=home)
     assert losses(home) == losses(straight) and same_weights(home, straight)
