@@ -3,10 +3,15 @@
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import fresh_home, read_log, run_killed, run_script
+from conftest import ROOT, fresh_home, read_log, run_killed, run_script
 
 TINY = ["--depth", 2, "--max-seq-len", 64, "--device-batch-size", 4, "--total-batch-size", 512, "--compile", 0,
         "--eval-tokens", 2048, "--eval-every", 4, "--sample-every", -1]
@@ -136,7 +141,12 @@ def test_token_shards_are_the_encoded_documents_and_are_reused_until_the_corpus_
     monkeypatch.setenv("FLATCHAT_HOME", str(home))
     tok = Tokenizer.load(home / "tokenizer")
     files = corpus_files("train")
+    shutil.rmtree(home / "data" / "tokens", ignore_errors=True)  # copied from tiny_home: encode afresh
+    stale = home / "data" / "tokens" / tok.hash[:16] / "train" / f"{files[0].name}.1.2.tmp999"  # a killed run's
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a shard")
     (tokens, starts), = pretrain.token_shards(files, tok, num_proc=2)
+    assert not stale.exists()
     docs = list(iter_documents(files[0]))
     assert len(starts) == len(docs) + 1
     assert all(tokens[starts[i]:starts[i + 1]].tolist() == tok.encode(d) for i, d in enumerate(docs))
@@ -174,3 +184,38 @@ def test_lanes_pack_best_fit_like_the_plain_rule_resume_exactly_and_stay_disjoin
     docs0 = {lane0.lane + 2 * (p[0] % lane0.per_epoch) for p in lane0.pieces}
     docs1 = {lane1.lane + 2 * (p[0] % lane1.per_epoch) for p in lane1.pieces}
     assert docs0 and docs1 and not docs0 & docs1 and all(d % 2 == 0 for d in docs0)
+
+
+def test_a_killed_run_leaves_no_worker_processes_and_a_worker_error_reaches_the_caller(tiny_home):
+    from tokenizer import Tokenizer
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tokenizer import Tokenizer\n"
+            f"tok = Tokenizer.load({str(tiny_home / 'tokenizer')!r})\n"
+            "for i, _ in enumerate(tok.map('encode', ['hello world ' * 3000] * 100000, 2, chunksize=1)):\n"
+            "    print('encoding', flush=True) if i == 0 else None\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "encoding"
+    def children(pid):  # live (not zombie) processes whose parent is pid
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out += [int(stat.parent.name)] if int(fields[1]) == pid and fields[0] != "Z" else []
+        return out
+    workers = children(p.pid)
+    assert len(workers) == 2
+    p.kill()  # SIGKILL: no cleanup code runs in the parent
+    p.wait()
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.time() + 10
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers))
+    tok = Tokenizer.load(tiny_home / "tokenizer")
+    with pytest.raises(TypeError):  # raised in a worker, re-raised here with its message
+        list(tok.map("encode", ["fine", 5, "fine"], 2, chunksize=1))

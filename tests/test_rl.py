@@ -248,18 +248,23 @@ def same_rows(a, b, tol=0.0):
         assert abs(ra.get("loss", 0) - rb.get("loss", 0)) <= tol, (ra, rb)
 
 
-def test_resume_after_sigkill_equals_a_straight_run(rl_home, straight, tmp_path):
-    killed = fresh_home(rl_home, tmp_path)
-    env = {**os.environ, **ENV, "FLATCHAT_HOME": str(killed), "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, str(ROOT / "rl.py"), *map(str, FLAGS)], env=env, cwd=ROOT,
+def kill_at_first_checkpoint(home, flags):
+    """Start rl.py, SIGKILL it as soon as its step-2 checkpoint exists."""
+    env = {**os.environ, **ENV, "FLATCHAT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "rl.py"), *map(str, flags)], env=env, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoints/rl/step_000002"
-    deadline = time.time() + 120
+    ckpt, deadline = home / "checkpoints/rl/step_000002", time.time() + 120
     while not ckpt.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert ckpt.exists() and not (killed / "checkpoints/rl/step_000008").exists()
+    assert ckpt.exists()
+
+
+def test_resume_after_sigkill_equals_a_straight_run(rl_home, straight, tmp_path):
+    killed = fresh_home(rl_home, tmp_path)
+    kill_at_first_checkpoint(killed, FLAGS)
+    assert not (killed / "checkpoints/rl/step_000008").exists()
     run_script("rl.py", *FLAGS, "--resume", home=killed, env=ENV)
     same_rows(read_log(straight, "rl"), read_log(killed, "rl"))
     a = torch.load(straight / "checkpoints/rl/step_000008/model.pt", weights_only=True)
@@ -329,15 +334,7 @@ def test_dpo_on_gsm8k_samples_logs_its_numbers_and_resumes_exactly(rl_home, tmp_
     assert len(rows) == 6 and all({"margin", "accuracy", "logp_chosen", "logp_rejected", "skipped"} <= set(r) for r in rows)
     assert sum(r["skipped"] for r in rows) < 12  # some questions had a right and a wrong answer: pairs
     killed = fresh_home(rl_home, tmp_path / "b")
-    env = {**os.environ, **ENV, "FLATCHAT_HOME": str(killed), "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, str(ROOT / "rl.py"), *map(str, DPO)], env=env, cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoints/rl/step_000002"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_first_checkpoint(killed, DPO)
     run_script("rl.py", *DPO, "--resume", home=killed, env=ENV)
     drop = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "dt", "wait", "tok_per_s", "gflops")} for r in rows]
     assert drop(read_log(killed, "rl")) == drop(read_log(straight, "rl"))
