@@ -50,7 +50,7 @@ case "$PRESET" in
     EVAL="--max-per-task 4 --bpb-tokens 4096 --max-new-tokens 16" ;;
   cpu)
     # bf16 autocast where the CPU multiplies bf16 natively (AVX-512 bf16 or AMX): ~2x the steps of fp32 in the
-    # same time; torch.compile wherever inductor finds a working C++ compiler (else eager, ~1.5x slower)
+    # same time; torch.compile wherever inductor finds a working C++ compiler (else eager, ~1.15x slower steps)
     BF16=$(python -c "import torch; print(int(torch.ops.mkldnn._is_mkldnn_bf16_supported()))" 2>/dev/null || echo 0)
     HAVE_CXX=$(python -c "import torch._inductor.cpp_builder as c; c.get_cpp_compiler(); print(1)" 2>/dev/null || echo 0)
     [ "$BF16" = 1 ] && export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"
