@@ -475,10 +475,7 @@ def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, lanes, val
             exit_stopped(step, step > start_step)
         if last:
             break
-        sync(device)
-        t0 = time.time()
-        batches = [lane.batch() for lane in lanes]
-        wait = time.time() - t0
+        batches, t0, wait = next_batches(lanes, device)
         lrm = lr_multiplier(step)
         optimizer.set_lr(lrm)
         loss = train_step(model, optimizer, batches, step, args.dump_batches)
@@ -488,6 +485,14 @@ def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, lanes, val
                           skipped=sum(lane.skipped for lane in lanes))
     print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
     return val_loss
+
+def next_batches(lanes, device, *args):
+    """Every lane's next micro-batch, fetched once the GPU's queue is drained: (batches, t0: when the step's
+    clock started, wait: the seconds the step waited for its data)."""
+    sync(device)
+    t0 = time.time()
+    batches = [lane.batch(*args) for lane in lanes]
+    return batches, t0, time.time() - t0
 
 def train_step(model, optimizer, batches, step, dump=""):
     """One optimizer step: backward the mean loss over every target token of the micro-batches (all ranks

@@ -23,7 +23,7 @@ import torch
 
 from model import (GPT, GPTConfig, UserError, add_training_args, catch_stop_signals, compile_ok, compute_cleanup,
                    compute_init, due, exit_stopped, generate_batch, JsonlLogger, load_checkpoint, load_tokenizer,
-                   lock_stage, make_lanes, print0, save_checkpoint, stop_requested, sync, train_step)
+                   lock_stage, make_lanes, next_batches, print0, save_checkpoint, stop_requested, sync, train_step)
 from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
 
 # -----------------------------------------------------------------------------
@@ -251,10 +251,7 @@ if __name__ == "__main__":
             break
 
         # one optimizer step over grad_accum micro-batches
-        sync(device)
-        t0 = time.time()
-        batches = [lane.batch(B, T, device) for lane in lanes]
-        wait = time.time() - t0
+        batches, t0, wait = next_batches(lanes, device, B, T, device)
         lrm = lr_multiplier(step)
         optimizer.set_lr(lrm)
         optimizer.param_groups[0]["momentum"] = muon_momentum(step)  # group 0: the Muon matrices
