@@ -1,18 +1,15 @@
 """
-model.py: everything the stages must agree on, in one file: the transformer (GPT), the Muon + AdamW
-optimizer, generation with a KV cache and the calculator tool, and the runtime (devices, torchrun, logs,
-atomic checkpoints).
+model.py: what every stage must agree on: the transformer (GPT), the Muon + AdamW optimizer, generation
+with a KV cache and the calculator tool, and the runtime (devices, torchrun, logs, atomic checkpoints).
 
 The model, one line per design choice (nanochat's):
 - rotary position embeddings on q and k (the two halves of a head turn as pairs), then QK-norm;
 - RMSNorm without learnable parameters, pre-norm, plus a norm after the token embedding;
 - ReLU-squared MLP (4x wide); no biases; untied token embedding and output head;
 - logits soft-capped with 15 * tanh(logits / 15); grouped-query attention when n_kv_head < n_head;
-- F.scaled_dot_product_attention (flash attention on GPU); vocab padded to a multiple of 64;
 - init: output projections zero (each block starts as the identity), a tiny head (std 1e-3).
-Speed comes from torch.compile (the stages compile model and optimizer where a compiler works): the code
-is the plain PyTorch that compile fuses. Two CPU pieces that measured >= 10% of a step sit in "Speed" at
-the end, each tested against the plain code it stands in for.
+Speed comes from torch.compile of this plain PyTorch; two CPU pieces that earned their lines by measurement
+(tests/bench_pretrain.py) sit in "Speed" at the end, each tested against the plain code it stands in for.
 """
 
 import contextlib
@@ -218,11 +215,11 @@ class LoRA(nn.Module):
 # -----------------------------------------------------------------------------
 # Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
 
-def newton_schulz(G, steps=5):
+def newton_schulz(G, steps=5, dtype=torch.float32):
     """Approximately orthogonalise G (..., m, n) (the 'zeroth power' U V^T of its SVD), as in Muon; a
-    stack of same-shape matrices goes through one batched matmul chain, in bf16 on a GPU (as nanochat)."""
+    stack of same-shape matrices goes through one batched matmul chain, in the dtype the run computes in."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.to(dtype)
     if G.size(-2) > G.size(-1):
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1
@@ -231,11 +228,11 @@ def newton_schulz(G, steps=5):
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if G.size(-2) > G.size(-1) else X).to(G.dtype)
 
-def muon_update(params, grads, bufs, lr, momentum, steps):
+def muon_update(params, grads, bufs, lr, momentum, steps, dtype):
     """Nesterov momentum on stacks of same-shape matrices (N, m, n), orthogonalised, then the step:
     tall matrices step sqrt(m / n) further, so every matrix moves its outputs by about the same."""
     bufs.lerp_(grads, 1 - momentum)
-    update = newton_schulz(grads.lerp_(bufs, momentum), steps)
+    update = newton_schulz(grads.lerp_(bufs, momentum), steps, dtype)
     params.sub_(update * lr * max(1, params.size(-2) / params.size(-1)) ** 0.5)
 
 def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
@@ -281,7 +278,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 for ps in by_shape.values():  # the momentum buffers stay per tensor: a plain state_dict
                     bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
                     stacks = [torch.stack(ts) for ts in (ps, [p.grad for p in ps], bufs)]
-                    self.muon(*stacks, lr, torch.tensor(group["momentum"]), group["ns_steps"])
+                    self.muon(*stacks, lr, torch.tensor(group["momentum"]), group["ns_steps"], amp_dtype(ps[0].device))
                     torch._foreach_copy_(ps + bufs, [*stacks[0].unbind(), *stacks[2].unbind()])
                 continue
             for p in params:
@@ -333,9 +330,8 @@ def use_calculator(expr):
     return str(value)
 
 def gsm8k_reward(reply, ref):
-    """1.0 if the number after the reply's '#### ' marker (which GSM8K solutions end with, and the model is
-    trained to write) equals ref as numbers ("1,234.0" == "1234"), else 0.0; no marker: 0.0 (a reply of
-    numbers is not an answer). The GSM8K score of evaluate.py and the reward of rl.py, defined once."""
+    """1.0 if the number after the reply's '#### ' marker (GSM8K solutions end with it) equals ref as numbers
+    ("1,234.0" == "1234"), else 0.0, also without a marker. evaluate.py's GSM8K score and rl.py's reward."""
     m = re.search(r"####\s*(-?\d[\d,]*(?:\.\d+)?)", reply)
     try:
         return float(bool(m) and float(m[1].replace(",", "")) == float(str(ref).replace(",", "")))
@@ -343,18 +339,18 @@ def gsm8k_reward(reply, ref):
         return 0.0
 
 def penalize(logits, counts, repetition=1.0, presence=0.0, frequency=0.0):
-    """Logits (B, V) of tokens already generated (counts (B, V): how often each) made less likely. repetition
-    (CTRL's, 1 = off): a positive logit is divided by it, a negative one multiplied; presence and frequency
-    (OpenAI's, 0 = off): minus presence once per token seen, minus frequency per time it was seen."""
+    """Logits (B, V) of tokens generated counts (B, V) times made less likely. repetition (CTRL's, 1 = off)
+    divides a positive logit and multiplies a negative one; presence and frequency (OpenAI's, 0 = off)
+    subtract once per token seen and once per time seen."""
     seen = counts > 0
     if repetition != 1.0:
         logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
     return logits - presence * seen - frequency * counts
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling. It draws
-    one uniform number per row against the cumulative probabilities of the candidates (torch.multinomial
-    draws one per vocab entry: 0.4 ms a token on CPU)."""
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling with one
+    uniform draw per row against the candidates' cumulative probabilities (torch.multinomial draws one per
+    vocab entry: 0.4 ms a token on CPU)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits, ids = logits.float() / temperature, None  # ids: the vocab ids of the candidate columns
@@ -552,13 +548,10 @@ class _Row:
 @torch.no_grad()
 def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None,
              seed=42, tokenizer=None, penalties=None):
-    """Stream tokens: prefill `ids` once, then yield (tokens, masks), one entry per sample, per step.
-
-    With a tokenizer, a row stops after <|assistant_end|> or <|bos|> (the stop token is yielded) and the
-    calculator runs: after <|python_end|> the tool's <|output_start|>result<|output_end|> is forced
-    (mask 0; mask 1 = sampled by the model). Finished rows yield -1 until every row is done.
-    penalties: dict(repetition=, presence=, frequency=) for penalize(), on the tokens this call generated.
-    """
+    """Prefill `ids` once, then yield (tokens, masks), one entry per sample, per step. With a tokenizer, a row
+    stops after <|assistant_end|> or <|bos|> (yielded) and the calculator runs: after <|python_end|> the
+    tool's <|output_start|>result<|output_end|> is forced (mask 0; sampled tokens: mask 1). Finished rows
+    yield -1 until all are done. penalties: penalize()'s keywords, on the tokens this call generated."""
     device = model.get_device()
     fit_threads(device)
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -632,15 +625,18 @@ def autodetect_device():  # FLATCHAT_DEVICE overrides; otherwise cuda, then mps,
     gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return os.environ.get("FLATCHAT_DEVICE") or gpu
 
-def amp_ctx(device):
-    """bf16 autocast on CUDA GPUs that support it (FLATCHAT_DTYPE=fp32|bf16 overrides), else fp32."""
+def amp_dtype(device):
+    """bf16 on CUDA GPUs that support it (FLATCHAT_DTYPE=fp32|bf16 overrides), else fp32."""
     kind = torch.device(device).type
     want = os.environ.get("FLATCHAT_DTYPE") or ("bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    return torch.autocast(kind, dtype=torch.bfloat16) if want == "bf16" else contextlib.nullcontext()
+    return torch.bfloat16 if want == "bf16" else torch.float32
+
+def amp_ctx(device):  # autocast to amp_dtype, or nothing for fp32
+    bf16 = amp_dtype(device) == torch.bfloat16
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 def compile_ok(device):
-    """Can torch.compile run here? On a GPU, yes; on a CPU when inductor finds a working C++ compiler
-    (else one warning line, and the caller runs eagerly)."""
+    """Can torch.compile run here? On a GPU yes; on a CPU when inductor finds a C++ compiler (else a warning)."""
     if device.type == "cpu":
         try:
             import torch._inductor.cpp_builder as cpp
@@ -655,9 +651,9 @@ def compile_ok(device):
 _load = {}  # fit_threads' last reading: (busy ticks of all cores, this process's ticks, all ticks)
 
 def fit_threads(device):
-    """On a CPU, use a thread per core that no other process keeps busy (measured since the last call): a
-    thread that shares its core with a busy process stalls every parallel region it is part of (steps 7-40x
-    slower on 2 cores, against 2x for a fair share). OMP_NUM_THREADS set by the user is left alone."""
+    """On a CPU, one thread per core that no other process kept busy since the last call: a thread sharing
+    its core with a busy process stalls every parallel region (steps 7-40x slower on 2 cores, not 2x).
+    OMP_NUM_THREADS set by the user wins."""
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not os.path.exists("/proc/stat"):
         return
     with open("/proc/stat") as f:
@@ -705,9 +701,8 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 class JsonlLogger:
-    """Appends one JSON object per line to logs/<stage>.jsonl (rank 0). A fresh run starts a new file; a
-    resumed run drops the rows past the step it resumes from, so the log reads as one clean run. Nothing is
-    lost: the file as it was goes to logs/previous/<stage>-<time>.jsonl first."""
+    """One JSON object per line in logs/<stage>.jsonl (rank 0). A fresh run starts a new file, a resumed one
+    drops the rows past its step; the file as it was goes to logs/previous/<stage>-<time>.jsonl first."""
 
     def __init__(self, stage, resume_step=None, enabled=True, world=1):
         self.path = base_dir() / "logs" / f"{stage}.jsonl"
@@ -775,8 +770,8 @@ def stage_dir(stage):
     return base_dir() / "checkpoints" / stage
 
 def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
-    """Every rank calls this. The per-rank loader states `lanes` (a list per rank) are gathered in rank
-    order into meta["lanes"]; rank 0 writes the checkpoint; all ranks wait for it."""
+    """Every rank calls this: the loader states `lanes` of all ranks go into meta["lanes"] in rank order,
+    rank 0 writes the checkpoint, all wait for it."""
     ddp, path = dist.is_initialized(), None
     if lanes is not None and ddp:
         everyone = [None] * dist.get_world_size()
@@ -790,9 +785,8 @@ def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
     return path
 
 def _write_checkpoint(stage, step, model, optimizer, meta, keep):
-    """Write every file into a temp dir (fsynced, meta.json last), then rename it into place: a crash at any
-    point leaves the old set of checkpoints or the new one, never a torn one. A full disk stops the run
-    with one line, and leaves the temp dir removed and the previous checkpoint the latest."""
+    """Every file into a temp dir (fsynced, meta.json last), renamed into place: a crash leaves the old set of
+    checkpoints or the new one, never a torn one. A full disk stops the run with one line, the temp dir gone."""
     root = stage_dir(stage)
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}_{os.getpid()}"
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
@@ -856,8 +850,8 @@ def _tensors(x):  # every tensor in a nest of dicts and lists
     return [t for v in (x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []) for t in _tensors(v)]
 
 def _complete(stage, warn=False):
-    """Complete checkpoints (renamed into place, meta.json readable), oldest save first: [(saved_at, step, dir)].
-    warn: say why a step_* dir does not count (only a temp dir of a killed save is passed over silently)."""
+    """Complete checkpoints (meta.json readable), oldest save first: [(saved_at, step, dir)]; warn: say why a
+    step_* dir does not count."""
     found = []
     for d in stage_dir(stage).glob("step_*"):
         try:
@@ -867,9 +861,7 @@ def _complete(stage, warn=False):
                 print0(f"warning: skipping {d}: its meta.json is unreadable or not JSON ({type(e).__name__})", file=sys.stderr)
     return sorted(found)
 
-def latest_step(stage):
-    """The step of the most recently saved complete checkpoint (a fresh shorter run wins over an older
-    longer one), or None."""
+def latest_step(stage):  # of the most recently saved complete checkpoint (a fresh shorter run wins), or None
     found = _complete(stage)
     return found[-1][1] if found else None
 
@@ -884,8 +876,8 @@ def _check(d, meta, names):
     return None
 
 def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
-    """(model_state, optim_state or None, meta, rng) of a checkpoint: `step`, or the newest that verifies
-    (a damaged one is passed over with a warning, for the one before it)."""
+    """(model_state, optim_state or None, meta, rng) of checkpoint `step`, or of the newest that verifies
+    (a damaged one is passed over with a warning)."""
     found = [c for c in _complete(stage, warn=True) if step is None or c[1] == step]
     if not found:
         what = "no checkpoint" if step is None else f"no checkpoint at step {step}"
@@ -951,8 +943,7 @@ def lock_stage(stage):
         f.seek(0)
         pid = f.read().strip() or "?"
         raise UserError(f"another run (process {pid}) is writing {root}: wait for it, or stop it (kill {pid})") from None
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)  # "a+": the pid is written at the (new) end
     f.write(str(os.getpid()))
     f.flush()
     _held.append(f)
@@ -970,8 +961,7 @@ def _on_signal(signum, frame):
            file=sys.stderr)
 
 def catch_stop_signals():
-    """From here on SIGTERM (a preempted node) and Ctrl-C ask the training loop to stop (stop_requested);
-    before the loop starts they stop the process at once, as usual."""
+    """From here on, SIGTERM (a preempted node) and Ctrl-C ask the training loop to stop (stop_requested)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
 

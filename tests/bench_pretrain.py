@@ -30,7 +30,7 @@ T, L = 256, 4
 V = int(os.environ.get("BENCH_VOCAB", 8192))
 TRICKS = {  # name: what the variant changes in the current model.py (see patch())
     "- fused loss": "without the Speed section's loss Function: the plain compiled loss on the CPU too",
-    "+ bf16 Newton-Schulz": "Newton-Schulz in bf16 on a CPU with bf16 units (HEAD; fp32 now, as nanochat on a CPU)",
+    "- bf16 Newton-Schulz": "Newton-Schulz in fp32 in a bf16 run (now: in the dtype the run computes in)",
     "- malloc/THP switch": "without the Speed section's allocator settings (glibc may mmap and trim again)",
     "+ hand-written backwards": "HEAD's RMSNorm, rotary + QK-norm and ReLU^2 autograd Functions",
     "- compiled optimizer": "the Muon/AdamW updates run eagerly",
@@ -42,6 +42,7 @@ def worker(cfg):
     import importlib.util
     import torch
     tricks = cfg["trick"].split(",") if cfg["trick"] else []
+    os.environ["FLATCHAT_DTYPE"] = cfg["dtype"]  # as run.sh sets it: model.py's optimizer follows it
     if "- malloc/THP switch" in tricks:  # model.py's switch finds no libc and no huge pages
         import ctypes
         os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
@@ -93,15 +94,9 @@ def patch(M, trick):
     if trick == "- fused loss":
         M.softcap_cross_entropy = lambda h, w, t, grad: F.cross_entropy(15 * torch.tanh(F.linear(h, w).float() / 15),
                                                                         t, ignore_index=-1, reduction="none")
-    elif trick == "+ bf16 Newton-Schulz":
-        def newton_schulz(G, steps=5):  # model.py's, with X in bf16 on the CPU too
-            X = G.bfloat16().mT if G.size(-2) > G.size(-1) else G.bfloat16()
-            X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-            for _ in range(steps):
-                A = X @ X.mT
-                X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
-            return (X.mT if G.size(-2) > G.size(-1) else X).to(G.dtype)
-        M.newton_schulz = newton_schulz
+    elif trick == "- bf16 Newton-Schulz":
+        ns = M.newton_schulz
+        M.newton_schulz = lambda G, steps=5, dtype=None: ns(G, steps, torch.float32)
     elif trick == "+ hand-written backwards":
         old = load_rev_module(ARGS_REV, "model_head")
         M.norm = old.RMSNorm.apply
