@@ -72,12 +72,11 @@ def ranged(kind, low, high=None, sentinel=None):
 
 # -----------------------------------------------------------------------------
 # pre-split: text -> chunks (BPE never merges across chunk boundaries)
-# The `regex` package knows \p{L} (letters) and \p{N} (numbers); the stdlib `re` does not, but runs this
-# pattern ~2.4x faster. So for text of BMP characters (all but emoji and rare scripts) we run a twin of
-# the pattern in `re` with the classes spelled out, taken from `regex` itself, so both agree by
-# construction (the tests compare them). Astral characters would make `re` try its class ranges one
-# by one, and lone surrogates are not text: such input takes the `regex` path, after each lone
-# surrogate becomes U+FFFD (exactly what tiktoken does).
+# The stdlib `re` runs this pattern ~2.4x faster than `regex`, but knows no \p{L} (letters) or \p{N}
+# (numbers). So text of BMP characters goes through a twin of the pattern in `re` with those classes
+# spelled out, taken from `regex` itself (the tests compare the two). Astral characters (emoji) would
+# make `re` try its class ranges one by one, and lone surrogates are not text: such text takes the
+# `regex` path, each lone surrogate read as U+FFFD (as tiktoken does).
 
 _SLOW = re.compile("[\ud800-\udfff\U00010000-\U0010ffff]")  # lone surrogates or astral characters
 
@@ -100,11 +99,9 @@ def _compiled(pattern):
 def split(text, pattern=SPLIT_PATTERN):
     """The chunks of text under the split pattern."""
     slow, fast = _compiled(pattern)
-    if fast is not None and (text.isascii() or not _SLOW.search(text)):
-        return fast.findall(text)
-    if _SLOW.search(text):
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogate -> U+FFFD
-    return slow.findall(text)
+    if not text.isascii() and _SLOW.search(text):
+        return slow.findall(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # lone surrogate -> U+FFFD
+    return (fast or slow).findall(text)
 
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
@@ -261,23 +258,17 @@ class _Unsafe(Exception):
     """A chunk with an astral character or a lone surrogate, which the `re` twin may split wrongly."""
 
 class _Cache(dict):
-    """chunk -> ids, seeded with every token that is whole UTF-8 text; a miss runs bpe (most chunks repeat).
-    It refuses astral characters and lone surrogates (see split), so a text holding any goes the regex way."""
+    """chunk -> ids: a miss runs bpe (most chunks repeat). It refuses astral characters and lone surrogates,
+    so encode learns that a text holds some from the misses alone, without scanning every text for them."""
 
-    def __init__(self, bpe, tokens):
-        self.bpe, self.seed = bpe, {}
-        for i, t in enumerate(tokens):
-            with contextlib.suppress(UnicodeDecodeError):
-                if not _SLOW.search(s := t.decode("utf-8")):
-                    self.seed[s] = (i,)
-        self.update(self.seed)
+    def __init__(self, bpe):
+        self.bpe = bpe
 
     def __missing__(self, chunk):
         if not chunk.isascii() and _SLOW.search(chunk):
             raise _Unsafe
         if len(self) >= 1 << 20:  # bound the memory on endless streams of new chunks
             self.clear()
-            self.update(self.seed)
         ids = self[chunk] = self.bpe(chunk)
         return ids
 
@@ -295,7 +286,7 @@ class Tokenizer:
             raise ValueError("two merges make the same bytes")
         self._special = {s: len(self._bytes) + i for i, s in enumerate(self.special_tokens)}
         self._decode = self._bytes + [s.encode("utf-8") for s in self.special_tokens]
-        self._cache = _Cache(self._bpe, self._bytes)
+        self._cache = _Cache(self._bpe)
         self.vocab_size = len(self._decode)
         self.bos_id = self._special["<|bos|>"]
         self.token_bytes = [len(t) for t in self._bytes] + [0] * len(self.special_tokens)  # for bits per byte
