@@ -65,7 +65,8 @@ def ranged(kind, low, high=None, sentinel=None):
         value = kind(text)
         if value != sentinel and not (low <= value <= (math.inf if high is None else high)):  # nan fails too
             span = f"at least {low}" if high is None else f"from {low} to {high}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {span}" + (f", or {sentinel}" if sentinel is not None else ""))
+            span += f", or {sentinel}" if sentinel is not None else ""
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {span}")
         return value
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
@@ -99,9 +100,9 @@ def _compiled(pattern):
 def split(text, pattern=SPLIT_PATTERN):
     """The chunks of text under the split pattern."""
     slow, fast = _compiled(pattern)
-    if not text.isascii() and _SLOW.search(text):
-        return slow.findall(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # lone surrogate -> U+FFFD
-    return (fast or slow).findall(text)
+    if text.isascii() or not _SLOW.search(text):
+        return (fast or slow).findall(text)
+    return slow.findall(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # lone surrogate -> U+FFFD
 
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
@@ -111,8 +112,8 @@ def _count(texts, pattern, counts):  # add the chunks of texts to the Counter co
         counts.update(split(text, pattern))
 
 def _count_worker(pattern, todo, done):
-    """A counting process: one Counter over all the batches it takes from todo, sent back once at the end
-    (one Counter per batch would cost more to send and merge than the counting itself)."""
+    """A counting process: one Counter over all its batches, sent back once at the end (one per batch
+    would cost more to send and merge than the counting itself)."""
     try:
         counts = collections.Counter()
         for batch in iter(todo.get, None):
@@ -123,7 +124,7 @@ def _count_worker(pattern, todo, done):
 
 def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_chars=1 << 21):
     """Counter {chunk: count} over all texts: batches of ~2M characters go through a short queue to
-    num_proc counting processes (the texts may be a stream from disk: they never all sit in memory)."""
+    num_proc counting processes, so a stream of texts from disk never sits in memory whole."""
     def batches():
         batch, n = [], 0
         for text in texts:
@@ -177,17 +178,16 @@ def _pair_stats(words, freqs):
     return stats, where
 
 def bpe_merges(counts, num_merges, verbose=False):
-    """The merges [(left, right), ...] learned from {chunk: count}. Each step merges the pair with the
-    highest count (ties: the smallest (left, right)), in every chunk, left to right. A pair whose bytes
-    equal an existing token's is skipped for good (not seen on real text so far): tiktoken, like our
-    encoder, names tokens by their bytes, so two tokens with the same bytes could not both be reached."""
-    # A word is a str with one character per token (chr(id)), so a pair is a 2-character str, ordered
-    # like (left, right), and merging it everywhere in a word is one str.replace (left to right).
+    """The merges [(left, right), ...] learned from {chunk: count}: each step merges the most frequent pair
+    (ties: the smallest) in every chunk, left to right. A pair whose bytes are already a token's is skipped
+    for good: tokens are named by their bytes (here and in tiktoken), so a twin could never be reached."""
+    # A word is a str with one character per token (chr(id)): a pair is a 2-character str that sorts
+    # like (left, right), and merging it everywhere in a word is one str.replace, left to right.
     words = [chunk.encode("utf-8").decode("latin-1") for chunk in counts]
     freqs = list(counts.values())
     stats, where = _pair_stats(words, freqs)  # pair -> count; pair -> words that (may) hold it
-    # A max-heap of counts with ints packing (-count, left, right): they compare faster than tuples.
-    # Entries go stale as counts drop, and are refreshed when popped.
+    # A max-heap of ints packing (-count, left, right), which compare faster than tuples. Entries go
+    # stale as counts drop, and are refreshed when popped.
     key = lambda p, c: (-c << 42) + (ord(p[0]) << 21) + ord(p[1])
     heap = [key(p, c) for p, c in stats.items()]
     heapq.heapify(heap)
@@ -218,8 +218,8 @@ def bpe_merges(counts, num_merges, verbose=False):
     return merges
 
 def _merge(words, freqs, stats, where, pair, z):
-    """Write z for pair in the words that hold it; update the counts of the pairs around each merged
-    spot ((x, a) and (b, y) lose, (x, z) and (z, y) are born); return the born pairs' counts."""
+    """Write z for pair in the words that hold it and update the counts around each merged spot: (x, a)
+    and (b, y) lose, (x, z) and (z, y) are born. Returns the born pairs' counts."""
     a, b = pair
     born = {}
     get = born.get
@@ -306,9 +306,8 @@ class Tokenizer:
 
     @cached_property
     def _ranks(self):
-        """left << 20 | right -> id, for every way of writing every token as two tokens: merging any such
-        pair at the rank of its result is what tiktoken does (it looks pairs up by their bytes). Int keys
-        hash faster than tuples."""
+        """left << 20 | right -> id (ints hash faster than tuples), for every way of writing a token as two:
+        tiktoken looks pairs up by their bytes, so any such pair merges at the rank of its result."""
         ranks = {}
         for z, t in enumerate(self._bytes[256:], 256):
             for k in range(1, len(t)):
@@ -401,12 +400,12 @@ class Tokenizer:
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def render_all(self, convs, max_tokens, num_proc=os.cpu_count()):
-        """[(ids, targets)] of each conversation as int64 arrays, rendered once (a conversation repeated in
-        the list, once) on num_proc processes: ids cut to max_tokens, targets[i] = ids[i + 1] where the
-        assistant wrote it, else -1."""
+        """[(ids, targets)] int64 arrays of each conversation, rendered on num_proc processes (a repeated one
+        once): ids cut to max_tokens, targets[i] = ids[i + 1] where the assistant wrote it, else -1."""
         unique = list({id(c): c for c in convs}.values())
         done = {}
-        for conv, (ids, mask) in zip(unique, self.map("render_conversation", unique, num_proc, 64, max_tokens=max_tokens)):
+        rendered = self.map("render_conversation", unique, num_proc, 64, max_tokens=max_tokens)
+        for conv, (ids, mask) in zip(unique, rendered):
             ids, mask = np.asarray(ids, np.int64), np.asarray(mask, bool)
             done[id(conv)] = ids, np.where(mask[1:], ids[1:], -1)
         return [done[id(c)] for c in convs]
@@ -474,8 +473,8 @@ def check_conversation(conversation):
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
         raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
     system = msgs[0].get("content") if msgs[0].get("role") == "system" else None
-    turns = []
-    for i, m in enumerate(msgs[1:] if system is not None else msgs, 1 if system is not None else 0):
+    first, turns = int(system is not None), []
+    for i, m in enumerate(msgs[first:], first):
         role, content = m.get("role"), m.get("content")
         want = "assistant" if len(turns) % 2 else "user"
         if role != want:
@@ -601,29 +600,34 @@ SNIPPETS = {
 }
 
 def evaluate(max_chars):
-    """Bytes per token of our tokenizer and of two smaller ones trained here, on snippets and corpus files."""
-    tok = Tokenizer.load(base_dir() / "tokenizer")
+    """Bytes per token of ours and of two smaller vocabularies trained here, on snippets and corpus files."""
+    ours = Tokenizer.load(base_dir() / "tokenizer")
     files = corpus_files("train") + corpus_files("val")
     sample = [d for f in files for d in corpus_texts([f], 2_000_000 // len(files))]  # a bit of every file
-    toks = {f"ours {tok.vocab_size}": tok}
-    toks.update({f"bpe {v}": Tokenizer.train(sample, v) for v in (tok.vocab_size // 4, tok.vocab_size // 16) if v >= 512})
+    sizes = [v for v in (ours.vocab_size // 4, ours.vocab_size // 16) if v >= 512]
+    toks = {f"ours {ours.vocab_size}": ours} | {f"bpe {v}": Tokenizer.train(sample, v) for v in sizes}
     texts = {name: [s] for name, s in SNIPPETS.items()}
     texts.update({f"{f.parent.name}/{f.name}": list(corpus_texts([f], max_chars)) for f in files})
     print(f"{'bytes per token':30s}" + "".join(f"{name:>14s}" for name in toks))
     for name, docs in texts.items():
+        nbytes = sum(len(d.encode()) for d in docs)
         ntoks = [sum(map(len, t.map("encode", docs))) for t in toks.values()]
-        print(f"{name[:30]:30s}" + "".join(f"{sum(len(d.encode()) for d in docs) / max(n, 1):14.2f}" for n in ntoks))
+        print(f"{name[:30]:30s}" + "".join(f"{nbytes / max(n, 1):14.2f}" for n in ntoks))
 
 if __name__ == "__main__":
     parser = Parser(description="Train or evaluate the flatchat tokenizer.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train on $FLATCHAT_HOME/data/pretrain/train/*")
-    p.add_argument("--vocab-size", type=ranged(int, 256 + len(SPECIAL_TOKENS)), default=8192, help="tokens in all: 256 bytes + merges + 9 specials")
-    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=2_000_000_000, help="stop reading after this many chars (-1 = all)")
-    p.add_argument("--doc-cap", type=ranged(int, 1, sentinel=-1), default=10_000, help="use at most this many chars per document (-1 = all)")
+    p.add_argument("--vocab-size", type=ranged(int, 256 + len(SPECIAL_TOKENS)), default=8192,
+                   help="tokens in all: 256 bytes + merges + 9 specials")
+    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=2_000_000_000,
+                   help="stop reading after this many chars (-1 = all)")
+    p.add_argument("--doc-cap", type=ranged(int, 1, sentinel=-1), default=10_000,
+                   help="use at most this many chars per document (-1 = all)")
     p.add_argument("--num-proc", type=ranged(int, 1), default=2, help="processes that split and count (1 = no workers)")
     p = sub.add_parser("eval", help="bytes/token on the corpus and fixed snippets, versus smaller vocabularies")
-    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=5_000_000, help="chars read per corpus file (-1 = all)")
+    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=5_000_000,
+                   help="chars read per corpus file (-1 = all)")
     args = parser.parse_args()
     try:
         if args.cmd == "train":
