@@ -20,7 +20,6 @@ import hashlib
 import heapq
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import re
@@ -63,7 +62,7 @@ def ranged(kind, low, high=None, sentinel=None):
     """An argparse type: a `kind` (int or float) in [low, high], or the sentinel (-1: off / automatic)."""
     def parse(text):
         value = kind(text)
-        if value != sentinel and not (low <= value <= (math.inf if high is None else high)):  # nan fails too
+        if value != sentinel and not (low <= value and (high is None or value <= high)):  # nan fails too
             span = f"at least {low}" if high is None else f"from {low} to {high}"
             span += f", or {sentinel}" if sentinel is not None else ""
             raise argparse.ArgumentTypeError(f"{text} is out of range: {span}")
@@ -91,10 +90,9 @@ def _compiled(pattern):
         cps = set(map(ord, regex.findall(p, bmp)))
         starts, ends = sorted(c for c in cps if c - 1 not in cps), sorted(c for c in cps if c + 1 not in cps)
         return "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in zip(starts, ends))
-    L, N, S = cls(r"\p{L}"), cls(r"\p{N}"), cls(r"\s")
-    i = {c: cls(f"(?i:{c})") for c in "sdmtlvre"}  # case-insensitive letters ('s' also matches U+017F)
-    twin = (f"'(?:[{i['s']}{i['d']}{i['m']}{i['t']}]|[{i['l']}][{i['l']}]|[{i['v']}][{i['e']}]|[{i['r']}][{i['e']}])"
-            f"|[^\\r\\n{L}{N}]?+[{L}]+|[{N}]{{1,2}}| ?[^{S}{L}{N}]++[\\r\\n]*|[{S}]*[\\r\\n]|[{S}]+(?![^{S}])|[{S}]+")
+    L, N, S = cls(r"\p{L}"), cls(r"\p{N}"), cls(r"\s")  # `re`'s \s differs (it matches \x1c-\x1f)
+    twin = (f"'(?i:[sdmt]|ll|ve|re)|[^\\r\\n{L}{N}]?+[{L}]+|[{N}]{{1,2}}| ?[^{S}{L}{N}]++[\\r\\n]*|[{S}]*[\\r\\n]"
+            f"|[{S}]+(?![^{S}])|[{S}]+")
     return regex.compile(pattern), re.compile(twin)
 
 def split(text, pattern=SPLIT_PATTERN):
@@ -173,8 +171,8 @@ def _pair_stats(words, freqs):
     starts = np.flatnonzero(np.diff(keys, prepend=-1))  # where each pair's group starts
     stats, where = {}, collections.defaultdict(list)
     for key, ws in zip(keys[starts].tolist(), np.split(word, starts[1:])):
-        stats[chr(key >> 8) + chr(key & 255)] = int(counts[key])
-        where[chr(key >> 8) + chr(key & 255)] = ws.tolist()
+        pair = chr(key >> 8) + chr(key & 255)
+        stats[pair], where[pair] = int(counts[key]), ws.tolist()
     return stats, where
 
 def bpe_merges(counts, num_merges, verbose=False):
