@@ -110,8 +110,7 @@ def _count(texts, pattern, counts):  # add the chunks of texts to the Counter co
         counts.update(split(text, pattern))
 
 def _count_worker(pattern, todo, done):
-    """A counting process: one Counter over all its batches, sent back once at the end (one per batch
-    would cost more to send and merge than the counting itself)."""
+    """A counting process: one Counter over all its batches, sent once (one per batch costs more to send)."""
     try:
         counts = collections.Counter()
         for batch in iter(todo.get, None):
@@ -336,19 +335,17 @@ class Tokenizer:
 
     def encode(self, text):
         """Ids of ordinary text. Special-token strings in it (say "<|bos|>") are encoded as plain text."""
-        ids, fast = [], _compiled(self.pattern)[1]
-        if fast is not None:
-            try:  # split with the `re` twin, extend ids with each chunk's cached ids (a loop run by C)
-                collections.deque(map(ids.extend, map(self._cache.__getitem__, fast.findall(text))), maxlen=0)
-                return ids
-            except _Unsafe:  # an astral character or a lone surrogate: split with regex after all
-                pass
-        get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]
-        return list(itertools.chain.from_iterable(map(get, split(text, self.pattern))))
+        ids, (slow, fast) = [], _compiled(self.pattern)
+        try:  # split with the `re` twin, extend ids with each chunk's cached ids (a loop run by C)
+            collections.deque(map(ids.extend, map(self._cache.__getitem__, (fast or slow).findall(text))), maxlen=0)
+            return ids
+        except _Unsafe:  # an astral character or a lone surrogate: split() and bypass the cache for those chunks
+            get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]
+            return list(itertools.chain.from_iterable(map(get, split(text, self.pattern))))
 
     def map(self, method, items, num_proc=2, chunksize=16, **kw):
-        """Yield self.method(item, **kw) for each item, in order, computed by num_proc worker processes that
-        each hold a copy of this tokenizer (their chunk caches stay warm); lists of ids come back as arrays."""
+        """self.method(item, **kw) for each item, in order, from num_proc processes that each hold a copy of this
+        tokenizer (their chunk caches stay warm); lists of ids come back as arrays."""
         if num_proc <= 1 or len(items) < 2:
             yield from (getattr(self, method)(item, **kw) for item in items)
             return
@@ -513,8 +510,7 @@ def render_mc(question, choices):
     return f"{question}\n\n{options}\n\nAnswer with the letter."
 
 def read_conversations(path, skip_bad=False):
-    """(conversations, n_bad) from a JSONL file of {"messages": [...]}. A bad line raises DataError naming
-    path:line, unless skip_bad, which skips and counts it."""
+    """(conversations, n_bad) of a JSONL file of {"messages": [...]}: a bad line is a DataError, or counted."""
     convs, bad = [], 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
