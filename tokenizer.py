@@ -251,19 +251,16 @@ def _merge(words, freqs, stats, where, pair, z):
 # The loss mask is 1 exactly on what the assistant writes (text, tool calls, <|assistant_end|>), and 0 on
 # what it reads: <|bos|>, user turns, <|assistant_start|> and tool outputs.
 
-class _Unsafe(Exception):
-    """A chunk with an astral character or a lone surrogate, which the `re` twin may split wrongly."""
-
 class _Cache(dict):
-    """chunk -> ids: a miss runs bpe (most chunks repeat). It refuses astral characters and lone surrogates,
-    so encode learns that a text holds some from the misses alone, without scanning every text for them."""
+    """chunk -> ids: a miss runs bpe (most chunks repeat). A chunk with astral characters or lone surrogates,
+    which the `re` twin may split wrongly, is a KeyError: encode learns of them from misses alone."""
 
     def __init__(self, bpe):
         self.bpe = bpe
 
     def __missing__(self, chunk):
         if not chunk.isascii() and _SLOW.search(chunk):
-            raise _Unsafe
+            raise KeyError(chunk)
         if len(self) >= 1 << 20:  # bound the memory on endless streams of new chunks
             self.clear()
         ids = self[chunk] = self.bpe(chunk)
@@ -339,7 +336,7 @@ class Tokenizer:
         try:  # split with the `re` twin, extend ids with each chunk's cached ids (a loop run by C)
             collections.deque(map(ids.extend, map(self._cache.__getitem__, (fast or slow).findall(text))), maxlen=0)
             return ids
-        except _Unsafe:  # an astral character or a lone surrogate: split() and bypass the cache for those chunks
+        except KeyError:  # an astral character or a lone surrogate: split() and bypass the cache for those chunks
             get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]
             return list(itertools.chain.from_iterable(map(get, split(text, self.pattern))))
 
