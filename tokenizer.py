@@ -174,6 +174,36 @@ def _pair_stats(words, freqs):
         stats[pair], where[pair] = int(counts[key]), ws.tolist()
     return stats, where
 
+def _merge(words, freqs, stats, where, pair, z):
+    """Write z for pair in the words that hold it and update the counts around each merged spot: (x, a)
+    and (b, y) lose, (x, z) and (z, y) are born. Returns the born pairs' counts."""
+    a, b = pair
+    born = {}
+    get = born.get
+    for i in where.pop(pair):
+        w = words[i]
+        if pair not in w:  # merged away since it was listed
+            continue
+        f = freqs[i]
+        w = words[i] = w.replace(pair, z)
+        k, n = w.find(z), len(w) - 1
+        while k >= 0:
+            if k:
+                x = w[k - 1]
+                stats[(b if x == z else x) + a] -= f  # x == z: the pair (b, a) between two merges
+                p = x + z
+                born[p] = get(p, 0) + f
+                where[p].append(i)
+            if k < n:
+                y = w[k + 1]
+                if y != z:  # a z on the right counts the pair between them as its left
+                    stats[b + y] -= f
+                    p = z + y
+                    born[p] = get(p, 0) + f
+                    where[p].append(i)
+            k = w.find(z, k + 1)
+    return born
+
 def bpe_merges(counts, num_merges, verbose=False):
     """The merges [(left, right), ...] learned from {chunk: count}: each step merges the most frequent pair
     (ties: the smallest) in every chunk, left to right. A pair whose bytes are already a token's is skipped
@@ -214,36 +244,6 @@ def bpe_merges(counts, num_merges, verbose=False):
                   f"duplicates | {time.time() - t0:.1f} s")
     return merges
 
-def _merge(words, freqs, stats, where, pair, z):
-    """Write z for pair in the words that hold it and update the counts around each merged spot: (x, a)
-    and (b, y) lose, (x, z) and (z, y) are born. Returns the born pairs' counts."""
-    a, b = pair
-    born = {}
-    get = born.get
-    for i in where.pop(pair):
-        w = words[i]
-        if pair not in w:  # merged away since it was listed
-            continue
-        f = freqs[i]
-        w = words[i] = w.replace(pair, z)
-        k, n = w.find(z), len(w) - 1
-        while k >= 0:
-            if k:
-                x = w[k - 1]
-                stats[(b if x == z else x) + a] -= f  # x == z: the pair (b, a) between two merges
-                p = x + z
-                born[p] = get(p, 0) + f
-                where[p].append(i)
-            if k < n:
-                y = w[k + 1]
-                if y != z:  # a z on the right counts the pair between them as its left
-                    stats[b + y] -= f
-                    p = z + y
-                    born[p] = get(p, 0) + f
-                    where[p].append(i)
-            k = w.find(z, k + 1)
-    return born
-
 # -----------------------------------------------------------------------------
 # the tokenizer: encode (with a chunk cache), decode, save / load, and the chat format:
 # <|bos|> <|user_start|>text<|user_end|> <|assistant_start|>text<|assistant_end|> ...
@@ -265,6 +265,44 @@ class _Cache(dict):
             self.clear()
         ids = self[chunk] = self.bpe(chunk)
         return ids
+
+def _set_worker(tok):  # each Tokenizer.map process holds one tokenizer, and dies with its parent (Linux)
+    global _worker
+    _worker = tok
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training loop's stop handler: Pool.terminate() ends it
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans after a SIGKILL
+
+def _work(method, kw, item):  # arrays pickle as raw bytes: ~10x cheaper to send back than lists of ints
+    out = getattr(_worker, method)(item, **kw)
+    return tuple(array.array("I", o) for o in out) if isinstance(out, tuple) else array.array("I", out)
+
+def check_conversation(conversation):
+    """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the
+    first user turn. Raises ValueError saying what is wrong."""
+    msgs = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
+    system = msgs[0].get("content") if msgs[0].get("role") == "system" else None
+    first, turns = int(system is not None), []
+    for i, m in enumerate(msgs[first:], first):
+        role, content = m.get("role"), m.get("content")
+        want = "assistant" if len(turns) % 2 else "user"
+        if role != want:
+            raise ValueError(f"message {i} has role {role!r} where {want!r} was expected "
+                             "(roles alternate user/assistant, after an optional system message)")
+        parts_ok = role == "assistant" and isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") in ("text", "python", "python_output")
+            and isinstance(p.get("text"), str) for p in content)
+        if not (isinstance(content, str) or parts_ok):
+            raise ValueError(f"message {i} ({role}): content must be a string" + (
+                ' or a list of {"type": "text"|"python"|"python_output", "text": str}' if role == "assistant" else ""))
+        turns.append((role, content))
+    if system is not None:
+        if not isinstance(system, str) or not turns:
+            raise ValueError("the system message must be a string and be followed by a user message")
+        turns[0] = ("user", system + "\n\n" + turns[0][1])
+    return turns
 
 class Tokenizer:
     def __init__(self, merges, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
@@ -447,43 +485,26 @@ class Tokenizer:
     def __reduce__(self):  # pickled (for worker processes) as its plain data, never as code
         return Tokenizer, (self.merges, self.pattern, self.special_tokens)
 
-def _set_worker(tok):  # each Tokenizer.map process holds one tokenizer, and dies with its parent (Linux)
-    global _worker
-    _worker = tok
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training loop's stop handler: Pool.terminate() ends it
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans after a SIGKILL
+# -----------------------------------------------------------------------------
+# chat data: JSONL files of conversations, mixtures of them, multiple-choice prompts
 
-def _work(method, kw, item):  # arrays pickle as raw bytes: ~10x cheaper to send back than lists of ints
-    out = getattr(_worker, method)(item, **kw)
-    return tuple(array.array("I", o) for o in out) if isinstance(out, tuple) else array.array("I", out)
-
-def check_conversation(conversation):
-    """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the
-    first user turn. Raises ValueError saying what is wrong."""
-    msgs = conversation.get("messages") if isinstance(conversation, dict) else None
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
-    system = msgs[0].get("content") if msgs[0].get("role") == "system" else None
-    first, turns = int(system is not None), []
-    for i, m in enumerate(msgs[first:], first):
-        role, content = m.get("role"), m.get("content")
-        want = "assistant" if len(turns) % 2 else "user"
-        if role != want:
-            raise ValueError(f"message {i} has role {role!r} where {want!r} was expected "
-                             "(roles alternate user/assistant, after an optional system message)")
-        parts_ok = role == "assistant" and isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") in ("text", "python", "python_output")
-            and isinstance(p.get("text"), str) for p in content)
-        if not (isinstance(content, str) or parts_ok):
-            raise ValueError(f"message {i} ({role}): content must be a string" + (
-                ' or a list of {"type": "text"|"python"|"python_output", "text": str}' if role == "assistant" else ""))
-        turns.append((role, content))
-    if system is not None:
-        if not isinstance(system, str) or not turns:
-            raise ValueError("the system message must be a string and be followed by a user message")
-        turns[0] = ("user", system + "\n\n" + turns[0][1])
-    return turns
+def read_conversations(path, skip_bad=False):
+    """(conversations, n_bad) of a JSONL file of {"messages": [...]}: a bad line is a DataError, or counted."""
+    convs, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                conv = json.loads(line)
+                check_conversation(conv)
+                convs.append(conv)
+            except ValueError as e:
+                if not skip_bad:
+                    what = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    raise DataError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
+                bad += 1
+    return convs, bad
 
 def read_mixture(mixture, folder, skip_bad=False, say=print):
     """The conversations of a mixture {name: weight} from data/chat/<folder>/<name>.jsonl, each file's rows
@@ -505,24 +526,6 @@ def render_mc(question, choices):
     """The user prompt of a multiple-choice question; the assistant answers with the letter alone."""
     options = "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(choices))
     return f"{question}\n\n{options}\n\nAnswer with the letter."
-
-def read_conversations(path, skip_bad=False):
-    """(conversations, n_bad) of a JSONL file of {"messages": [...]}: a bad line is a DataError, or counted."""
-    convs, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                conv = json.loads(line)
-                check_conversation(conv)
-                convs.append(conv)
-            except ValueError as e:
-                if not skip_bad:
-                    what = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
-                    raise DataError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
-                bad += 1
-    return convs, bad
 
 # -----------------------------------------------------------------------------
 # corpus readers: documents from .jsonl ("text"), .parquet (column "text") or .txt files
