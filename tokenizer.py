@@ -207,7 +207,7 @@ def _merge(words, freqs, stats, where, pair, z):
 def bpe_merges(counts, num_merges, verbose=False):
     """The merges [(left, right), ...] learned from {chunk: count}: each step merges the most frequent pair
     (ties: the smallest) in every chunk, left to right. A pair whose bytes are already a token's is skipped
-    for good: tokens are named by their bytes (here and in tiktoken), so a twin could never be reached."""
+    for good: tokens are named by their bytes (here and in tiktoken), so a second one could never be reached."""
     # A word is a str with one character per token (chr(id)): a pair is a 2-character str that sorts
     # like (left, right), and merging it everywhere in a word is one str.replace, left to right.
     words = [chunk.encode("utf-8").decode("latin-1") for chunk in counts]
