@@ -20,7 +20,6 @@ import hashlib
 import heapq
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import re
@@ -63,21 +62,21 @@ def ranged(kind, low, high=None, sentinel=None):
     """An argparse type: a `kind` (int or float) in [low, high], or the sentinel (-1: off / automatic)."""
     def parse(text):
         value = kind(text)
-        if value != sentinel and not (low <= value <= (math.inf if high is None else high)):  # nan fails too
+        if value != sentinel and not (low <= value and (high is None or value <= high)):  # nan fails too
             span = f"at least {low}" if high is None else f"from {low} to {high}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {span}" + (f", or {sentinel}" if sentinel is not None else ""))
+            span += f", or {sentinel}" if sentinel is not None else ""
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {span}")
         return value
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
 
 # -----------------------------------------------------------------------------
 # pre-split: text -> chunks (BPE never merges across chunk boundaries)
-# The `regex` package knows \p{L} (letters) and \p{N} (numbers); the stdlib `re` does not, but runs this
-# pattern ~2.4x faster. So for text of BMP characters (all but emoji and rare scripts) we run a twin of
-# the pattern in `re` with the classes spelled out, taken from `regex` itself, so both agree by
-# construction (the tests compare them). Astral characters would make `re` try its class ranges one
-# by one, and lone surrogates are not text: such input takes the `regex` path, after each lone
-# surrogate becomes U+FFFD (exactly what tiktoken does).
+# The stdlib `re` runs this pattern ~2.4x faster than `regex`, but knows no \p{L} (letters) or \p{N}
+# (numbers). So text of BMP characters goes through a twin of the pattern in `re` with those classes
+# spelled out, taken from `regex` itself (the tests compare the two). Astral characters (emoji) would
+# make `re` try its class ranges one by one, and lone surrogates are not text: such text takes the
+# `regex` path, each lone surrogate read as U+FFFD (as tiktoken does).
 
 _SLOW = re.compile("[\ud800-\udfff\U00010000-\U0010ffff]")  # lone surrogates or astral characters
 
@@ -91,20 +90,17 @@ def _compiled(pattern):
         cps = set(map(ord, regex.findall(p, bmp)))
         starts, ends = sorted(c for c in cps if c - 1 not in cps), sorted(c for c in cps if c + 1 not in cps)
         return "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in zip(starts, ends))
-    L, N, S = cls(r"\p{L}"), cls(r"\p{N}"), cls(r"\s")
-    i = {c: cls(f"(?i:{c})") for c in "sdmtlvre"}  # case-insensitive letters ('s' also matches U+017F)
-    twin = (f"'(?:[{i['s']}{i['d']}{i['m']}{i['t']}]|[{i['l']}][{i['l']}]|[{i['v']}][{i['e']}]|[{i['r']}][{i['e']}])"
-            f"|[^\\r\\n{L}{N}]?+[{L}]+|[{N}]{{1,2}}| ?[^{S}{L}{N}]++[\\r\\n]*|[{S}]*[\\r\\n]|[{S}]+(?![^{S}])|[{S}]+")
+    L, N, S = cls(r"\p{L}"), cls(r"\p{N}"), cls(r"\s")  # `re`'s \s differs (it matches \x1c-\x1f)
+    twin = (f"'(?i:[sdmt]|ll|ve|re)|[^\\r\\n{L}{N}]?+[{L}]+|[{N}]{{1,2}}| ?[^{S}{L}{N}]++[\\r\\n]*|[{S}]*[\\r\\n]"
+            f"|[{S}]+(?![^{S}])|[{S}]+")
     return regex.compile(pattern), re.compile(twin)
 
 def split(text, pattern=SPLIT_PATTERN):
     """The chunks of text under the split pattern."""
     slow, fast = _compiled(pattern)
-    if fast is not None and (text.isascii() or not _SLOW.search(text)):
-        return fast.findall(text)
-    if _SLOW.search(text):
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogate -> U+FFFD
-    return slow.findall(text)
+    if text.isascii() or not _SLOW.search(text):
+        return (fast or slow).findall(text)
+    return slow.findall(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # lone surrogate -> U+FFFD
 
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
@@ -114,8 +110,7 @@ def _count(texts, pattern, counts):  # add the chunks of texts to the Counter co
         counts.update(split(text, pattern))
 
 def _count_worker(pattern, todo, done):
-    """A counting process: one Counter over all the batches it takes from todo, sent back once at the end
-    (one Counter per batch would cost more to send and merge than the counting itself)."""
+    """A counting process: one Counter over all its batches, sent once (one per batch costs more to send)."""
     try:
         counts = collections.Counter()
         for batch in iter(todo.get, None):
@@ -126,7 +121,7 @@ def _count_worker(pattern, todo, done):
 
 def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_chars=1 << 21):
     """Counter {chunk: count} over all texts: batches of ~2M characters go through a short queue to
-    num_proc counting processes (the texts may be a stream from disk: they never all sit in memory)."""
+    num_proc counting processes, so a stream of texts from disk never sits in memory whole."""
     def batches():
         batch, n = [], 0
         for text in texts:
@@ -175,22 +170,51 @@ def _pair_stats(words, freqs):
     starts = np.flatnonzero(np.diff(keys, prepend=-1))  # where each pair's group starts
     stats, where = {}, collections.defaultdict(list)
     for key, ws in zip(keys[starts].tolist(), np.split(word, starts[1:])):
-        stats[chr(key >> 8) + chr(key & 255)] = int(counts[key])
-        where[chr(key >> 8) + chr(key & 255)] = ws.tolist()
+        pair = chr(key >> 8) + chr(key & 255)
+        stats[pair], where[pair] = int(counts[key]), ws.tolist()
     return stats, where
 
+def _merge(words, freqs, stats, where, pair, z):
+    """Write z for pair in the words that hold it and update the counts around each merged spot: (x, a)
+    and (b, y) lose, (x, z) and (z, y) are born. Returns the born pairs' counts."""
+    a, b = pair
+    born = {}
+    get = born.get
+    for i in where.pop(pair):
+        w = words[i]
+        if pair not in w:  # merged away since it was listed
+            continue
+        f = freqs[i]
+        w = words[i] = w.replace(pair, z)
+        k, n = w.find(z), len(w) - 1
+        while k >= 0:
+            if k:
+                x = w[k - 1]
+                stats[(b if x == z else x) + a] -= f  # x == z: the pair (b, a) between two merges
+                p = x + z
+                born[p] = get(p, 0) + f
+                where[p].append(i)
+            if k < n:
+                y = w[k + 1]
+                if y != z:  # a z on the right counts the pair between them as its left
+                    stats[b + y] -= f
+                    p = z + y
+                    born[p] = get(p, 0) + f
+                    where[p].append(i)
+            k = w.find(z, k + 1)
+    return born
+
 def bpe_merges(counts, num_merges, verbose=False):
-    """The merges [(left, right), ...] learned from {chunk: count}. Each step merges the pair with the
-    highest count (ties: the smallest (left, right)), in every chunk, left to right. A pair whose bytes
-    equal an existing token's is skipped for good (not seen on real text so far): tiktoken, like our
-    encoder, names tokens by their bytes, so two tokens with the same bytes could not both be reached."""
-    # A word is a str with one character per token (chr(id)), so a pair is a 2-character str, ordered
-    # like (left, right), and merging it everywhere in a word is one str.replace (left to right).
+    """The merges [(left, right), ...] learned from {chunk: count}: each step merges the most frequent pair
+    (ties: the smallest) in every chunk, left to right. A pair whose bytes are already a token's is skipped
+    for good: tokens are named by their bytes (here and in tiktoken), so a second one could never be reached."""
+    # A word is a str with one character per token (chr(id)): a pair is a 2-character str that sorts
+    # like (left, right), and merging it everywhere in a word is one str.replace, left to right.
     words = [chunk.encode("utf-8").decode("latin-1") for chunk in counts]
     freqs = list(counts.values())
     stats, where = _pair_stats(words, freqs)  # pair -> count; pair -> words that (may) hold it
-    # A max-heap of counts with ints packing (-count, left, right): they compare faster than tuples.
-    # Entries go stale as counts drop, and are refreshed when popped.
+    # A max-heap of ints packing (-count, left, right), which compare faster than tuples. Entries go
+    # stale as counts drop, and are refreshed when popped.
     key = lambda p, c: (-c << 42) + (ord(p[0]) << 21) + ord(p[1])
     heap = [key(p, c) for p, c in stats.items()]
     heapq.heapify(heap)
@@ -220,36 +244,6 @@ def bpe_merges(counts, num_merges, verbose=False):
                   f"duplicates | {time.time() - t0:.1f} s")
     return merges
 
-def _merge(words, freqs, stats, where, pair, z):
-    """Write z for pair in the words that hold it; update the counts of the pairs around each merged
-    spot ((x, a) and (b, y) lose, (x, z) and (z, y) are born); return the born pairs' counts."""
-    a, b = pair
-    born = {}
-    get = born.get
-    for i in where.pop(pair):
-        w = words[i]
-        if pair not in w:  # merged away since it was listed
-            continue
-        f = freqs[i]
-        w = words[i] = w.replace(pair, z)
-        k, n = w.find(z), len(w) - 1
-        while k >= 0:
-            if k:
-                x = w[k - 1]
-                stats[(b if x == z else x) + a] -= f  # x == z: the pair (b, a) between two merges
-                p = x + z
-                born[p] = get(p, 0) + f
-                where[p].append(i)
-            if k < n:
-                y = w[k + 1]
-                if y != z:  # a z on the right counts the pair between them as its left
-                    stats[b + y] -= f
-                    p = z + y
-                    born[p] = get(p, 0) + f
-                    where[p].append(i)
-            k = w.find(z, k + 1)
-    return born
-
 # -----------------------------------------------------------------------------
 # the tokenizer: encode (with a chunk cache), decode, save / load, and the chat format:
 # <|bos|> <|user_start|>text<|user_end|> <|assistant_start|>text<|assistant_end|> ...
@@ -257,29 +251,58 @@ def _merge(words, freqs, stats, where, pair, z):
 # The loss mask is 1 exactly on what the assistant writes (text, tool calls, <|assistant_end|>), and 0 on
 # what it reads: <|bos|>, user turns, <|assistant_start|> and tool outputs.
 
-class _Unsafe(Exception):
-    """A chunk with an astral character or a lone surrogate, which the `re` twin may split wrongly."""
-
 class _Cache(dict):
-    """chunk -> ids, seeded with every token that is whole UTF-8 text; a miss runs bpe (most chunks repeat).
-    It refuses astral characters and lone surrogates (see split), so a text holding any goes the regex way."""
+    """chunk -> ids: a miss runs bpe (most chunks repeat). A chunk with astral characters or lone surrogates,
+    which the `re` twin may split wrongly, is a KeyError: encode learns of them from misses alone."""
 
-    def __init__(self, bpe, tokens):
-        self.bpe, self.seed = bpe, {}
-        for i, t in enumerate(tokens):
-            with contextlib.suppress(UnicodeDecodeError):
-                if not _SLOW.search(s := t.decode("utf-8")):
-                    self.seed[s] = (i,)
-        self.update(self.seed)
+    def __init__(self, bpe):
+        self.bpe = bpe
 
     def __missing__(self, chunk):
         if not chunk.isascii() and _SLOW.search(chunk):
-            raise _Unsafe
+            raise KeyError(chunk)
         if len(self) >= 1 << 20:  # bound the memory on endless streams of new chunks
             self.clear()
-            self.update(self.seed)
         ids = self[chunk] = self.bpe(chunk)
         return ids
+
+def _set_worker(tok):  # each Tokenizer.map process holds one tokenizer, and dies with its parent (Linux)
+    global _worker
+    _worker = tok
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training loop's stop handler: Pool.terminate() ends it
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans after a SIGKILL
+
+def _work(method, kw, item):  # arrays pickle as raw bytes: ~10x cheaper to send back than lists of ints
+    out = getattr(_worker, method)(item, **kw)
+    return tuple(array.array("I", o) for o in out) if isinstance(out, tuple) else array.array("I", out)
+
+def check_conversation(conversation):
+    """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the
+    first user turn. Raises ValueError saying what is wrong."""
+    msgs = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
+    system = msgs[0].get("content") if msgs[0].get("role") == "system" else None
+    first, turns = int(system is not None), []
+    for i, m in enumerate(msgs[first:], first):
+        role, content = m.get("role"), m.get("content")
+        want = "assistant" if len(turns) % 2 else "user"
+        if role != want:
+            raise ValueError(f"message {i} has role {role!r} where {want!r} was expected "
+                             "(roles alternate user/assistant, after an optional system message)")
+        parts_ok = role == "assistant" and isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") in ("text", "python", "python_output")
+            and isinstance(p.get("text"), str) for p in content)
+        if not (isinstance(content, str) or parts_ok):
+            raise ValueError(f"message {i} ({role}): content must be a string" + (
+                ' or a list of {"type": "text"|"python"|"python_output", "text": str}' if role == "assistant" else ""))
+        turns.append((role, content))
+    if system is not None:
+        if not isinstance(system, str) or not turns:
+            raise ValueError("the system message must be a string and be followed by a user message")
+        turns[0] = ("user", system + "\n\n" + turns[0][1])
+    return turns
 
 class Tokenizer:
     def __init__(self, merges, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
@@ -295,7 +318,7 @@ class Tokenizer:
             raise ValueError("two merges make the same bytes")
         self._special = {s: len(self._bytes) + i for i, s in enumerate(self.special_tokens)}
         self._decode = self._bytes + [s.encode("utf-8") for s in self.special_tokens]
-        self._cache = _Cache(self._bpe, self._bytes)
+        self._cache = _Cache(self._bpe)
         self.vocab_size = len(self._decode)
         self.bos_id = self._special["<|bos|>"]
         self.token_bytes = [len(t) for t in self._bytes] + [0] * len(self.special_tokens)  # for bits per byte
@@ -315,9 +338,8 @@ class Tokenizer:
 
     @cached_property
     def _ranks(self):
-        """left << 20 | right -> id, for every way of writing every token as two tokens: merging any such
-        pair at the rank of its result is what tiktoken does (it looks pairs up by their bytes). Int keys
-        hash faster than tuples."""
+        """left << 20 | right -> id (ints hash faster than tuples), for every way of writing a token as two:
+        tiktoken looks pairs up by their bytes, so any such pair merges at the rank of its result."""
         ranks = {}
         for z, t in enumerate(self._bytes[256:], 256):
             for k in range(1, len(t)):
@@ -348,19 +370,17 @@ class Tokenizer:
 
     def encode(self, text):
         """Ids of ordinary text. Special-token strings in it (say "<|bos|>") are encoded as plain text."""
-        ids, fast = [], _compiled(self.pattern)[1]
-        if fast is not None:
-            try:  # split with the `re` twin, extend ids with each chunk's cached ids (a loop run by C)
-                collections.deque(map(ids.extend, map(self._cache.__getitem__, fast.findall(text))), maxlen=0)
-                return ids
-            except _Unsafe:  # an astral character or a lone surrogate: split with regex after all
-                pass
-        get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]
-        return list(itertools.chain.from_iterable(map(get, split(text, self.pattern))))
+        ids, (slow, fast) = [], _compiled(self.pattern)
+        try:  # split with the `re` twin, extend ids with each chunk's cached ids (a loop run by C)
+            collections.deque(map(ids.extend, map(self._cache.__getitem__, (fast or slow).findall(text))), maxlen=0)
+            return ids
+        except KeyError:  # an astral character or a lone surrogate: split() and bypass the cache for those chunks
+            get = lambda chunk: self._bpe(chunk) if _SLOW.search(chunk) else self._cache[chunk]
+            return list(itertools.chain.from_iterable(map(get, split(text, self.pattern))))
 
     def map(self, method, items, num_proc=2, chunksize=16, **kw):
-        """Yield self.method(item, **kw) for each item, in order, computed by num_proc worker processes that
-        each hold a copy of this tokenizer (their chunk caches stay warm); lists of ids come back as arrays."""
+        """self.method(item, **kw) for each item, in order, from num_proc processes that each hold a copy of this
+        tokenizer (their chunk caches stay warm); lists of ids come back as arrays."""
         if num_proc <= 1 or len(items) < 2:
             yield from (getattr(self, method)(item, **kw) for item in items)
             return
@@ -410,12 +430,12 @@ class Tokenizer:
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def render_all(self, convs, max_tokens, num_proc=os.cpu_count()):
-        """[(ids, targets)] of each conversation as int64 arrays, rendered once (a conversation repeated in
-        the list, once) on num_proc processes: ids cut to max_tokens, targets[i] = ids[i + 1] where the
-        assistant wrote it, else -1."""
+        """[(ids, targets)] int64 arrays of each conversation, rendered on num_proc processes (a repeated one
+        once): ids cut to max_tokens, targets[i] = ids[i + 1] where the assistant wrote it, else -1."""
         unique = list({id(c): c for c in convs}.values())
         done = {}
-        for conv, (ids, mask) in zip(unique, self.map("render_conversation", unique, num_proc, 64, max_tokens=max_tokens)):
+        rendered = self.map("render_conversation", unique, num_proc, 64, max_tokens=max_tokens)
+        for conv, (ids, mask) in zip(unique, rendered):
             ids, mask = np.asarray(ids, np.int64), np.asarray(mask, bool)
             done[id(conv)] = ids, np.where(mask[1:], ids[1:], -1)
         return [done[id(c)] for c in convs]
@@ -465,43 +485,26 @@ class Tokenizer:
     def __reduce__(self):  # pickled (for worker processes) as its plain data, never as code
         return Tokenizer, (self.merges, self.pattern, self.special_tokens)
 
-def _set_worker(tok):  # each Tokenizer.map process holds one tokenizer, and dies with its parent (Linux)
-    global _worker
-    _worker = tok
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training loop's stop handler: Pool.terminate() ends it
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans after a SIGKILL
+# -----------------------------------------------------------------------------
+# chat data: JSONL files of conversations, mixtures of them, multiple-choice prompts
 
-def _work(method, kw, item):  # arrays pickle as raw bytes: ~10x cheaper to send back than lists of ints
-    out = getattr(_worker, method)(item, **kw)
-    return tuple(array.array("I", o) for o in out) if isinstance(out, tuple) else array.array("I", out)
-
-def check_conversation(conversation):
-    """The turns [(role, content), ...] of {"messages": [...]}, a leading system message folded into the
-    first user turn. Raises ValueError saying what is wrong."""
-    msgs = conversation.get("messages") if isinstance(conversation, dict) else None
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
-    system = msgs[0].get("content") if msgs[0].get("role") == "system" else None
-    turns = []
-    for i, m in enumerate(msgs[1:] if system is not None else msgs, 1 if system is not None else 0):
-        role, content = m.get("role"), m.get("content")
-        want = "assistant" if len(turns) % 2 else "user"
-        if role != want:
-            raise ValueError(f"message {i} has role {role!r} where {want!r} was expected "
-                             "(roles alternate user/assistant, after an optional system message)")
-        parts_ok = role == "assistant" and isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") in ("text", "python", "python_output")
-            and isinstance(p.get("text"), str) for p in content)
-        if not (isinstance(content, str) or parts_ok):
-            raise ValueError(f"message {i} ({role}): content must be a string" + (
-                ' or a list of {"type": "text"|"python"|"python_output", "text": str}' if role == "assistant" else ""))
-        turns.append((role, content))
-    if system is not None:
-        if not isinstance(system, str) or not turns:
-            raise ValueError("the system message must be a string and be followed by a user message")
-        turns[0] = ("user", system + "\n\n" + turns[0][1])
-    return turns
+def read_conversations(path, skip_bad=False):
+    """(conversations, n_bad) of a JSONL file of {"messages": [...]}: a bad line is a DataError, or counted."""
+    convs, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                conv = json.loads(line)
+                check_conversation(conv)
+                convs.append(conv)
+            except ValueError as e:
+                if not skip_bad:
+                    what = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    raise DataError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
+                bad += 1
+    return convs, bad
 
 def read_mixture(mixture, folder, skip_bad=False, say=print):
     """The conversations of a mixture {name: weight} from data/chat/<folder>/<name>.jsonl, each file's rows
@@ -523,25 +526,6 @@ def render_mc(question, choices):
     """The user prompt of a multiple-choice question; the assistant answers with the letter alone."""
     options = "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(choices))
     return f"{question}\n\n{options}\n\nAnswer with the letter."
-
-def read_conversations(path, skip_bad=False):
-    """(conversations, n_bad) from a JSONL file of {"messages": [...]}. A bad line raises DataError naming
-    path:line, unless skip_bad, which skips and counts it."""
-    convs, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                conv = json.loads(line)
-                check_conversation(conv)
-                convs.append(conv)
-            except ValueError as e:
-                if not skip_bad:
-                    what = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
-                    raise DataError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
-                bad += 1
-    return convs, bad
 
 # -----------------------------------------------------------------------------
 # corpus readers: documents from .jsonl ("text"), .parquet (column "text") or .txt files
@@ -610,29 +594,34 @@ SNIPPETS = {
 }
 
 def evaluate(max_chars):
-    """Bytes per token of our tokenizer and of two smaller ones trained here, on snippets and corpus files."""
-    tok = Tokenizer.load(base_dir() / "tokenizer")
+    """Bytes per token of ours and of two smaller vocabularies trained here, on snippets and corpus files."""
+    ours = Tokenizer.load(base_dir() / "tokenizer")
     files = corpus_files("train") + corpus_files("val")
     sample = [d for f in files for d in corpus_texts([f], 2_000_000 // len(files))]  # a bit of every file
-    toks = {f"ours {tok.vocab_size}": tok}
-    toks.update({f"bpe {v}": Tokenizer.train(sample, v) for v in (tok.vocab_size // 4, tok.vocab_size // 16) if v >= 512})
+    sizes = [v for v in (ours.vocab_size // 4, ours.vocab_size // 16) if v >= 512]
+    toks = {f"ours {ours.vocab_size}": ours} | {f"bpe {v}": Tokenizer.train(sample, v) for v in sizes}
     texts = {name: [s] for name, s in SNIPPETS.items()}
     texts.update({f"{f.parent.name}/{f.name}": list(corpus_texts([f], max_chars)) for f in files})
     print(f"{'bytes per token':30s}" + "".join(f"{name:>14s}" for name in toks))
     for name, docs in texts.items():
+        nbytes = sum(len(d.encode()) for d in docs)
         ntoks = [sum(map(len, t.map("encode", docs))) for t in toks.values()]
-        print(f"{name[:30]:30s}" + "".join(f"{sum(len(d.encode()) for d in docs) / max(n, 1):14.2f}" for n in ntoks))
+        print(f"{name[:30]:30s}" + "".join(f"{nbytes / max(n, 1):14.2f}" for n in ntoks))
 
 if __name__ == "__main__":
     parser = Parser(description="Train or evaluate the flatchat tokenizer.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train on $FLATCHAT_HOME/data/pretrain/train/*")
-    p.add_argument("--vocab-size", type=ranged(int, 256 + len(SPECIAL_TOKENS)), default=8192, help="tokens in all: 256 bytes + merges + 9 specials")
-    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=2_000_000_000, help="stop reading after this many chars (-1 = all)")
-    p.add_argument("--doc-cap", type=ranged(int, 1, sentinel=-1), default=10_000, help="use at most this many chars per document (-1 = all)")
+    p.add_argument("--vocab-size", type=ranged(int, 256 + len(SPECIAL_TOKENS)), default=8192,
+                   help="tokens in all: 256 bytes + merges + 9 specials")
+    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=2_000_000_000,
+                   help="stop reading after this many chars (-1 = all)")
+    p.add_argument("--doc-cap", type=ranged(int, 1, sentinel=-1), default=10_000,
+                   help="use at most this many chars per document (-1 = all)")
     p.add_argument("--num-proc", type=ranged(int, 1), default=2, help="processes that split and count (1 = no workers)")
     p = sub.add_parser("eval", help="bytes/token on the corpus and fixed snippets, versus smaller vocabularies")
-    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=5_000_000, help="chars read per corpus file (-1 = all)")
+    p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=5_000_000,
+                   help="chars read per corpus file (-1 = all)")
     args = parser.parse_args()
     try:
         if args.cmd == "train":
