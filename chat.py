@@ -339,6 +339,13 @@ class ChatApp(App):
 class APIError(Exception):
     """A bad request: answered with status 400 and OpenAI's JSON error body."""
 
+def error(message):
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+# The numbers a request may set, OpenAI's name -> (lowest, highest); null or absent: the default
+RANGES = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, 10**6), "presence_penalty": (-2, 2),
+          "frequency_penalty": (-2, 2), "repetition_penalty": (0.01, 10)}
+
 class API(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer); the model answers one request at a time (a lock)."""
     lock = threading.Lock()
@@ -346,64 +353,62 @@ class API(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.rstrip("/") != "/v1/models":
             return self.send(404, error(f"no route GET {self.path}"))
-        self.send(200, {"object": "list", "data": [{"id": self.server.name, "object": "model", "created": 0, "owned_by": "flatchat"}]})
+        self.send(200, {"object": "list", "data": [dict(id=self.server.name, object="model", created=0, owned_by="flatchat")]})
 
     def do_POST(self):
+        route = self.path.rstrip("/")
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
-            chat = self.path.rstrip("/") == "/v1/chat/completions"
-            if not chat and self.path.rstrip("/") != "/v1/completions":
+            if route not in ("/v1/chat/completions", "/v1/completions"):
                 return self.send(404, error(f"no route POST {self.path}"))
-            ids, kw = self.request_args(body, chat)
+            ids, kw = self.request_args(body, chat := route == "/v1/chat/completions")
         except (APIError, ValueError) as e:  # ValueError: invalid JSON, a bad conversation
             return self.send(400, error(str(e)))
         with API.lock:  # requests queue for the model
-            self.answer(body, ids, kw, chat)
+            self.answer(ids, chat, **kw)
 
     def request_args(self, body, chat):
-        """The prompt ids and the sampling arguments of a request, checked (APIError says what is wrong)."""
+        """The prompt ids of a request and the rest of answer()'s arguments, checked (APIError says what is wrong)."""
+        name, tok, context = self.server.name, self.server.tok, self.server.model.config.sequence_len
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object")
-        if body.get("model", self.server.name) != self.server.name:
-            raise APIError(f"unknown model {body.get('model')!r}: this server has {self.server.name!r} (GET /v1/models)")
-        tok, context, base = self.server.tok, self.server.model.config.sequence_len, self.server.stage == "pretrain"
+        body = {k: v for k, v in body.items() if v is not None}  # null: the default, as in OpenAI's API
+        if body.get("model", name) != name:
+            raise APIError(f"unknown model {body['model']!r}: this server has {name!r} (GET /v1/models)")
         if chat:
             messages = body.get("messages")
-            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"):
+            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                    and messages[-1].get("role") == "user"):
                 raise APIError("'messages' must be a list of {role, content} ending with a user message")
-            ids = build_prompt(tok, messages, 10**9, 0, chat=not base)  # bad roles: check_conversation's ValueError
+            ids = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: a ValueError
         elif isinstance(body.get("prompt"), str):
             ids = [tok.bos_id] + tok.encode(body["prompt"])
         else:
             raise APIError("'prompt' must be a string")
-        if len(ids) >= context:
+        room = context - len(ids)  # the prompt and the reply share the context
+        if room < 1:
             raise APIError(f"the prompt is {len(ids)} tokens: this model's context is {context} tokens")
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", min(256, context - len(ids))))
-        checks = [("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
-                  ("repetition_penalty", 0.01, 10), ("top_k", 0, 10**6), ("max_tokens", 1, context)]
-        for name, low, high in checks:
-            value = max_tokens if name == "max_tokens" else body.get(name)
-            if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
-                raise APIError(f"'{name}' must be a number from {low} to {high}, got {value!r}")
-        if len(ids) + max_tokens > context:
-            raise APIError(f"the prompt is {len(ids)} tokens and max_tokens {max_tokens}: together more than this "
-                           f"model's context of {context} tokens")
+        body.setdefault("max_tokens", body.get("max_completion_tokens", min(256, room)))
+        for key, (low, high) in {**RANGES, "max_tokens": (1, room)}.items():
+            if key in body and not (isinstance(body[key], (int, float)) and low <= body[key] <= high):
+                why = f" (the prompt is {len(ids)} of {context} tokens of context)" if key == "max_tokens" else ""
+                raise APIError(f"'{key}' must be a number from {low} to {high}, got {body[key]!r}{why}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
             raise APIError("'stop' must be a string or a list of up to 4 strings")
         if body.get("n", 1) != 1:
             raise APIError("only n = 1 is supported")
-        penalties = dict(repetition=body.get("repetition_penalty", 1.0), presence=body.get("presence_penalty", 0.0),
-                         frequency=body.get("frequency_penalty", 0.0))
-        return ids, dict(max_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_k=int(body.get("top_k") or 0), top_p=body.get("top_p"),
-                         seed=body.get("seed", random.randrange(2**31)), penalties=penalties, stop=stop)
+        penalties = {k: body.get(f"{k}_penalty", off) for k, off in [("repetition", 1.0), ("presence", 0), ("frequency", 0)]}
+        return ids, dict(stream=bool(body.get("stream")), stop=stop, max_tokens=int(body["max_tokens"]), penalties=penalties,
+                         temperature=body.get("temperature", 1.0), top_k=int(body.get("top_k", 0)),
+                         top_p=body.get("top_p"), seed=body.get("seed", random.randrange(2**31)))
 
-    def answer(self, body, ids, kw, chat):
+    def answer(self, ids, chat, stream, stop, **kw):
         """Generate, streamed as server-sent events or whole; a client that goes away stops its generation."""
-        stream, stop, kind = body.get("stream"), kw.pop("stop"), "chat.completion" if chat else "text_completion"
-        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(16**12):012x}", created=int(time.time()),
-                    model=self.server.name, object=kind + (".chunk" if stream and chat else ""))
+        kind = ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else "")
+        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(16**12):012x}", object=kind,
+                    created=int(time.time()), model=self.server.name)
 
         def piece(text, reason=None):  # a response, or a streamed chunk, with one choice
             out = {"delta" if stream else "message": {"role": "assistant", "content": text}} if chat else {"text": text}
@@ -428,8 +433,8 @@ class API(BaseHTTPRequestHandler):
             n = reply.n if reply else 0
             reason = "stop" if cut >= 0 or n < kw["max_tokens"] else "length"
             if not stream:
-                return self.send(200, {**piece(text, reason), "usage": dict(prompt_tokens=len(ids), completion_tokens=n,
-                                                                             total_tokens=len(ids) + n)})
+                usage = dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n)
+                return self.send(200, {**piece(text, reason), "usage": usage})
             self.event(piece(text[sent:], reason))
             self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):  # the client went away: its generation stops here
@@ -452,9 +457,6 @@ class API(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):  # one line per request on stderr
         print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
-
-def error(message):
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
 
 def make_server(stage, model, tok, host="127.0.0.1", port=8000):
     """The HTTP server of API for one loaded model (port 0: any free port); serve_forever() runs it."""
