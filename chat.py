@@ -156,7 +156,7 @@ def fmt_row(row):
 # -----------------------------------------------------------------------------
 # The Textual app: a Chat tab and a Training tab
 
-def cycle(values, current):
+def cycle(values, current):  # the value after `current`, round and round
     return values[(values.index(current) + 1) % len(values)] if current in values else values[0]
 
 class ChatApp(App):
@@ -172,14 +172,13 @@ class ChatApp(App):
     """
     BINDINGS = [Binding("escape", "stop", "stop")] + [Binding(*b, priority=True) for b in [  # even in the input
         ("ctrl+n", "new_chat", "new chat"), ("ctrl+t", "cycle('temperature')", "temperature"),
-        ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"), ("ctrl+s", "next_stage", "stage"),
-        ("ctrl+l", "toggle_view", "chat/training")]]
-    CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0],  # what ^t, ^o, ^r cycle
-               "repetition": [1.0, 1.1, 1.2, 1.5]}
+        ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"),
+        ("ctrl+s", "next_stage", "stage"), ("ctrl+l", "toggle_view", "chat/training")]]
+    CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0], "repetition": [1.0, 1.1, 1.2, 1.5]}
 
     def __init__(self, stage, model, tok, meta, max_tokens=256, temperature=0.6, top_k=50, seed=42, penalties=None):
         super().__init__()
-        self.stage, self.model, self.tok, self.meta, self.device = stage, model, tok, meta, model.get_device()
+        self.stage, self.model, self.tok, self.meta = stage, model, tok, meta
         self.max_tokens, self.temperature, self.top_k, self.seed = max_tokens, temperature, top_k, seed
         self.penalties = dict(penalties or {})  # presence, frequency (flags); repetition: ^r cycles it
         self.repetition = self.penalties.pop("repetition", 1.0)
@@ -205,7 +204,8 @@ class ChatApp(App):
 
     def show_status(self):
         parts = [f"{self.stage} step {self.meta['step']}" + (" (completion)" if self.stage == "pretrain" else ""),
-                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}", f"repetition {self.repetition}" if self.repetition != 1 else "",
+                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}",
+                 f"repetition {self.repetition}" if self.repetition != 1 else "",
                  f"context {self.prompt_len}/{self.model.config.sequence_len}", self.speed,
                  "generating (esc stops)" if self.busy else ""]
         self.query_one("#status", Static).update(" | ".join(p for p in parts if p))
@@ -221,14 +221,12 @@ class ChatApp(App):
         text = event.value.strip()
         if not text or self.busy:
             return
-        event.input.value = ""
+        event.input.value, self.busy = "", True
+        self.stop_event.clear()
         self.messages.append({"role": "user", "content": text})
         self.add_message(text, "user")
-        self.busy = True
-        self.stop_event.clear()
-        out = self.add_message("", "assistant")
-        self.respond(out, list(self.messages), self.seed + self.replies, self.chat_id)  # reply n: seed + n
-        self.replies += 1
+        self.respond(self.add_message("", "assistant"), list(self.messages), self.seed + self.replies, self.chat_id)
+        self.replies += 1  # reply n samples with seed + n
         self.show_status()
 
     @work(thread=True, exclusive=True, group="generate")
@@ -282,13 +280,14 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="load")
     def switch_stage(self, stage):
         try:
-            loaded = load(stage, None, self.device)
-        except UserError as e:
-            return self.call_from_thread(self.use_model, None, f"error: {e}")
-        self.call_from_thread(self.use_model, loaded, f"--- now {stage} step {loaded[3]['step']} ---")
+            loaded = load(stage, None, self.model.get_device())
+            note = f"--- now {stage} step {loaded[3]['step']} ---"
+        except UserError as e:  # the checkpoint went away, or another tokenizer: keep the current model
+            loaded, note = (self.stage, self.model, self.tok, self.meta), f"error: {e}"
+        self.call_from_thread(self.use_model, loaded, note)
 
     def use_model(self, loaded, note):
-        self.stage, self.model, self.tok, self.meta = loaded or (self.stage, self.model, self.tok, self.meta)
+        self.stage, self.model, self.tok, self.meta = loaded
         self.busy = False
         self.add_message(note, "note")
         self.show_status()
@@ -302,7 +301,12 @@ class ChatApp(App):
     def poll_logs(self):
         order = lambda p: (STAGES.index(p.stem) if p.stem in STAGES else len(STAGES), p.stem)
         for path in sorted(self.log_dir.glob("*.jsonl"), key=order):
-            log = self.logs.get(path.stem) or self.add_log(path.stem)
+            if path.stem not in self.logs:  # a new log: its title line, loss sparkline and eval rows
+                widgets = (Static(path.stem, markup=False), Sparkline([]), Static("", markup=False))
+                self.query_one("#stages").mount(Vertical(*widgets, classes="stage"))
+                self.query_one("#nologs").display = False
+                self.logs[path.stem] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
+            log = self.logs[path.stem]
             try:
                 rows, log["offset"], restarted = tail_jsonl(path, log["offset"])
             except OSError:  # deleted between glob and open
@@ -325,13 +329,6 @@ class ChatApp(App):
                 title.update(f"{path.stem}  {log['line']}")
                 spark.data = log["losses"][-2000:]
                 evals.update("\n".join(log["evals"][-8:]))
-
-    def add_log(self, stage):
-        widgets = (Static(stage, markup=False), Sparkline([]), Static("", markup=False))
-        self.query_one("#stages").mount(Vertical(*widgets, classes="stage"))
-        self.query_one("#nologs").display = False
-        self.logs[stage] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
-        return self.logs[stage]
 
 # -----------------------------------------------------------------------------
 # An OpenAI-compatible HTTP server (python chat.py --serve): /v1/chat/completions, /v1/completions, /v1/models
