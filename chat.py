@@ -1,5 +1,5 @@
 """
-chat.py: talk to a flatchat checkpoint in the terminal, and watch training runs live.
+chat.py: talk to a flatchat checkpoint in the terminal or over an OpenAI-compatible API, and watch training live.
 
     python chat.py                            # TUI on the newest checkpoint: rl > sft > midtrain > pretrain
     python chat.py --stage sft --step 800     # TUI on a chosen checkpoint
@@ -7,10 +7,10 @@ chat.py: talk to a flatchat checkpoint in the terminal, and watch training runs 
     python chat.py --serve --port 8000        # an OpenAI-compatible API at http://127.0.0.1:8000/v1
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
-Keys. Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r
-cycle the temperature / top-k / repetition penalty, ctrl+s switches to the next stage that has a checkpoint, ctrl+q quits. ctrl+l toggles
-the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval results, tailed live from
-logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: each message is continued as plain text.
+Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r cycle
+the temperature / top-k / repetition penalty, ctrl+s loads the next stage that has a checkpoint, ctrl+q quits.
+ctrl+l toggles the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval rows, tailed
+live from logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: it continues each message as text.
 """
 
 import codecs
@@ -20,7 +20,6 @@ import math
 import random
 import select
 import socket
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,7 +39,7 @@ from tokenizer import SPECIAL_TOKENS, Parser, base_dir, ranged
 STAGES = list(STAGE_COMMANDS)  # pipeline order: pretrain, midtrain, sft, rl; the last one present wins
 
 def load(stage=None, step=None, device="cpu"):
-    """(stage, model, tokenizer, meta), by default the newest stage's latest step (none: pretrain's UserError)."""
+    """(stage, model, tokenizer, meta): by default the newest stage's latest step (none: pretrain's UserError)."""
     stage = stage or ([s for s in STAGES if latest_step(s) is not None] or ["pretrain"])[-1]
     return stage, *load_model(stage, device, step)
 
@@ -62,8 +61,8 @@ def build_prompt(tok, messages, context, room, chat=True):
     return ids
 
 class Reply:
-    """Generated ids -> display text as they arrive, and message parts for the history. An incremental UTF-8
-    decoder never splits a character over tokens; a calculator call shows as `[calc: 12*3 = 36]`."""
+    """Generated ids -> the text to show as they arrive, and the message parts for the history. An incremental
+    UTF-8 decoder never splits a character over tokens; a calculator call shows as `[calc: 12*3 = 36]`."""
 
     MARKS = {"<|python_start|>": ("python", "[calc: "), "<|python_end|>": ("python_end", ""),
              "<|output_start|>": ("python_output", " = "), "<|output_end|>": ("text", "]")}
@@ -112,13 +111,13 @@ class Reply:
 
 def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.6, top_k=50, seed=42, top_p=None,
                  penalties=None, ids=None):
-    """Yields (new text, Reply) per token of the reply; the prompt leaves it room, the context's end stops it.
-    penalties: model.penalize's repetition / presence / frequency; ids: an exact prompt (the server's)."""
+    """Yields (new text, Reply) per token; the prompt (`ids`, else built from `messages`) leaves the reply room
+    and the context's end stops it. penalties: model.penalize's repetition / presence / frequency."""
     context = model.config.sequence_len
     ids = ids or build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
     reply = Reply(tok, len(ids))
-    for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))), temperature=temperature,
-                              top_k=top_k or None, top_p=top_p, seed=seed, tokenizer=tok, penalties=penalties):
+    for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))), top_k=top_k or None,
+                              temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok, penalties=penalties):
         yield reply.add(tokens[0]), reply
         if reply.done:
             return
@@ -174,7 +173,8 @@ class ChatApp(App):
         ("ctrl+n", "new_chat", "new chat"), ("ctrl+t", "cycle('temperature')", "temperature"),
         ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"),
         ("ctrl+s", "next_stage", "stage"), ("ctrl+l", "toggle_view", "chat/training")]]
-    CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0], "repetition": [1.0, 1.1, 1.2, 1.5]}
+    CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0],  # what ^t, ^o, ^r cycle
+               "repetition": [1.0, 1.1, 1.2, 1.5]}
 
     def __init__(self, stage, model, tok, meta, max_tokens=256, temperature=0.6, top_k=50, seed=42, penalties=None):
         super().__init__()
@@ -350,7 +350,8 @@ class API(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.rstrip("/") != "/v1/models":
             return self.send(404, error(f"no route GET {self.path}"))
-        self.send(200, {"object": "list", "data": [dict(id=self.server.name, object="model", created=0, owned_by="flatchat")]})
+        model = dict(id=self.server.name, object="model", created=0, owned_by="flatchat")
+        self.send(200, {"object": "list", "data": [model]})
 
     def do_POST(self):
         route = self.path.rstrip("/")
@@ -396,10 +397,11 @@ class API(BaseHTTPRequestHandler):
             raise APIError("'stop' must be a string or a list of up to 4 strings")
         if body.get("n", 1) != 1:
             raise APIError("only n = 1 is supported")
-        penalties = {k: body.get(f"{k}_penalty", off) for k, off in [("repetition", 1.0), ("presence", 0), ("frequency", 0)]}
-        return ids, dict(stream=bool(body.get("stream")), stop=stop, max_tokens=int(body["max_tokens"]), penalties=penalties,
+        penalties = dict(repetition=body.get("repetition_penalty", 1.0), presence=body.get("presence_penalty", 0.0),
+                         frequency=body.get("frequency_penalty", 0.0))
+        return ids, dict(stream=bool(body.get("stream")), stop=stop, max_tokens=int(body["max_tokens"]),
                          temperature=body.get("temperature", 1.0), top_k=int(body.get("top_k", 0)),
-                         top_p=body.get("top_p"), seed=body.get("seed", random.randrange(2**31)))
+                         top_p=body.get("top_p"), seed=body.get("seed", random.randrange(2**31)), penalties=penalties)
 
     def answer(self, ids, chat, stream, stop, **kw):
         """Generate, streamed as server-sent events or whole; a client that goes away stops its generation."""
@@ -452,9 +454,6 @@ class API(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, fmt, *args):  # one line per request on stderr
-        print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
-
 def make_server(stage, model, tok, host="127.0.0.1", port=8000):
     """The HTTP server of API for one loaded model (port 0: any free port); serve_forever() runs it."""
     server = ThreadingHTTPServer((host, port), API)
@@ -463,43 +462,46 @@ def make_server(stage, model, tok, host="127.0.0.1", port=8000):
     return server
 
 # -----------------------------------------------------------------------------
-# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then -p or the TUI
+# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then --serve, the TUI or -p
 
 if __name__ == "__main__":
-    parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI) or answer one prompt.")
-    parser.add_argument("-p", "--prompt", default=None, help="answer this prompt on stdout and exit (no TUI)")
-    parser.add_argument("--stage", default=None, choices=STAGES,
-                        help="checkpoint stage (default: the newest that exists, rl > sft > midtrain > pretrain)")
-    parser.add_argument("--step", type=ranged(int, 0), default=None, help="checkpoint step (default: the stage's latest)")
-    parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: autodetect)")
+    parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI), answer one prompt, or serve it.")
+    parser.add_argument("-p", "--prompt", help="answer this prompt on stdout and exit (no TUI)")
+    parser.add_argument("--stage", choices=STAGES, help="checkpoint stage (default: the newest there is)")
+    parser.add_argument("--step", type=ranged(int, 0), help="checkpoint step (default: the stage's latest)")
+    parser.add_argument("--device", help="cpu | cuda | mps (default: autodetect)")
     # sampling
-    parser.add_argument("--max-tokens", type=ranged(int, 1), default=256, help="most tokens in a reply (the context caps it too)")
+    parser.add_argument("--max-tokens", type=ranged(int, 1), default=256,
+                        help="most tokens in a reply (the context caps it too)")
     parser.add_argument("--temperature", type=ranged(float, 0), default=0.6, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample among the k most likely tokens (0 = off)")
-    parser.add_argument("--seed", type=ranged(int, 0), default=42, help="sampling seed of the first reply (reply n: seed + n)")
-    parser.add_argument("--repetition-penalty", type=ranged(float, 0.01, 10), default=1.0, help="divides the logits of tokens "
-                        "already in the reply (1 = off; ^r cycles it in the TUI)")
-    parser.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0, help="subtracted once from tokens already in the reply (0 = off)")
-    parser.add_argument("--frequency-penalty", type=ranged(float, -2, 2), default=0.0, help="subtracted per time a token is in the reply (0 = off)")
+    parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample from the k likeliest tokens (0 = off)")
+    parser.add_argument("--seed", type=ranged(int, 0), default=42, help="seed of the first reply (reply n: seed + n)")
+    parser.add_argument("--repetition-penalty", type=ranged(float, 0.01, 10), default=1.0,
+                        help="divides the logits of tokens already in the reply (1 = off; ^r cycles it in the TUI)")
+    parser.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0,
+                        help="subtracted once from tokens already in the reply (0 = off)")
+    parser.add_argument("--frequency-penalty", type=ranged(float, -2, 2), default=0.0,
+                        help="subtracted per time a token is in the reply (0 = off)")
     # serving
-    parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible HTTP API instead")
-    parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible HTTP API")
+    parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="--serve: the port (0 = any free one)")
     args = parser.parse_args()
     # a UserError (no checkpoint, another tokenizer) ends in one line and exit 2 (model.py's excepthook)
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
-    penalties = dict(repetition=args.repetition_penalty, presence=args.presence_penalty, frequency=args.frequency_penalty)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    penalties=dict(repetition=args.repetition_penalty, presence=args.presence_penalty,
+                                   frequency=args.frequency_penalty))
     if args.serve:
         server = make_server(stage, model, tok, args.host, args.port)
         print(f"serving {server.name} at http://{args.host}:{server.server_port}/v1 (OpenAI API: /chat/completions, "
               "/completions, /models); ctrl+c stops", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
-        sys.exit(0)
-    if args.prompt is None:
-        ChatApp(stage, model, tok, meta, args.max_tokens, args.temperature, args.top_k, args.seed, penalties).run()
-        sys.exit(0)
-    for piece, _ in stream_reply(model, tok, [{"role": "user", "content": args.prompt}], stage != "pretrain",
-                                 args.max_tokens, args.temperature, args.top_k, args.seed, penalties=penalties):
-        print(piece, end="", flush=True)
-    print()
+    elif args.prompt is None:
+        ChatApp(stage, model, tok, meta, **sampling).run()
+    else:
+        question = [{"role": "user", "content": args.prompt}]
+        for piece, _ in stream_reply(model, tok, question, stage != "pretrain", **sampling):
+            print(piece, end="", flush=True)
+        print()
