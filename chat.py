@@ -333,10 +333,7 @@ class ChatApp(App):
 # -----------------------------------------------------------------------------
 # An OpenAI-compatible HTTP server (python chat.py --serve): /v1/chat/completions, /v1/completions, /v1/models
 
-class APIError(Exception):
-    """A bad request: answered with status 400 and OpenAI's JSON error body."""
-
-def error(message):
+def error(message):  # OpenAI's JSON error body
     return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
 
 # The numbers a request may set, OpenAI's name -> (lowest, highest); null or absent: the default
@@ -360,43 +357,43 @@ class API(BaseHTTPRequestHandler):
             if route not in ("/v1/chat/completions", "/v1/completions"):
                 return self.send(404, error(f"no route POST {self.path}"))
             ids, kw = self.request_args(body, chat := route == "/v1/chat/completions")
-        except (APIError, ValueError) as e:  # ValueError: invalid JSON, a bad conversation
+        except ValueError as e:  # a bad request (invalid JSON too): 400, and what is wrong with it
             return self.send(400, error(str(e)))
         with API.lock:  # requests queue for the model
             self.answer(ids, chat, **kw)
 
     def request_args(self, body, chat):
-        """The prompt ids of a request and the rest of answer()'s arguments, checked (APIError says what is wrong)."""
+        """A request's prompt ids and the rest of answer()'s arguments, checked: a ValueError says what is wrong."""
         name, tok, context = self.server.name, self.server.tok, self.server.model.config.sequence_len
         if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object")
+            raise ValueError("the request body must be a JSON object")
         body = {k: v for k, v in body.items() if v is not None}  # null: the default, as in OpenAI's API
         if body.get("model", name) != name:
-            raise APIError(f"unknown model {body['model']!r}: this server has {name!r} (GET /v1/models)")
+            raise ValueError(f"unknown model {body['model']!r}: this server has {name!r} (GET /v1/models)")
         if chat:
             messages = body.get("messages")
             if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
                     and messages[-1].get("role") == "user"):
-                raise APIError("'messages' must be a list of {role, content} ending with a user message")
-            ids = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: a ValueError
+                raise ValueError("'messages' must be a list of {role, content} ending with a user message")
+            ids = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: ValueError
         elif isinstance(body.get("prompt"), str):
             ids = [tok.bos_id] + tok.encode(body["prompt"])
         else:
-            raise APIError("'prompt' must be a string")
+            raise ValueError("'prompt' must be a string")
         room = context - len(ids)  # the prompt and the reply share the context
         if room < 1:
-            raise APIError(f"the prompt is {len(ids)} tokens: this model's context is {context} tokens")
+            raise ValueError(f"the prompt is {len(ids)} tokens: this model's context is {context} tokens")
         body.setdefault("max_tokens", body.get("max_completion_tokens", min(256, room)))
         for key, (low, high) in {**RANGES, "max_tokens": (1, room)}.items():
             if key in body and not (isinstance(body[key], (int, float)) and low <= body[key] <= high):
-                why = f" (the prompt is {len(ids)} of {context} tokens of context)" if key == "max_tokens" else ""
-                raise APIError(f"'{key}' must be a number from {low} to {high}, got {body[key]!r}{why}")
+                why = f" (the prompt takes {len(ids)} of the context's {context} tokens)" if key == "max_tokens" else ""
+                raise ValueError(f"'{key}' must be a number from {low} to {high}, got {body[key]!r}{why}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-            raise APIError("'stop' must be a string or a list of up to 4 strings")
+            raise ValueError("'stop' must be a string or a list of up to 4 strings")
         if body.get("n", 1) != 1:
-            raise APIError("only n = 1 is supported")
+            raise ValueError("only n = 1 is supported")
         penalties = dict(repetition=body.get("repetition_penalty", 1.0), presence=body.get("presence_penalty", 0.0),
                          frequency=body.get("frequency_penalty", 0.0))
         return ids, dict(stream=bool(body.get("stream")), stop=stop, max_tokens=int(body["max_tokens"]),
