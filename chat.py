@@ -464,7 +464,8 @@ def make_server(stage, model, tok, host="127.0.0.1", port=8000):
 if __name__ == "__main__":
     parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI), answer one prompt, or serve it.")
     parser.add_argument("-p", "--prompt", help="answer this prompt on stdout and exit (no TUI)")
-    parser.add_argument("--stage", choices=STAGES, help="checkpoint stage (default: the newest there is)")
+    parser.add_argument("--stage", choices=STAGES,
+                        help="checkpoint stage (default: the newest that exists, rl > sft > midtrain > pretrain)")
     parser.add_argument("--step", type=ranged(int, 0), help="checkpoint step (default: the stage's latest)")
     parser.add_argument("--device", help="cpu | cuda | mps (default: autodetect)")
     # sampling
