@@ -1,5 +1,5 @@
 """
-chat.py: talk to a flatchat checkpoint in the terminal, and watch training runs live.
+chat.py: talk to a flatchat checkpoint in the terminal or over an OpenAI-compatible API, and watch training live.
 
     python chat.py                            # TUI on the newest checkpoint: rl > sft > midtrain > pretrain
     python chat.py --stage sft --step 800     # TUI on a chosen checkpoint
@@ -7,10 +7,10 @@ chat.py: talk to a flatchat checkpoint in the terminal, and watch training runs 
     python chat.py --serve --port 8000        # an OpenAI-compatible API at http://127.0.0.1:8000/v1
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
-Keys. Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r
-cycle the temperature / top-k / repetition penalty, ctrl+s switches to the next stage that has a checkpoint, ctrl+q quits. ctrl+l toggles
-the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval results, tailed live from
-logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: each message is continued as plain text.
+Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r cycle
+the temperature / top-k / repetition penalty, ctrl+s loads the next stage that has a checkpoint, ctrl+q quits.
+ctrl+l toggles the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval rows, tailed
+live from logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: it continues each message as text.
 """
 
 import codecs
@@ -20,7 +20,6 @@ import math
 import random
 import select
 import socket
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,7 +39,7 @@ from tokenizer import SPECIAL_TOKENS, Parser, base_dir, ranged
 STAGES = list(STAGE_COMMANDS)  # pipeline order: pretrain, midtrain, sft, rl; the last one present wins
 
 def load(stage=None, step=None, device="cpu"):
-    """(stage, model, tokenizer, meta), by default the newest stage's latest step (none: pretrain's UserError)."""
+    """(stage, model, tokenizer, meta): by default the newest stage's latest step (none: pretrain's UserError)."""
     stage = stage or ([s for s in STAGES if latest_step(s) is not None] or ["pretrain"])[-1]
     return stage, *load_model(stage, device, step)
 
@@ -62,8 +61,8 @@ def build_prompt(tok, messages, context, room, chat=True):
     return ids
 
 class Reply:
-    """Generated ids -> display text as they arrive, and message parts for the history. An incremental UTF-8
-    decoder never splits a character over tokens; a calculator call shows as `[calc: 12*3 = 36]`."""
+    """Generated ids -> the text to show as they arrive, and the message parts for the history. An incremental
+    UTF-8 decoder never splits a character over tokens; a calculator call shows as `[calc: 12*3 = 36]`."""
 
     MARKS = {"<|python_start|>": ("python", "[calc: "), "<|python_end|>": ("python_end", ""),
              "<|output_start|>": ("python_output", " = "), "<|output_end|>": ("text", "]")}
@@ -112,13 +111,13 @@ class Reply:
 
 def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.6, top_k=50, seed=42, top_p=None,
                  penalties=None, ids=None):
-    """Yields (new text, Reply) per token of the reply; the prompt leaves it room, the context's end stops it.
-    penalties: model.penalize's repetition / presence / frequency; ids: an exact prompt (the server's)."""
+    """Yields (new text, Reply) per token; the prompt (`ids`, else built from `messages`) leaves the reply room
+    and the context's end stops it. penalties: model.penalize's repetition / presence / frequency."""
     context = model.config.sequence_len
     ids = ids or build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
     reply = Reply(tok, len(ids))
-    for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))), temperature=temperature,
-                              top_k=top_k or None, top_p=top_p, seed=seed, tokenizer=tok, penalties=penalties):
+    for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))), top_k=top_k or None,
+                              temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok, penalties=penalties):
         yield reply.add(tokens[0]), reply
         if reply.done:
             return
@@ -156,7 +155,7 @@ def fmt_row(row):
 # -----------------------------------------------------------------------------
 # The Textual app: a Chat tab and a Training tab
 
-def cycle(values, current):
+def cycle(values, current):  # the value after `current`, round and round
     return values[(values.index(current) + 1) % len(values)] if current in values else values[0]
 
 class ChatApp(App):
@@ -172,14 +171,14 @@ class ChatApp(App):
     """
     BINDINGS = [Binding("escape", "stop", "stop")] + [Binding(*b, priority=True) for b in [  # even in the input
         ("ctrl+n", "new_chat", "new chat"), ("ctrl+t", "cycle('temperature')", "temperature"),
-        ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"), ("ctrl+s", "next_stage", "stage"),
-        ("ctrl+l", "toggle_view", "chat/training")]]
+        ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"),
+        ("ctrl+s", "next_stage", "stage"), ("ctrl+l", "toggle_view", "chat/training")]]
     CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0],  # what ^t, ^o, ^r cycle
                "repetition": [1.0, 1.1, 1.2, 1.5]}
 
     def __init__(self, stage, model, tok, meta, max_tokens=256, temperature=0.6, top_k=50, seed=42, penalties=None):
         super().__init__()
-        self.stage, self.model, self.tok, self.meta, self.device = stage, model, tok, meta, model.get_device()
+        self.stage, self.model, self.tok, self.meta = stage, model, tok, meta
         self.max_tokens, self.temperature, self.top_k, self.seed = max_tokens, temperature, top_k, seed
         self.penalties = dict(penalties or {})  # presence, frequency (flags); repetition: ^r cycles it
         self.repetition = self.penalties.pop("repetition", 1.0)
@@ -205,7 +204,8 @@ class ChatApp(App):
 
     def show_status(self):
         parts = [f"{self.stage} step {self.meta['step']}" + (" (completion)" if self.stage == "pretrain" else ""),
-                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}", f"repetition {self.repetition}" if self.repetition != 1 else "",
+                 f"temperature {self.temperature}", f"top-k {self.top_k or 'off'}",
+                 f"repetition {self.repetition}" if self.repetition != 1 else "",
                  f"context {self.prompt_len}/{self.model.config.sequence_len}", self.speed,
                  "generating (esc stops)" if self.busy else ""]
         self.query_one("#status", Static).update(" | ".join(p for p in parts if p))
@@ -221,14 +221,12 @@ class ChatApp(App):
         text = event.value.strip()
         if not text or self.busy:
             return
-        event.input.value = ""
+        event.input.value, self.busy = "", True
+        self.stop_event.clear()
         self.messages.append({"role": "user", "content": text})
         self.add_message(text, "user")
-        self.busy = True
-        self.stop_event.clear()
-        out = self.add_message("", "assistant")
-        self.respond(out, list(self.messages), self.seed + self.replies, self.chat_id)  # reply n: seed + n
-        self.replies += 1
+        self.respond(self.add_message("", "assistant"), list(self.messages), self.seed + self.replies, self.chat_id)
+        self.replies += 1  # reply n samples with seed + n
         self.show_status()
 
     @work(thread=True, exclusive=True, group="generate")
@@ -282,13 +280,14 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="load")
     def switch_stage(self, stage):
         try:
-            loaded = load(stage, None, self.device)
-        except UserError as e:
-            return self.call_from_thread(self.use_model, None, f"error: {e}")
-        self.call_from_thread(self.use_model, loaded, f"--- now {stage} step {loaded[3]['step']} ---")
+            loaded = load(stage, None, self.model.get_device())
+            note = f"--- now {stage} step {loaded[3]['step']} ---"
+        except UserError as e:  # the checkpoint went away, or another tokenizer: keep the current model
+            loaded, note = (self.stage, self.model, self.tok, self.meta), f"error: {e}"
+        self.call_from_thread(self.use_model, loaded, note)
 
     def use_model(self, loaded, note):
-        self.stage, self.model, self.tok, self.meta = loaded or (self.stage, self.model, self.tok, self.meta)
+        self.stage, self.model, self.tok, self.meta = loaded
         self.busy = False
         self.add_message(note, "note")
         self.show_status()
@@ -302,7 +301,12 @@ class ChatApp(App):
     def poll_logs(self):
         order = lambda p: (STAGES.index(p.stem) if p.stem in STAGES else len(STAGES), p.stem)
         for path in sorted(self.log_dir.glob("*.jsonl"), key=order):
-            log = self.logs.get(path.stem) or self.add_log(path.stem)
+            if path.stem not in self.logs:  # a new log: its title line, loss sparkline and eval rows
+                widgets = (Static(path.stem, markup=False), Sparkline([]), Static("", markup=False))
+                self.query_one("#stages").mount(Vertical(*widgets, classes="stage"))
+                self.query_one("#nologs").display = False
+                self.logs[path.stem] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
+            log = self.logs[path.stem]
             try:
                 rows, log["offset"], restarted = tail_jsonl(path, log["offset"])
             except OSError:  # deleted between glob and open
@@ -326,18 +330,15 @@ class ChatApp(App):
                 spark.data = log["losses"][-2000:]
                 evals.update("\n".join(log["evals"][-8:]))
 
-    def add_log(self, stage):
-        widgets = (Static(stage, markup=False), Sparkline([]), Static("", markup=False))
-        self.query_one("#stages").mount(Vertical(*widgets, classes="stage"))
-        self.query_one("#nologs").display = False
-        self.logs[stage] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
-        return self.logs[stage]
-
 # -----------------------------------------------------------------------------
 # An OpenAI-compatible HTTP server (python chat.py --serve): /v1/chat/completions, /v1/completions, /v1/models
 
-class APIError(Exception):
-    """A bad request: answered with status 400 and OpenAI's JSON error body."""
+def error(message):  # OpenAI's JSON error body
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+# The numbers a request may set, OpenAI's name -> (lowest, highest); null or absent: the default
+RANGES = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, 10**6), "presence_penalty": (-2, 2),
+          "frequency_penalty": (-2, 2), "repetition_penalty": (0.01, 10)}
 
 class API(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer); the model answers one request at a time (a lock)."""
@@ -346,64 +347,64 @@ class API(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.rstrip("/") != "/v1/models":
             return self.send(404, error(f"no route GET {self.path}"))
-        self.send(200, {"object": "list", "data": [{"id": self.server.name, "object": "model", "created": 0, "owned_by": "flatchat"}]})
+        model = dict(id=self.server.name, object="model", created=0, owned_by="flatchat")
+        self.send(200, {"object": "list", "data": [model]})
 
     def do_POST(self):
+        route = self.path.rstrip("/")
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
-            chat = self.path.rstrip("/") == "/v1/chat/completions"
-            if not chat and self.path.rstrip("/") != "/v1/completions":
+            if route not in ("/v1/chat/completions", "/v1/completions"):
                 return self.send(404, error(f"no route POST {self.path}"))
-            ids, kw = self.request_args(body, chat)
-        except (APIError, ValueError) as e:  # ValueError: invalid JSON, a bad conversation
+            ids, kw = self.request_args(body, chat := route == "/v1/chat/completions")
+        except ValueError as e:  # a bad request (invalid JSON too): 400, and what is wrong with it
             return self.send(400, error(str(e)))
         with API.lock:  # requests queue for the model
-            self.answer(body, ids, kw, chat)
+            self.answer(ids, chat, **kw)
 
     def request_args(self, body, chat):
-        """The prompt ids and the sampling arguments of a request, checked (APIError says what is wrong)."""
+        """A request's prompt ids and the rest of answer()'s arguments, checked: a ValueError says what is wrong."""
+        name, tok, context = self.server.name, self.server.tok, self.server.model.config.sequence_len
         if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object")
-        if body.get("model", self.server.name) != self.server.name:
-            raise APIError(f"unknown model {body.get('model')!r}: this server has {self.server.name!r} (GET /v1/models)")
-        tok, context, base = self.server.tok, self.server.model.config.sequence_len, self.server.stage == "pretrain"
+            raise ValueError("the request body must be a JSON object")
+        body = {k: v for k, v in body.items() if v is not None}  # null: the default, as in OpenAI's API
+        if body.get("model", name) != name:
+            raise ValueError(f"unknown model {body['model']!r}: this server has {name!r} (GET /v1/models)")
         if chat:
             messages = body.get("messages")
-            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"):
-                raise APIError("'messages' must be a list of {role, content} ending with a user message")
-            ids = build_prompt(tok, messages, 10**9, 0, chat=not base)  # bad roles: check_conversation's ValueError
+            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                    and messages[-1].get("role") == "user"):
+                raise ValueError("'messages' must be a list of {role, content} ending with a user message")
+            ids = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: ValueError
         elif isinstance(body.get("prompt"), str):
             ids = [tok.bos_id] + tok.encode(body["prompt"])
         else:
-            raise APIError("'prompt' must be a string")
-        if len(ids) >= context:
-            raise APIError(f"the prompt is {len(ids)} tokens: this model's context is {context} tokens")
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", min(256, context - len(ids))))
-        checks = [("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
-                  ("repetition_penalty", 0.01, 10), ("top_k", 0, 10**6), ("max_tokens", 1, context)]
-        for name, low, high in checks:
-            value = max_tokens if name == "max_tokens" else body.get(name)
-            if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
-                raise APIError(f"'{name}' must be a number from {low} to {high}, got {value!r}")
-        if len(ids) + max_tokens > context:
-            raise APIError(f"the prompt is {len(ids)} tokens and max_tokens {max_tokens}: together more than this "
-                           f"model's context of {context} tokens")
+            raise ValueError("'prompt' must be a string")
+        room = context - len(ids)  # the prompt and the reply share the context
+        if room < 1:
+            raise ValueError(f"the prompt is {len(ids)} tokens: this model's context is {context} tokens")
+        body.setdefault("max_tokens", body.get("max_completion_tokens", min(256, room)))
+        for key, (low, high) in {**RANGES, "max_tokens": (1, room)}.items():
+            if key in body and not (isinstance(body[key], (int, float)) and low <= body[key] <= high):
+                why = f" (the prompt takes {len(ids)} of the context's {context} tokens)" if key == "max_tokens" else ""
+                raise ValueError(f"'{key}' must be a number from {low} to {high}, got {body[key]!r}{why}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-            raise APIError("'stop' must be a string or a list of up to 4 strings")
+            raise ValueError("'stop' must be a string or a list of up to 4 strings")
         if body.get("n", 1) != 1:
-            raise APIError("only n = 1 is supported")
+            raise ValueError("only n = 1 is supported")
         penalties = dict(repetition=body.get("repetition_penalty", 1.0), presence=body.get("presence_penalty", 0.0),
                          frequency=body.get("frequency_penalty", 0.0))
-        return ids, dict(max_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_k=int(body.get("top_k") or 0), top_p=body.get("top_p"),
-                         seed=body.get("seed", random.randrange(2**31)), penalties=penalties, stop=stop)
+        return ids, dict(stream=bool(body.get("stream")), stop=stop, max_tokens=int(body["max_tokens"]),
+                         temperature=body.get("temperature", 1.0), top_k=int(body.get("top_k", 0)),
+                         top_p=body.get("top_p"), seed=body.get("seed", random.randrange(2**31)), penalties=penalties)
 
-    def answer(self, body, ids, kw, chat):
+    def answer(self, ids, chat, stream, stop, **kw):
         """Generate, streamed as server-sent events or whole; a client that goes away stops its generation."""
-        stream, stop, kind = body.get("stream"), kw.pop("stop"), "chat.completion" if chat else "text_completion"
-        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(16**12):012x}", created=int(time.time()),
-                    model=self.server.name, object=kind + (".chunk" if stream and chat else ""))
+        kind = ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else "")
+        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(16**12):012x}", object=kind,
+                    created=int(time.time()), model=self.server.name)
 
         def piece(text, reason=None):  # a response, or a streamed chunk, with one choice
             out = {"delta" if stream else "message": {"role": "assistant", "content": text}} if chat else {"text": text}
@@ -428,8 +429,8 @@ class API(BaseHTTPRequestHandler):
             n = reply.n if reply else 0
             reason = "stop" if cut >= 0 or n < kw["max_tokens"] else "length"
             if not stream:
-                return self.send(200, {**piece(text, reason), "usage": dict(prompt_tokens=len(ids), completion_tokens=n,
-                                                                             total_tokens=len(ids) + n)})
+                usage = dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n)
+                return self.send(200, {**piece(text, reason), "usage": usage})
             self.event(piece(text[sent:], reason))
             self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):  # the client went away: its generation stops here
@@ -450,12 +451,6 @@ class API(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, fmt, *args):  # one line per request on stderr
-        print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
-
-def error(message):
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-
 def make_server(stage, model, tok, host="127.0.0.1", port=8000):
     """The HTTP server of API for one loaded model (port 0: any free port); serve_forever() runs it."""
     server = ThreadingHTTPServer((host, port), API)
@@ -464,43 +459,47 @@ def make_server(stage, model, tok, host="127.0.0.1", port=8000):
     return server
 
 # -----------------------------------------------------------------------------
-# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then -p or the TUI
+# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then --serve, the TUI or -p
 
 if __name__ == "__main__":
-    parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI) or answer one prompt.")
-    parser.add_argument("-p", "--prompt", default=None, help="answer this prompt on stdout and exit (no TUI)")
-    parser.add_argument("--stage", default=None, choices=STAGES,
+    parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI), answer one prompt, or serve it.")
+    parser.add_argument("-p", "--prompt", help="answer this prompt on stdout and exit (no TUI)")
+    parser.add_argument("--stage", choices=STAGES,
                         help="checkpoint stage (default: the newest that exists, rl > sft > midtrain > pretrain)")
-    parser.add_argument("--step", type=ranged(int, 0), default=None, help="checkpoint step (default: the stage's latest)")
-    parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: autodetect)")
+    parser.add_argument("--step", type=ranged(int, 0), help="checkpoint step (default: the stage's latest)")
+    parser.add_argument("--device", help="cpu | cuda | mps (default: autodetect)")
     # sampling
-    parser.add_argument("--max-tokens", type=ranged(int, 1), default=256, help="most tokens in a reply (the context caps it too)")
+    parser.add_argument("--max-tokens", type=ranged(int, 1), default=256,
+                        help="most tokens in a reply (the context caps it too)")
     parser.add_argument("--temperature", type=ranged(float, 0), default=0.6, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample among the k most likely tokens (0 = off)")
-    parser.add_argument("--seed", type=ranged(int, 0), default=42, help="sampling seed of the first reply (reply n: seed + n)")
-    parser.add_argument("--repetition-penalty", type=ranged(float, 0.01, 10), default=1.0, help="divides the logits of tokens "
-                        "already in the reply (1 = off; ^r cycles it in the TUI)")
-    parser.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0, help="subtracted once from tokens already in the reply (0 = off)")
-    parser.add_argument("--frequency-penalty", type=ranged(float, -2, 2), default=0.0, help="subtracted per time a token is in the reply (0 = off)")
+    parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample from the k likeliest tokens (0 = off)")
+    parser.add_argument("--seed", type=ranged(int, 0), default=42, help="seed of the first reply (reply n: seed + n)")
+    parser.add_argument("--repetition-penalty", type=ranged(float, 0.01, 10), default=1.0,
+                        help="divides the logits of tokens already in the reply (1 = off; ^r cycles it in the TUI)")
+    parser.add_argument("--presence-penalty", type=ranged(float, -2, 2), default=0.0,
+                        help="subtracted once from tokens already in the reply (0 = off)")
+    parser.add_argument("--frequency-penalty", type=ranged(float, -2, 2), default=0.0,
+                        help="subtracted per time a token is in the reply (0 = off)")
     # serving
-    parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible HTTP API instead")
-    parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible HTTP API")
+    parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="--serve: the port (0 = any free one)")
     args = parser.parse_args()
     # a UserError (no checkpoint, another tokenizer) ends in one line and exit 2 (model.py's excepthook)
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
-    penalties = dict(repetition=args.repetition_penalty, presence=args.presence_penalty, frequency=args.frequency_penalty)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    penalties=dict(repetition=args.repetition_penalty, presence=args.presence_penalty,
+                                   frequency=args.frequency_penalty))
     if args.serve:
         server = make_server(stage, model, tok, args.host, args.port)
         print(f"serving {server.name} at http://{args.host}:{server.server_port}/v1 (OpenAI API: /chat/completions, "
               "/completions, /models); ctrl+c stops", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
-        sys.exit(0)
-    if args.prompt is None:
-        ChatApp(stage, model, tok, meta, args.max_tokens, args.temperature, args.top_k, args.seed, penalties).run()
-        sys.exit(0)
-    for piece, _ in stream_reply(model, tok, [{"role": "user", "content": args.prompt}], stage != "pretrain",
-                                 args.max_tokens, args.temperature, args.top_k, args.seed, penalties=penalties):
-        print(piece, end="", flush=True)
-    print()
+    elif args.prompt is None:
+        ChatApp(stage, model, tok, meta, **sampling).run()
+    else:
+        question = [{"role": "user", "content": args.prompt}]
+        for piece, _ in stream_reply(model, tok, question, stage != "pretrain", **sampling):
+            print(piece, end="", flush=True)
+        print()
