@@ -394,32 +394,26 @@ def evaluate_loss(model, batches, token_bytes=None):
 def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1, chat=False):
     """The flags every training stage shares: learning rates, evaluation and checkpoint cadence, resume;
     chat: those of the stages that finetune on conversations (LoRA, bad lines, the batch dump)."""
-    opt = parser.add_argument_group("optimization")
-    opt.add_argument("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
-    opt.add_argument("--embedding-lr", type=ranged(float, 0), default=0.2,
-                     help="AdamW lr of the token embedding (at width 768)")
-    opt.add_argument("--unembedding-lr", type=ranged(float, 0), default=0.004,
-                     help="AdamW lr of the output head (at width 768)")
+    opt = parser.add_argument_group("optimization").add_argument
+    opt("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
+    opt("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the token embedding (at width 768)")
+    opt("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the output head (at width 768)")
     if init_lr_frac is not None:
-        opt.add_argument("--init-lr-frac", type=ranged(float, 0), default=init_lr_frac, help="all learning rates x this")
+        opt("--init-lr-frac", type=ranged(float, 0), default=init_lr_frac, help="all learning rates x this")
     if chat:
-        opt.add_argument("--lora-rank", type=ranged(int, 0), default=0,
-                         help="LoRA: train rank-r adapters only, the rest frozen (0 = off: full finetuning)")
-        opt.add_argument("--lora-alpha", type=ranged(float, 0), default=16.0,
-                         help="LoRA: the adapters' update is scaled by alpha / rank")
-        opt.add_argument("--lora-targets", default="q,k,v,o", help="LoRA: comma list of q, k, v, o (attention) and mlp")
-        opt.add_argument("--lora-lr", type=ranged(float, 0), default=1e-3, help="LoRA: AdamW learning rate of the adapters")
-        parser.add_argument("--skip-bad", action="store_true",
-                            help="skip malformed conversation lines (counted) instead of stopping")
-        parser.add_argument("--dump-batches", default="", help="append every micro-batch (x, y) as a JSON line to this file")
-    run = parser.add_argument_group("evaluation, checkpoints")
-    run.add_argument("--eval-every", type=ranged(int, 1, sentinel=-1), default=eval_every,
-                     help="steps between evaluations (-1 = only at the end)")
-    run.add_argument("--save-every", type=ranged(int, 1, sentinel=-1), default=save_every,
-                     help="steps between checkpoints (-1 = only at the end)")
-    run.add_argument("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
-    run.add_argument("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
-    run.add_argument("--seed", type=ranged(int, 0), default=42, help="random seed: init, data order, samples")
+        opt("--lora-rank", type=ranged(int, 0), default=0, help="LoRA: train rank-r adapters only, the rest frozen "
+            "(0 = off: full finetuning)")
+        opt("--lora-alpha", type=ranged(float, 0), default=16.0, help="LoRA: the adapters' update is x alpha / rank")
+        opt("--lora-targets", default="q,k,v,o", help="LoRA: comma list of q, k, v, o (attention) and mlp")
+        opt("--lora-lr", type=ranged(float, 0), default=1e-3, help="LoRA: AdamW learning rate of the adapters")
+        parser.add_argument("--skip-bad", action="store_true", help="skip bad conversation lines (counted), not stop")
+        parser.add_argument("--dump-batches", default="", help="append each micro-batch (x, y) to this JSONL file")
+    run = parser.add_argument_group("evaluation, checkpoints").add_argument
+    run("--eval-every", type=ranged(int, 1, sentinel=-1), default=eval_every, help="steps between evals (-1 = at the end)")
+    run("--save-every", type=ranged(int, 1, sentinel=-1), default=save_every, help="steps between saves (-1 = at the end)")
+    run("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
+    run("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
+    run("--seed", type=ranged(int, 0), default=42, help="random seed: init, data order, samples")
 
 def start_from_checkpoint(args, stage, source, inherit=()):
     """Init a stage that continues a model: the `source` stage's checkpoint at --source-step (-1: the latest)
@@ -440,8 +434,8 @@ def start_from_checkpoint(args, stage, source, inherit=()):
             adapters = torch.load(stage_dir(stage) / f"step_{meta['step']:06d}" / "adapters.pt", map_location=device,
                                   weights_only=True)
             model = load_model(meta["source"]["stage"], device, meta["source"]["step"], tokenizer)[0]
-        targets = [t for t in args.lora_targets.split(",") if t in ("q", "k", "v", "o", "mlp")]
-        if not targets or len(targets) < len(args.lora_targets.split(",")):
+        targets = args.lora_targets.split(",")
+        if not set(targets) <= {"q", "k", "v", "o", "mlp"}:
             raise UserError(f"--lora-targets {args.lora_targets}: a comma list of q, k, v, o and mlp")
         trainable, total = model.add_lora(args.lora_rank, args.lora_alpha, targets)
         if args.resume:
@@ -458,11 +452,10 @@ def start_from_checkpoint(args, stage, source, inherit=()):
 def source_of(args, meta):  # the checkpoint this stage's run started from, recorded in every save
     return meta["source"] if args.resume else dict(stage=meta["stage"], step=meta["step"])
 
-def grad_accum_steps(total, per_pass, flag):
-    """Micro-batches per optimizer step: the total batch over what all processes take in one forward pass."""
+def grad_accum_steps(total, per_pass, flag):  # micro-batches per step: the total over one forward pass of all ranks
     if total % per_pass:
-        raise UserError(f"{flag} {total} is not a multiple of {per_pass} (device batch x seq len x processes, for "
-                        "conversations device batch x processes): change one of them")
+        raise UserError(f"{flag} {total} is not a multiple of {per_pass}, what one forward pass of all processes "
+                        "takes: change it or --device-batch-size")
     return total // per_pass
 
 def due(step, every, last):  # is an every-N-steps event due at this step? (-1: only at the last)
@@ -475,7 +468,8 @@ def make_lanes(make, rank, world, grad_accum, states=None):
     if states is not None and len(states) != n:
         raise UserError(f"--resume needs the batch layout of the checkpoint ({len(states)} lanes, now {n}): use the "
                         "same batch sizes and number of processes")
-    return [make(rank * grad_accum + m, n, states[rank * grad_accum + m] if states else None) for m in range(grad_accum)]
+    lanes = range(rank * grad_accum, (rank + 1) * grad_accum)
+    return [make(lane, n, states[lane] if states else None) for lane in lanes]
 
 class ConversationLane:
     """Lane `lane` of n_lanes over rendered conversations [(ids, targets)]: every n_lanes-th of a seeded order,
@@ -522,8 +516,9 @@ def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, Lane, rows
             val_lane = Lane(val_rows, rank, world, args.seed)  # the same val rows every time
             val_loss = logger.eval(model, (val_lane.batch() for _ in range(val_steps)), step, num_steps)
         if (due(step, args.save_every, last) or stop) and step > start_step:
-            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), num_steps=num_steps,
-                        source=source_of(args, src_meta), metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
+            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
+                        num_steps=num_steps, source=source_of(args, src_meta), metrics=dict(val_loss=val_loss),
+                        train_time=time.time() - t_start)
             save_checkpoint(stage, step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
         if stop:
             exit_stopped(step, step > start_step)

@@ -177,9 +177,8 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     start_step, resume_meta = 0, None
     if args.resume:
         model_state, optim_state, resume_meta, rng = load_checkpoint("pretrain", device=device, load_optim=True)
-        if resume_meta["model_config"] != vars(config) or resume_meta["lanes_total"] != grad_accum * world:
-            raise UserError("--resume needs the same model shape, batch sizes and world size as the checkpoint "
-                            f"({resume_meta['args']}); pass the original flags")
+        if resume_meta["model_config"] != vars(config):  # (make_lanes checks the batch layout)
+            raise UserError(f"--resume needs the model shape of the checkpoint ({resume_meta['args']}): pass its flags")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(rng["cpu"])

@@ -1,12 +1,10 @@
 """
-rl.py: reinforcement learning on GSM8K, nanochat's simplified GRPO. For each question the SFT model
-samples a group of answers from one prefill (calculator on); an answer whose '#### N' is right earns
-reward 1, else 0; a sample's advantage is its reward minus its group's mean. The loss raises the
-log-probability of the sampled tokens in proportion to their advantage: on-policy, no reference model,
-no KL penalty, no clipping. The prompt and the calculator's output are read, not written: no loss there.
-With --method dpo, preference optimisation (DPO) instead: each question's first right sample is chosen and
-its first wrong one rejected (or the pairs come from --pairs); the loss raises the chosen answer's
-log-probability over the rejected one's, measured against the frozen starting model.
+rl.py: reinforcement learning on GSM8K, nanochat's simplified GRPO. The SFT model samples a group of
+answers to each question (calculator on); a right '#### N' earns reward 1, else 0, and the loss raises the
+log-probability of each sampled token by its answer's reward minus the group's mean (on-policy, no KL, no
+clipping; the prompt and the tool's output carry no loss). --method dpo: preference optimisation instead,
+the first right answer chosen and the first wrong one rejected (or pairs from --pairs), against the frozen
+starting model.
 
     python rl.py                                              # from the latest sft checkpoint
     python rl.py --num-steps 20 --examples-per-step 4 --num-samples 4 --max-new-tokens 128 \\
@@ -120,12 +118,12 @@ def read_pairs(path, tokenizer):
             if "prompt" in row:
                 row["conversation"] = {"messages": [{"role": "user", "content": row["prompt"]}]}
             messages = row["conversation"]["messages"]
-            rendered = [tokenizer.render_conversation({"messages": [*messages, {"role": "assistant", "content": row[k]}]},
-                                                      max_tokens=10**9) for k in ("chosen", "rejected")]
+            convs = [{"messages": [*messages, {"role": "assistant", "content": row[k]}]} for k in ("chosen", "rejected")]
+            rendered = [tokenizer.render_conversation(conv, max_tokens=10**9) for conv in convs]
             prompt = tokenizer.render_for_completion({"messages": messages})
         except (ValueError, KeyError, TypeError) as e:
             why = e if isinstance(e, ValueError) else f"missing or wrong field {e}"
-            raise DataError(f"{path}:{n}: {why} (each line: " + '{"prompt" or "conversation", "chosen", "rejected"})') from None
+            raise DataError(f"{path}:{n}: {why} (each line: " '{"prompt" or "conversation", "chosen", "rejected"})') from None
         pairs.append((prompt, [ids[len(prompt):] for ids, _ in rendered], [m[len(prompt):] for _, m in rendered]))
     if not pairs:
         raise DataError(f"{path}: no preference pairs in it")
@@ -135,33 +133,23 @@ if __name__ == "__main__":  # tests import the functions above
     # -------------------------------------------------------------------------
     # Arguments
     parser = Parser(description="Reinforcement learning on GSM8K (group-baseline policy gradient).")
-    parser.add_argument("--source-step", type=ranged(int, 0, sentinel=-1), default=-1,
-                        help="sft checkpoint step to start from (-1 = latest)")
-    parser.add_argument("--method", default="grpo", choices=["grpo", "dpo"],
-                        help="group policy gradient, or DPO on preference pairs")
+    add = parser.add_argument
+    add("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="sft checkpoint step (-1 = latest)")
+    add("--method", default="grpo", choices=["grpo", "dpo"], help="group policy gradient, or DPO on preference pairs")
     # rollouts
-    parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1,
-                        help="optimizer steps (-1 = one pass over GSM8K train)")
-    parser.add_argument("--examples-per-step", type=ranged(int, 1), default=16,
-                        help="questions per step (all processes together)")
-    parser.add_argument("--num-samples", type=ranged(int, 2), default=16,
-                        help="answers sampled per question (the group)")
-    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256, help="longest answer in tokens")
-    parser.add_argument("--temperature", type=ranged(float, 0), default=1.0,
-                        help="sampling temperature (training and eval)")
-    parser.add_argument("--top-k", type=ranged(int, 0), default=50,
-                        help="sample among the k likeliest tokens (0 = off)")
-    parser.add_argument("--std-norm", action="store_true", help="also divide advantages by the group's std")
+    add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass)")
+    add("--examples-per-step", type=ranged(int, 1), default=16, help="questions per step (all processes together)")
+    add("--num-samples", type=ranged(int, 2), default=16, help="answers sampled per question (the group)")
+    add("--max-new-tokens", type=ranged(int, 1), default=256, help="longest answer in tokens")
+    add("--temperature", type=ranged(float, 0), default=1.0, help="sampling temperature (training and eval)")
+    add("--top-k", type=ranged(int, 0), default=50, help="sample among the k likeliest tokens (0 = off)")
+    add("--std-norm", action="store_true", help="also divide advantages by the group's std")
     # DPO
-    parser.add_argument("--beta", type=ranged(float, 0.0), default=0.1,
-                        help="DPO: strength of the pull towards the reference model")
-    parser.add_argument("--pairs", default="",
-                        help="DPO: a JSONL file of preference pairs (default: pairs sampled from GSM8K)")
+    add("--beta", type=ranged(float, 0.0), default=0.1, help="DPO: strength of the pull towards the reference model")
+    add("--pairs", default="", help="DPO: a JSONL file of preference pairs (default: pairs sampled from GSM8K)")
     # evaluation
-    parser.add_argument("--eval-examples", type=ranged(int, 0), default=400,
-                        help="first N questions of gsm8k_test evaluated (0 = no eval)")
-    parser.add_argument("--eval-samples", type=ranged(int, 1), default=4,
-                        help="k answers per eval question: pass@1 and pass@k")
+    add("--eval-examples", type=ranged(int, 0), default=400, help="first N gsm8k_test questions evaluated (0 = none)")
+    add("--eval-samples", type=ranged(int, 1), default=4, help="k answers per eval question: pass@1 and pass@k")
     add_training_args(parser, init_lr_frac=0.05, eval_every=60, save_every=60)  # the lrs decay linearly to 0
     args = parser.parse_args()
 
