@@ -22,20 +22,15 @@ from tokenizer import Parser, ranged, read_mixture
 # -----------------------------------------------------------------------------
 # Arguments (the shape flags inherit from the base checkpoint)
 parser = Parser(description="Midtrain the base model on a conversation mixture.")
-parser.add_argument("--source-step", type=ranged(int, 0, sentinel=-1), default=-1,
-                    help="pretrain checkpoint step to start from (-1 = latest)")
-parser.add_argument("--max-seq-len", type=ranged(int, 2, sentinel=-1), default=-1,
-                    help="context length in tokens (-1 = inherit)")
-parser.add_argument("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1,
-                    help="rows per forward pass per process (-1 = inherit)")
-parser.add_argument("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1,
-                    help="tokens per optimizer step (-1 = inherit)")
-parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1,
-                    help="optimizer steps (-1 = one pass over the mixture)")
-parser.add_argument("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2,
-                    help="fraction of steps of linear lr decay to 0")
-parser.add_argument("--eval-rows", type=ranged(int, 1), default=256,
-                    help="val rows per evaluation (all processes together)")
+add = parser.add_argument
+add("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="pretrain checkpoint step (-1 = latest)")
+add("--max-seq-len", type=ranged(int, 2, sentinel=-1), default=-1, help="context length in tokens (-1 = inherit)")
+add("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1,
+    help="rows per forward pass per process (-1 = inherit)")
+add("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="tokens per optimizer step (-1 = inherit)")
+add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass)")
+add("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2, help="fraction of steps of linear lr decay to 0")
+add("--eval-rows", type=ranged(int, 1), default=256, help="val rows per evaluation (all processes together)")
 add_training_args(parser, init_lr_frac=1.0, chat=True)  # the base model's learning rates, x --init-lr-frac
 args = parser.parse_args()
 

@@ -19,22 +19,17 @@ from tokenizer import Parser, ranged, read_mixture
 # -----------------------------------------------------------------------------
 # Arguments
 parser = Parser(description="Supervised finetuning on conversations.")
-parser.add_argument("--source", default="midtrain", choices=["midtrain", "pretrain"],
-                    help="checkpoint stage to start from")
-parser.add_argument("--source-step", type=ranged(int, 0, sentinel=-1), default=-1,
-                    help="step of that checkpoint (-1 = latest)")
-parser.add_argument("--max-seq-len", type=ranged(int, 2, sentinel=-1), default=-1,
-                    help="longest row in tokens; longer conversations are cut (-1 = inherit)")
-parser.add_argument("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=4,
-                    help="conversations per forward pass per process")
-parser.add_argument("--examples-per-step", type=ranged(int, 1), default=32,
-                    help="conversations per optimizer step (all processes)")
-parser.add_argument("--num-epochs", type=ranged(float, 0.01), default=1.0,
-                    help="passes over the mixture (sets the steps)")
-parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1,
-                    help="optimizer steps (-1 = from --num-epochs)")
-parser.add_argument("--eval-rows", type=ranged(int, 1), default=128,
-                    help="val conversations per evaluation (all processes)")
+add = parser.add_argument
+add("--source", default="midtrain", choices=["midtrain", "pretrain"], help="checkpoint stage to start from")
+add("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="step of that checkpoint (-1 = latest)")
+add("--max-seq-len", type=ranged(int, 2, sentinel=-1), default=-1,
+    help="longest row in tokens; longer conversations are cut (-1 = inherit)")
+add("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=4,
+    help="conversations per forward pass per process")
+add("--examples-per-step", type=ranged(int, 1), default=32, help="conversations per optimizer step (all processes)")
+add("--num-epochs", type=ranged(float, 0.01), default=1.0, help="passes over the mixture (sets the steps)")
+add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = from --num-epochs)")
+add("--eval-rows", type=ranged(int, 1), default=128, help="val conversations per evaluation (all processes)")
 add_training_args(parser, init_lr_frac=0.02, chat=True)  # finetuning is gentle: the base learning rates x 0.02
 args = parser.parse_args()
 
