@@ -387,42 +387,51 @@ def evaluate_loss(model, batches, token_bytes=None):
 # -----------------------------------------------------------------------------
 # What every training stage shares: flags, the start from a checkpoint, one optimizer step
 
-def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1, lora=False):
+def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1, chat=False):
     """The flags every training stage shares: learning rates, evaluation and checkpoint cadence, resume;
-    lora: the low-rank adapter flags of the finetuning stages."""
-    opt = parser.add_argument_group("optimization")
-    opt.add_argument("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
-    opt.add_argument("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the token embedding (at width 768)")
-    opt.add_argument("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the output head (at width 768)")
+    chat: those of the stages that finetune on conversations (LoRA, bad lines, the batch dump)."""
+    opt = parser.add_argument_group("optimization").add_argument
+    opt("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
+    opt("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the token embedding (at width 768)")
+    opt("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the output head (at width 768)")
     if init_lr_frac is not None:
-        opt.add_argument("--init-lr-frac", type=ranged(float, 0), default=init_lr_frac, help="all learning rates x this")
-    if lora:
-        opt.add_argument("--lora-rank", type=ranged(int, 0), default=0, help="LoRA: train rank-r adapters only, the rest frozen (0 = off: full finetuning)")
-        opt.add_argument("--lora-alpha", type=ranged(float, 0), default=16.0, help="LoRA: the adapters' update is scaled by alpha / rank")
-        opt.add_argument("--lora-targets", default="q,k,v,o", help="LoRA: comma list of q, k, v, o (attention) and mlp")
-        opt.add_argument("--lora-lr", type=ranged(float, 0), default=1e-3, help="LoRA: AdamW learning rate of the adapters")
-    run = parser.add_argument_group("evaluation, checkpoints")
-    run.add_argument("--eval-every", type=ranged(int, 1, sentinel=-1), default=eval_every, help="steps between evaluations (-1 = only at the end)")
-    run.add_argument("--save-every", type=ranged(int, 1, sentinel=-1), default=save_every, help="steps between checkpoints (-1 = only at the end)")
-    run.add_argument("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
-    run.add_argument("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
-    run.add_argument("--seed", type=ranged(int, 0), default=42, help="random seed: init, data order, samples")
+        opt("--init-lr-frac", type=ranged(float, 0), default=init_lr_frac, help="all learning rates x this")
+    if chat:
+        opt("--lora-rank", type=ranged(int, 0), default=0, help="LoRA: train rank-r adapters only, the rest frozen "
+            "(0 = off: full finetuning)")
+        opt("--lora-alpha", type=ranged(float, 0), default=16.0, help="LoRA: the adapters' update is x alpha / rank")
+        opt("--lora-targets", default="q,k,v,o", help="LoRA: comma list of q, k, v, o (attention) and mlp")
+        opt("--lora-lr", type=ranged(float, 0), default=1e-3, help="LoRA: AdamW learning rate of the adapters")
+        parser.add_argument("--skip-bad", action="store_true", help="skip bad conversation lines (counted), not stop")
+        parser.add_argument("--dump-batches", default="", help="append each micro-batch (x, y) to this JSONL file")
+    run = parser.add_argument_group("evaluation, checkpoints").add_argument
+    run("--eval-every", type=ranged(int, 1, sentinel=-1), default=eval_every, help="steps between evals (-1 = at the end)")
+    run("--save-every", type=ranged(int, 1, sentinel=-1), default=save_every, help="steps between saves (-1 = at the end)")
+    run("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
+    run("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
+    run("--seed", type=ranged(int, 0), default=42, help="random seed: init, data order, samples")
 
-def start_from_checkpoint(args, stage, source, source_step=-1):
-    """Init a stage that continues a model: the `source` stage's checkpoint (step -1: the latest) or, with
-    --resume, this stage's latest one and its optimizer state (a new stage starts with fresh moments).
+def start_from_checkpoint(args, stage, source, inherit=()):
+    """Init a stage that continues a model: the `source` stage's checkpoint at --source-step (-1: the latest)
+    or, with --resume, this stage's latest one and its optimizer state (a new stage starts with fresh
+    moments). The flags named in `inherit` that are -1 take the checkpoint's values.
     Returns (rank, world, device, model, tokenizer, meta of that checkpoint, optimizer)."""
     lock_stage(stage)
     _, rank, _, world, device = compute_init(args.seed)
-    start, step = (stage, None) if args.resume else (source, None if source_step < 0 else source_step)
+    start, step = (stage, None) if args.resume else (source, None if args.source_step < 0 else args.source_step)
     model, tokenizer, meta, *optim_state = load_model(start, device, step=step, load_optim=args.resume)
     print0(f"loaded {start} step {meta['step']}")
+    for name in inherit:
+        if getattr(args, name) == -1:
+            setattr(args, name, meta["args"][name])
+            print0(f"inherited {name} = {getattr(args, name)}")
     if getattr(args, "lora_rank", 0):
         if args.resume:  # a LoRA checkpoint holds merged weights: continue from its base and its own adapters
-            adapters = torch.load(stage_dir(stage) / f"step_{meta['step']:06d}" / "adapters.pt", map_location=device, weights_only=True)
+            adapters = torch.load(stage_dir(stage) / f"step_{meta['step']:06d}" / "adapters.pt", map_location=device,
+                                  weights_only=True)
             model = load_model(meta["source"]["stage"], device, meta["source"]["step"], tokenizer)[0]
-        targets = [t for t in args.lora_targets.split(",") if t in ("q", "k", "v", "o", "mlp")]
-        if not targets or len(targets) < len(args.lora_targets.split(",")):
+        targets = args.lora_targets.split(",")
+        if not set(targets) <= {"q", "k", "v", "o", "mlp"}:
             raise UserError(f"--lora-targets {args.lora_targets}: a comma list of q, k, v, o and mlp")
         trainable, total = model.add_lora(args.lora_rank, args.lora_alpha, targets)
         if args.resume:
@@ -436,6 +445,15 @@ def start_from_checkpoint(args, stage, source, source_step=-1):
         optimizer.load_state_dict(optim_state[0])
     return rank, world, device, model.train(), tokenizer, meta, optimizer
 
+def source_of(args, meta):  # the checkpoint this stage's run started from, recorded in every save
+    return meta["source"] if args.resume else dict(stage=meta["stage"], step=meta["step"])
+
+def grad_accum_steps(total, per_pass, flag):  # micro-batches per step: the total over one forward pass of all ranks
+    if total % per_pass:
+        raise UserError(f"{flag} {total} is not a multiple of {per_pass}, what one forward pass of all processes "
+                        "takes: change it or --device-batch-size")
+    return total // per_pass
+
 def due(step, every, last):  # is an every-N-steps event due at this step? (-1: only at the last)
     return last or (every > 0 and step % every == 0)
 
@@ -446,26 +464,57 @@ def make_lanes(make, rank, world, grad_accum, states=None):
     if states is not None and len(states) != n:
         raise UserError(f"--resume needs the batch layout of the checkpoint ({len(states)} lanes, now {n}): use the "
                         "same batch sizes and number of processes")
-    return [make(rank * grad_accum + m, n, states[rank * grad_accum + m] if states else None) for m in range(grad_accum)]
+    lanes = range(rank * grad_accum, (rank + 1) * grad_accum)
+    return [make(lane, n, states[lane] if states else None) for lane in lanes]
 
-def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, lanes, val_batches, num_steps, lr_multiplier):
-    """The loop of the stages that finetune on conversations (midtrain, sft): evaluate and save at the top
-    of a step (the last iteration only does those), then one optimizer step over this rank's lanes.
-    Returns the last val loss."""
-    world, device = dist.get_world_size() if dist.is_initialized() else 1, model.get_device()
+class ConversationLane:
+    """Lane `lane` of n_lanes over rendered conversations [(ids, targets)]: every n_lanes-th of a seeded order,
+    reshuffled each epoch. A conversation whose targets are all -1 (the assistant's part was cut off by
+    --max-seq-len) is skipped, and counted. midtrain and sft pack the conversations into batches."""
+
+    def __init__(self, rows, lane, n_lanes, seed, state=None):
+        self.rows, self.lane, self.n_lanes, self.seed = rows, lane, n_lanes, seed
+        self.pos, self.skipped = (state["pos"], state["skipped"]) if state else (0, 0)
+
+    def row(self, pos):  # (ids, targets) of this lane's pos-th conversation
+        epoch, i = divmod(pos * self.n_lanes + self.lane, len(self.rows))
+        return self.rows[epoch_order(len(self.rows), self.seed, epoch)[i]]
+
+    def next_row(self):  # (position, ids, targets) of the next conversation that has a target
+        for _ in range(len(self.rows)):
+            self.pos += 1
+            ids, targets = self.row(self.pos - 1)
+            if (targets >= 0).any():
+                return self.pos - 1, ids, targets
+            self.skipped += 1
+        raise UserError("no conversation keeps an assistant token within --max-seq-len: raise it")
+
+    def state(self):
+        return {"pos": self.pos, "skipped": self.skipped}
+
+def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, Lane, rows, val_rows, grad_accum, num_steps,
+                  lr_multiplier):
+    """The loop of the stages that finetune on conversations (midtrain, sft), from rows [(ids, targets)]
+    packed by a ConversationLane: evaluate and save at the top of a step (the last iteration only does
+    those), then one optimizer step over this rank's lanes."""
+    rank, world, device = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1, model.get_device()
+    lanes = make_lanes(lambda lane, n, state: Lane(rows, lane, n, args.seed, state), rank, world, grad_accum,
+                       src_meta["lanes"] if args.resume else None)
+    val_steps = max(1, args.eval_rows // (args.device_batch_size * world))
     start_step = src_meta["step"] if args.resume else 0
-    logger = JsonlLogger(stage, resume_step=start_step if args.resume else None, enabled=dist_rank() == 0, world=world)
+    logger = JsonlLogger(stage, resume_step=start_step if args.resume else None, enabled=rank == 0, world=world)
     val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # a resumed step was evaluated before its save
     flops_per_token, t_start = model.estimate_flops(), time.time()
     catch_stop_signals()
     for step in range(start_step, num_steps + 1):
         last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
         if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):
-            val_loss = logger.eval(model, val_batches(), step, num_steps)
+            val_lane = Lane(val_rows, rank, world, args.seed)  # the same val rows every time
+            val_loss = logger.eval(model, (val_lane.batch() for _ in range(val_steps)), step, num_steps)
         if (due(step, args.save_every, last) or stop) and step > start_step:
-            source = src_meta["source"] if args.resume else dict(stage=src_meta["stage"], step=src_meta["step"])
-            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), num_steps=num_steps,
-                        source=source, metrics=dict(val_loss=val_loss), train_time=time.time() - t_start)
+            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
+                        num_steps=num_steps, source=source_of(args, src_meta), metrics=dict(val_loss=val_loss),
+                        train_time=time.time() - t_start)
             save_checkpoint(stage, step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
         if stop:
             exit_stopped(step, step > start_step)
@@ -480,7 +529,6 @@ def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, lanes, val
                           sum(x.numel() for x, _ in batches) * world, flops_per_token, wait,
                           skipped=sum(lane.skipped for lane in lanes))
     print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
-    return val_loss
 
 def next_batches(lanes, device, *args):
     """Every lane's next micro-batch, fetched once the GPU's queue is drained: (batches, t0: when the step's
@@ -491,16 +539,15 @@ def next_batches(lanes, device, *args):
     return batches, t0, time.time() - t0
 
 def train_step(model, optimizer, batches, step, dump=""):
-    """One optimizer step: backward the mean loss over every target token of the micro-batches (all ranks
-    weigh each token the same; a micro-batch without targets adds zero, never a nan), then the update.
-    Returns that mean loss, the same float on every rank, read only once the update is queued (no device
-    sync before). A nan loss stops the run; so does running out of GPU memory, with the batch that fits.
+    """One optimizer step on the mean loss over every target token of the micro-batches (all ranks weigh each
+    token the same; a micro-batch without targets adds zero, never a nan). Returns that loss, the same on
+    every rank, read only once the update is queued. A nan loss or running out of GPU memory stops the run.
     dump: a file to append every micro-batch to, as JSON lines {x, y}, to see what the loop trains on."""
-    fit_threads(model.get_device())
+    device = model.get_device()
+    fit_threads(device)
     if dump:
         with open(dump, "a") as f:
             f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
-    device = model.get_device()
     world = dist.get_world_size() if dist.is_initialized() else 1
     n = sum((y >= 0).sum() for _, y in batches).double()
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -532,7 +579,9 @@ def epoch_order(n, seed, epoch):
     return random.Random(seed + epoch).sample(range(n), n)
 
 def print_answers(model, tokenizer, questions, max_tokens=64):
-    """Greedy replies of a chat model, to see what it learned."""
+    """Greedy replies of a chat model (rank 0), to see what it learned."""
+    if dist_rank() != 0:
+        return
     model.eval()
     for question in questions:
         ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question}]})

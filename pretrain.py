@@ -9,8 +9,7 @@ pretrain.py: train the base model on raw text, from one --depth dial.
 Reads the corpus from $FLATCHAT_HOME/data/pretrain/{train,val} (`python data/corpus.py`) and the
 tokenizer (`python tokenizer.py train`); writes checkpoints/pretrain/step_N and logs/pretrain.jsonl.
 The corpus is tokenized once, on every core, into data/tokens/ (reused while the corpus is unchanged);
-the loop then packs rows from memory-mapped token arrays, so a step never waits for the tokenizer.
-The script runs under `if __name__ == "__main__"` so that tests and benchmarks can import the data code.
+the loop packs rows from memory-mapped token arrays, so a step never waits for the tokenizer.
 """
 
 import bisect
@@ -22,18 +21,19 @@ import numpy as np
 import torch
 
 from model import (GPT, GPTConfig, UserError, add_training_args, catch_stop_signals, compile_ok, compute_cleanup,
-                   compute_init, due, exit_stopped, generate_batch, JsonlLogger, load_checkpoint, load_tokenizer,
-                   lock_stage, make_lanes, next_batches, print0, save_checkpoint, stop_requested, sync, train_step)
+                   compute_init, due, exit_stopped, generate_batch, grad_accum_steps, JsonlLogger, load_checkpoint,
+                   load_tokenizer, lock_stage, make_lanes, next_batches, print0, save_checkpoint, stop_requested, sync,
+                   train_step)
 from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
 
 # -----------------------------------------------------------------------------
 # Data: the corpus as token shards, then documents packed into rows of T+1 tokens that start with <|bos|>
 
 def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
-    """[(tokens, starts)] per corpus file: all its documents' ids in one memory-mapped array, and where each
-    document starts (len = documents + 1). Encoded once by num_proc processes into data/tokens/<tokenizer
-    hash>/, named after the file's size and mtime, so an edited corpus is encoded again; written to a temp
-    name and renamed, so a killed run leaves no half shard. write=False (other ranks) waits for them."""
+    """[(tokens, starts)] per corpus file: its documents' ids in one memory-mapped array, and where each
+    document starts (documents + 1 offsets). Encoded once by num_proc processes into data/tokens/<tokenizer
+    hash>/, named after the file's size and mtime (an edited corpus is encoded again), written under a temp
+    name then renamed (a killed run leaves no half shard). write=False (other ranks) waits for them."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     shards = []
     for f in files:
@@ -54,7 +54,7 @@ def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
             print0(f"tokenized {f} ({len(lengths):,} documents, {sum(lengths):,} tokens) in {time.time() - t0:.1f} s")
         while not bin_path.exists():  # another rank of this node is writing it
             time.sleep(0.2)
-        tokens = np.memmap(bin_path, dtype, mode="r") if bin_path.stat().st_size else np.zeros(0, dtype)  # mmap: not empty
+        tokens = np.memmap(bin_path, dtype, mode="r") if bin_path.stat().st_size else np.zeros(0, dtype)  # mmap: >0 B
         shards.append((tokens, np.load(idx_path)))
     if sum(len(starts) - 1 for _, starts in shards) == 0:
         raise UserError(f"no documents in {files[0].parent}: its files are empty; rerun `python data/corpus.py`")
@@ -112,29 +112,31 @@ class Lane:
     def state(self):
         return {"next_pos": self.next_pos, "pieces": [[p[0], p[1]] for p in self.pieces]}
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # tests and benchmarks import the data code above
     # -------------------------------------------------------------------------
     # Arguments
     parser = Parser(description="Pretrain the base model.")
+    add = parser.add_argument
     # model
-    parser.add_argument("--depth", type=ranged(int, 1), default=20, help="number of layers; sets width (depth x 64), heads, batch, lrs, horizon")
-    parser.add_argument("--max-seq-len", type=ranged(int, 2), default=2048, help="context length in tokens")
+    add("--depth", type=ranged(int, 1), default=20, help="layers; sets width (depth x 64), heads, batch, lrs, horizon")
+    add("--max-seq-len", type=ranged(int, 2), default=2048, help="context length in tokens")
     # horizon (the first of these that is set wins)
-    parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = from the token target)")
-    parser.add_argument("--target-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="training tokens (-1 = ratio x parameters)")
-    parser.add_argument("--param-data-ratio", type=ranged(float, 0), default=20, help="tokens per parameter (Chinchilla: 20)")
+    add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = from the tokens)")
+    add("--target-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="training tokens (-1 = ratio x params)")
+    add("--param-data-ratio", type=ranged(float, 0), default=20, help="tokens per parameter (Chinchilla: 20)")
     # batch
-    parser.add_argument("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="rows per forward pass per process (-1 = 32 on a GPU, "
-                        "8,192 tokens' worth on a CPU, fewer when the total batch is smaller; lower it on OOM)")
-    parser.add_argument("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="tokens per optimizer step (-1 = from depth)")
+    add("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="rows per forward pass per process "
+        "(-1 = 32 on a GPU, 8,192 tokens' worth on a CPU, fewer when the total batch is smaller; lower it on OOM)")
+    add("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="tokens per step (-1 = from depth)")
     # schedule
-    parser.add_argument("--weight-decay", type=ranged(float, 0), default=0.0, help="decoupled weight decay (0 = off)")
-    parser.add_argument("--warmup-ratio", type=ranged(float, 0, 1), default=0.0, help="fraction of steps of linear lr warmup")
-    parser.add_argument("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2, help="fraction of steps of linear lr decay at the end")
-    parser.add_argument("--final-lr-frac", type=ranged(float, 0, 1), default=0.0, help="lr at the end as a fraction of the peak")
-    parser.add_argument("--eval-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="val tokens per evaluation (-1 = 10 x the total batch)")
-    parser.add_argument("--sample-every", type=ranged(int, 1, sentinel=-1), default=2000, help="steps between samples (-1 = only at the end)")
-    parser.add_argument("--compile", type=ranged(int, 0, 1), default=1, help="torch.compile model and optimizer where a compiler works (1/0)")
+    add("--weight-decay", type=ranged(float, 0), default=0.0, help="decoupled weight decay (0 = off)")
+    add("--warmup-ratio", type=ranged(float, 0, 1), default=0.0, help="fraction of steps of linear lr warmup")
+    add("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2,
+        help="fraction of steps of linear lr decay at the end")
+    add("--final-lr-frac", type=ranged(float, 0, 1), default=0.0, help="lr at the end as a fraction of the peak")
+    add("--eval-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="val tokens per eval (-1 = 10 x batch)")
+    add("--sample-every", type=ranged(int, 1, sentinel=-1), default=2000, help="steps between samples (-1 = at the end)")
+    add("--compile", type=ranged(int, 0, 1), default=1, help="torch.compile where a compiler works (1/0)")
     add_training_args(parser, eval_every=250)
     args = parser.parse_args()
 
@@ -160,10 +162,7 @@ if __name__ == "__main__":
         B = min(32 if device.type == "cuda" else max(1, 8192 // T), max(1, total_batch // (T * world)))
         while total_batch % (B * T * world):
             B -= 1
-    if total_batch % (B * T * world):
-        raise UserError(f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x world "
-                        f"= {B * T * world}: change one of them")
-    grad_accum = total_batch // (B * T * world)
+    grad_accum = grad_accum_steps(total_batch, B * T * world, "--total-batch-size")
     args.device_batch_size, args.total_batch_size = B, total_batch  # the checkpoint records what was used
     target_tokens = args.target_tokens if args.target_tokens > 0 else int(args.param_data_ratio * num_params)
     num_steps = args.num_steps if args.num_steps > 0 else max(1, target_tokens // total_batch)
@@ -173,13 +172,13 @@ if __name__ == "__main__":
     use_compile = args.compile == 1 and compile_ok(device)
     model = GPT(config).to(device)
     model.init_weights()
-    optimizer = model.setup_optimizer(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.weight_decay, use_compile)
+    optimizer = model.setup_optimizer(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.weight_decay,
+                                      use_compile)
     start_step, resume_meta = 0, None
     if args.resume:
         model_state, optim_state, resume_meta, rng = load_checkpoint("pretrain", device=device, load_optim=True)
-        if resume_meta["model_config"] != vars(config) or resume_meta["lanes_total"] != grad_accum * world:
-            raise UserError("--resume needs the same model shape, batch sizes and world size as the checkpoint "
-                            f"({resume_meta['args']}); pass the original flags")
+        if resume_meta["model_config"] != vars(config):  # (make_lanes checks the batch layout)
+            raise UserError(f"--resume needs the model shape of the checkpoint ({resume_meta['args']}): pass its flags")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(rng["cpu"])
@@ -190,7 +189,8 @@ if __name__ == "__main__":
     flops_per_token = orig_model.estimate_flops()
     print0(f"model: depth {args.depth}, width {n_embd}, {n_head} heads, {num_params:,} parameters, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token{', compiled' if use_compile else ''}")
-    print0(f"batch: {total_batch:,} tokens/step = {B} rows x {T} tokens x {world} processes x {grad_accum} accumulation")
+    print0(f"batch: {total_batch:,} tokens/step = {B} rows x {T} tokens x {world} processes x {grad_accum} "
+           "accumulation")
     print0(f"horizon: {num_steps:,} steps = {num_steps * total_batch:,} tokens "
            f"({num_steps * total_batch / num_params:.1f} per parameter)")
 
@@ -198,8 +198,8 @@ if __name__ == "__main__":
     # Data: token shards (written by one process per node), one lane per micro-batch (model.make_lanes)
     train_shards = token_shards(corpus_files("train"), tokenizer, write=local_rank == 0)
     val_shards = token_shards(corpus_files("val"), tokenizer, write=local_rank == 0)
-    lanes = make_lanes(lambda lane, n, state: Lane(train_shards, lane, n, tokenizer.bos_id, state), rank, world, grad_accum,
-                       resume_meta["lanes"] if resume_meta else None)
+    lanes = make_lanes(lambda lane, n, state: Lane(train_shards, lane, n, tokenizer.bos_id, state), rank, world,
+                       grad_accum, resume_meta["lanes"] if resume_meta else None)
     val_steps = max(1, (args.eval_tokens if args.eval_tokens > 0 else 10 * total_batch) // (B * T * world))
 
     def val_batches():  # the same val rows at every evaluation: a fresh lane per rank
@@ -225,14 +225,14 @@ if __name__ == "__main__":
     # Training loop: eval, sample and save at the top of a step; the last iteration only does those
     logger = JsonlLogger("pretrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
     prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "If 5 apples cost 10 dollars,"]
-    val_bpb, min_val_bpb = (resume_meta["metrics"]["val_bpb"], resume_meta["metrics"]["min_val_bpb"]) if resume_meta else (None, float("inf"))
+    metrics = resume_meta["metrics"] if resume_meta else dict(val_bpb=None, min_val_bpb=float("inf"))
     t_start = time.time()
     catch_stop_signals()  # SIGTERM / Ctrl-C: finish the step, save, stop
     for step in range(start_step, num_steps + 1):
         last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
         if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):
             val_bpb = logger.eval(model, val_batches(), step, num_steps, tokenizer.token_bytes)
-            min_val_bpb = min(min_val_bpb, val_bpb)
+            metrics = dict(val_bpb=val_bpb, min_val_bpb=min(metrics["min_val_bpb"], val_bpb))
         if master and due(step, args.sample_every, last) and step > 0 and not stop:
             orig_model.eval()
             for prompt in prompts:
@@ -241,9 +241,9 @@ if __name__ == "__main__":
                 print0(f"  sample: {prompt}{tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])!r}")
             orig_model.train()
         if (due(step, args.save_every, last) or stop) and step > start_step:
-            meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), lanes_total=world * grad_accum,
-                        total_batch=total_batch, world_size=world, num_steps=num_steps, train_time=time.time() - t_start,
-                        metrics=dict(val_bpb=val_bpb, min_val_bpb=min_val_bpb))
+            meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), metrics=metrics,
+                        lanes_total=world * grad_accum, total_batch=total_batch, world_size=world, num_steps=num_steps,
+                        train_time=time.time() - t_start)
             save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
         if stop:
             exit_stopped(step, step > start_step)
@@ -260,5 +260,5 @@ if __name__ == "__main__":
         logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr, time.time() - t0, total_batch,
                           flops_per_token, wait)
 
-    print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val bpb {val_bpb:.4f}")
+    print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val bpb {metrics['val_bpb']:.4f}")
     compute_cleanup()

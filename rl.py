@@ -1,14 +1,10 @@
 """
-rl.py: reinforcement learning on GSM8K, nanochat's simplified GRPO. For each question the SFT model
-samples a group of answers from one prefill (calculator on); an answer whose '#### N' is right earns
-reward 1, else 0; a sample's advantage is its reward minus its group's mean. The loss raises the
-log-probability of the tokens the model sampled in proportion to their advantage: on-policy, no
-reference model, no KL penalty, no ratio clipping. The prompt and the calculator's output are read, not
-written, by the model, so they carry no loss.
-With --method dpo, preference optimisation (DPO) instead: of each question's samples a right one is
-chosen and a wrong one rejected (questions without both are skipped), or the pairs come from a file
-(--pairs); the loss raises the chosen answer's log-probability over the rejected one's, measured against
-the frozen starting model.
+rl.py: reinforcement learning on GSM8K, nanochat's simplified GRPO. The SFT model samples a group of
+answers to each question (calculator on); a right '#### N' earns reward 1, else 0, and the loss raises the
+log-probability of each sampled token by its answer's reward minus the group's mean (on-policy, no KL, no
+clipping; the prompt and the tool's output carry no loss). --method dpo: preference optimisation instead,
+the first right answer chosen and the first wrong one rejected (or pairs from --pairs), against the frozen
+starting model.
 
     python rl.py                                              # from the latest sft checkpoint
     python rl.py --num-steps 20 --examples-per-step 4 --num-samples 4 --max-new-tokens 128 \\
@@ -20,7 +16,6 @@ the frozen starting model.
 
 Reads checkpoints/sft (`python sft.py`), data/chat/gsm8k_train.jsonl and data/eval/gsm8k_test.jsonl
 (`python data/chat_data.py --only gsm8k`); writes checkpoints/rl/step_N and logs/rl.jsonl.
-The script runs under `if __name__ == "__main__"` so that tests can import the functions above it.
 """
 
 import json
@@ -33,7 +28,7 @@ import torch.nn.functional as F
 
 from model import (UserError, add_training_args, amp_ctx, catch_stop_signals, compute_cleanup, due, epoch_order,
                    exit_stopped, generate_batch, gsm8k_reward, JsonlLogger, load_model, print0, save_checkpoint,
-                   start_from_checkpoint, stop_requested)
+                   source_of, start_from_checkpoint, stop_requested)
 from tokenizer import DataError, Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -47,6 +42,17 @@ def reference(conv):
     content = conv["messages"][-1]["content"]
     text = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
     return text.split("####")[-1].strip().replace(",", "") if "####" in text else None
+
+def load_gsm8k(path):
+    """The conversations of a GSM8K file, each with a reference number (one clear error otherwise)."""
+    if not path.exists():
+        raise UserError(f"no {path}: create it with `python data/chat_data.py --only gsm8k`")
+    convs, _ = read_conversations(path)
+    for n, conv in enumerate(convs, 1):
+        if reference(conv) is None:
+            raise UserError(f"{path}: conversation {n} has no reference answer ('#### N' in the assistant's "
+                            "last text part, or an \"answer\" field): fix the line or rerun data/chat_data.py")
+    return convs
 
 # -----------------------------------------------------------------------------
 # Rollouts and the policy-gradient loss
@@ -70,8 +76,7 @@ def advantages(rewards, std_norm=False):
 
 def group_batch(prompt, seqs, masks, pad, device="cpu"):
     """Inputs and targets (n, L) of one group, a row per sample: prompt + completion, shifted by one.
-    A target is -1 (no loss) unless the model sampled that token: the prompt, the tool's forced output
-    and the padding carry no gradient."""
+    A target is -1 (no loss) unless the model sampled that token."""
     rows = [prompt + s for s in seqs]
     L = max(map(len, rows)) - 1
     x = [r[:-1] + [pad] * (L + 1 - len(r)) for r in rows]
@@ -95,78 +100,69 @@ def sequence_logps(model, x, y):
 
 def dpo_loss(policy, reference, beta):
     """DPO (Rafailov et al. 2023) on summed log-probabilities (chosen, rejected) of the policy and of the
-    frozen reference: -log sigmoid(beta * margin), margin = how much more the policy raised the chosen
-    answer than the rejected one. Returns (loss, beta * margin: the implicit reward margin)."""
+    frozen reference: -log sigmoid(margin), margin = beta x how much more the policy raised the chosen
+    answer than the rejected one (the implicit reward margin). Returns (loss, margin)."""
     margin = beta * ((policy[0] - reference[0]) - (policy[1] - reference[1]))
     return -F.logsigmoid(margin), margin.detach()
 
 def read_pairs(path, tokenizer):
     """Preference pairs from a JSONL file, one {"prompt": str | "conversation": {"messages": [...]},
-    "chosen": reply, "rejected": reply} per line (a reply: a string or assistant parts). Each becomes
-    (prompt ids, [chosen ids, rejected ids], [their masks]), rendered by the chat format; a bad line is
-    one error naming path:line."""
+    "chosen": reply, "rejected": reply} per line (a reply: a string or assistant parts), each rendered by
+    the chat format as (prompt ids, [chosen ids, rejected ids], [their masks])."""
     pairs = []
     for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line) if line.strip() else None
-            if row is None:
-                continue
-            conv = {"messages": [{"role": "user", "content": row["prompt"]}]} if "prompt" in row else row["conversation"]
-            rendered = [tokenizer.render_conversation({"messages": conv["messages"] + [{"role": "assistant", "content": row[k]}]},
-                                                      max_tokens=10**9) for k in ("chosen", "rejected")]
-            prompt = tokenizer.render_for_completion(conv)
+            row = json.loads(line)
+            if "prompt" in row:
+                row["conversation"] = {"messages": [{"role": "user", "content": row["prompt"]}]}
+            messages = row["conversation"]["messages"]
+            convs = [{"messages": [*messages, {"role": "assistant", "content": row[k]}]} for k in ("chosen", "rejected")]
+            rendered = [tokenizer.render_conversation(conv, max_tokens=10**9) for conv in convs]
+            prompt = tokenizer.render_for_completion({"messages": messages})
         except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}:{n}: {e if isinstance(e, ValueError) else f'missing or wrong field {e}'} (each line: "
-                            '{"prompt" or "conversation", "chosen", "rejected"})') from None
+            why = e if isinstance(e, ValueError) else f"missing or wrong field {e}"
+            raise DataError(f"{path}:{n}: {why} (each line: " '{"prompt" or "conversation", "chosen", "rejected"})') from None
         pairs.append((prompt, [ids[len(prompt):] for ids, _ in rendered], [m[len(prompt):] for _, m in rendered]))
     if not pairs:
         raise DataError(f"{path}: no preference pairs in it")
     return pairs
 
-def load_gsm8k(path):
-    """The conversations of a GSM8K file, each with a reference number (one clear error otherwise)."""
-    if not path.exists():
-        raise UserError(f"no {path}: create it with `python data/chat_data.py --only gsm8k`")
-    convs, _ = read_conversations(path)
-    for n, conv in enumerate(convs, 1):
-        if reference(conv) is None:
-            raise UserError(f"{path}: conversation {n} has no reference answer ('#### N' in the assistant's "
-                            "last text part, or an \"answer\" field): fix the line or rerun data/chat_data.py")
-    return convs
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # tests import the functions above
     # -------------------------------------------------------------------------
     # Arguments
     parser = Parser(description="Reinforcement learning on GSM8K (group-baseline policy gradient).")
-    parser.add_argument("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="sft checkpoint step to start from (-1 = latest)")
+    add = parser.add_argument
+    add("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="sft checkpoint step (-1 = latest)")
+    add("--method", default="grpo", choices=["grpo", "dpo"], help="group policy gradient, or DPO on preference pairs")
     # rollouts
-    parser.add_argument("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass over GSM8K train)")
-    parser.add_argument("--examples-per-step", type=ranged(int, 1), default=16, help="questions per step (all processes together)")
-    parser.add_argument("--num-samples", type=ranged(int, 2), default=16, help="answers sampled per question (the group)")
-    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256, help="longest answer in tokens")
-    parser.add_argument("--temperature", type=ranged(float, 0), default=1.0, help="sampling temperature (training and eval)")
-    parser.add_argument("--top-k", type=ranged(int, 0), default=50, help="sample among the k likeliest tokens (0 = off)")
-    parser.add_argument("--std-norm", action="store_true", help="also divide advantages by the group's std")
-    parser.add_argument("--method", default="grpo", choices=["grpo", "dpo"], help="group policy gradient, or DPO on preference pairs")
-    parser.add_argument("--beta", type=ranged(float, 0.0), default=0.1, help="DPO: strength of the pull towards the reference model")
-    parser.add_argument("--pairs", default="", help="DPO: a JSONL file of preference pairs (default: pairs sampled from GSM8K)")
-    parser.add_argument("--eval-examples", type=ranged(int, 0), default=400, help="first N questions of gsm8k_test evaluated (0 = no eval)")
-    parser.add_argument("--eval-samples", type=ranged(int, 1), default=4, help="k answers per eval question: pass@1 and pass@k")
+    add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass)")
+    add("--examples-per-step", type=ranged(int, 1), default=16, help="questions per step (all processes together)")
+    add("--num-samples", type=ranged(int, 2), default=16, help="answers sampled per question (the group)")
+    add("--max-new-tokens", type=ranged(int, 1), default=256, help="longest answer in tokens")
+    add("--temperature", type=ranged(float, 0), default=1.0, help="sampling temperature (training and eval)")
+    add("--top-k", type=ranged(int, 0), default=50, help="sample among the k likeliest tokens (0 = off)")
+    add("--std-norm", action="store_true", help="also divide advantages by the group's std")
+    # DPO
+    add("--beta", type=ranged(float, 0.0), default=0.1, help="DPO: strength of the pull towards the reference model")
+    add("--pairs", default="", help="DPO: a JSONL file of preference pairs (default: pairs sampled from GSM8K)")
+    # evaluation
+    add("--eval-examples", type=ranged(int, 0), default=400, help="first N gsm8k_test questions evaluated (0 = none)")
+    add("--eval-samples", type=ranged(int, 1), default=4, help="k answers per eval question: pass@1 and pass@k")
     add_training_args(parser, init_lr_frac=0.05, eval_every=60, save_every=60)  # the lrs decay linearly to 0
     args = parser.parse_args()
 
     # -------------------------------------------------------------------------
     # Init, and the model: the sft checkpoint (or our own latest one with --resume)
-    rank, world, device, model, tokenizer, src_meta, optimizer = start_from_checkpoint(args, "rl", "sft", args.source_step)
-    ddp, master = world > 1, rank == 0
-    if args.examples_per_step <= 0 or args.examples_per_step % world:
-        raise UserError(f"--examples-per-step {args.examples_per_step} must be a positive multiple of the {world} "
-                        "processes: change one of them")
+    rank, world, device, model, tokenizer, src_meta, optimizer = start_from_checkpoint(args, "rl", "sft")
+    if args.examples_per_step % world:
+        raise UserError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world} processes: "
+                        "change one of them")
     Q = args.examples_per_step // world  # questions per process per step
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
-    dpo = args.method == "dpo"
+    dpo, source = args.method == "dpo", source_of(args, src_meta)
     if dpo:  # DPO's reference: the frozen model this run started from
-        source = src_meta["source"] if args.resume else dict(stage="sft", step=src_meta["step"])
         reference_model = load_model(source["stage"], device, source["step"], tokenizer)[0].requires_grad_(False)
 
     # -------------------------------------------------------------------------
@@ -179,12 +175,12 @@ if __name__ == "__main__":
         train = load_gsm8k(base_dir() / "data" / "chat" / "gsm8k_train.jsonl")
     evals = load_gsm8k(test_file)[:args.eval_examples] if args.eval_examples > 0 and test_file else []
     num_steps = args.num_steps if args.num_steps > 0 else max(1, len(train) // args.examples_per_step)
-    print0(f"{args.method}: {len(train):,} train {'pairs' if args.pairs else 'questions'}, {len(evals)} eval questions; "
-           f"{num_steps} steps of {args.examples_per_step} ({Q} per process x {world})")
+    print0(f"{args.method}: {len(train):,} train {'pairs' if args.pairs else 'questions'}, {len(evals)} eval "
+           f"questions; {num_steps} steps of {args.examples_per_step} ({Q} per process x {world})")
 
     def question(pos):
-        """The pos-th question of the stream; its samples are seeded by pos alone, so a resumed run (or
-        another number of processes) draws exactly the same answers."""
+        """The pos-th item of the stream, and its seed: by pos alone, so a resumed run (or another number
+        of processes) draws exactly the same answers."""
         epoch, i = divmod(pos, len(train))
         return train[epoch_order(len(train), args.seed, epoch)[i]], args.seed + pos
 
@@ -193,18 +189,52 @@ if __name__ == "__main__":
         split over the processes; each question has a fixed seed, so evals differ only by the model."""
         sums, first = torch.zeros(3, dtype=torch.float64, device=device), None  # pass@1, pass@k, questions
         for i in range(rank, len(evals), world):
-            _, _, _, rewards, replies = rollout(model, tokenizer, evals[i], args.eval_samples, args.seed + 10**9 + i, **sampling)
+            seed = args.seed + 10**9 + i  # apart from the training questions' seeds
+            _, _, _, rewards, replies = rollout(model, tokenizer, evals[i], args.eval_samples, seed, **sampling)
             sums += torch.tensor([sum(rewards) / len(rewards), max(rewards), 1.0], device=device)
             first = first or (evals[i], replies[0], rewards[0])
-        if ddp:
+        if world > 1:
             dist.all_reduce(sums)
         return (sums[0] / sums[2].clamp(min=1)).item(), (sums[1] / sums[2].clamp(min=1)).item(), first
+
+    # -------------------------------------------------------------------------
+    # One question's backward: each returns its numbers, summed over the step's questions and processes
+
+    def grpo_group(conv, seed):
+        """Rollouts, then the policy gradient of the group, unless all its answers are right or all wrong
+        (zero advantage: nothing to learn): [loss, reward sum, completion tokens, samples, zero-adv, tokens]."""
+        prompt, seqs, masks, rewards, _ = rollout(model, tokenizer, conv, args.num_samples, seed, **sampling)
+        n_tok, loss, zero_adv = sum(map(len, seqs)), 0.0, len(set(rewards)) == 1
+        if not zero_adv:
+            x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
+            loss = pg_loss(model, x, y, advantages(rewards, args.std_norm)) / Q  # mean over this process's questions
+            loss.backward()
+        return [float(loss), sum(rewards), n_tok, len(seqs), zero_adv, len(prompt) * len(seqs) + n_tok]
+
+    def dpo_pair(item, seed):
+        """The DPO loss of a pair from the file, or of the group's first right and first wrong answer:
+        [loss, margin, right (margin > 0), logp chosen, logp rejected, pairs, skipped groups, tokens]."""
+        if args.pairs:
+            prompt, seqs, masks = item
+        else:
+            prompt, seqs, masks, rewards, _ = rollout(model, tokenizer, item, args.num_samples, seed, **sampling)
+            if len(set(rewards)) == 1:
+                return [0, 0, 0, 0, 0, 0, 1, 0]
+            pick = [rewards.index(1.0), rewards.index(0.0)]
+            seqs, masks = [seqs[j] for j in pick], [masks[j] for j in pick]
+        x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
+        logps = sequence_logps(model, x, y)
+        with torch.no_grad():
+            ref_logps = sequence_logps(reference_model, x, y)
+        loss, margin = dpo_loss(logps, ref_logps, args.beta)
+        (loss / Q).backward()
+        return [loss.item(), margin.item(), float(margin > 0), logps[0].item(), logps[1].item(), 1, 0, x.numel()]
 
     # -------------------------------------------------------------------------
     # Training loop: eval and save at the top of a step; the last iteration only does those
     start_step = src_meta["step"] if args.resume else 0
     pos = src_meta["pos"] if args.resume else 0  # questions taken so far by all processes together
-    logger = JsonlLogger("rl", resume_step=start_step if args.resume else None, enabled=master, world=world)
+    logger = JsonlLogger("rl", resume_step=start_step if args.resume else None, enabled=rank == 0, world=world)
     flops_per_token = model.estimate_flops()
     metrics, t_start = src_meta.get("metrics", {}) if args.resume else {}, time.time()
     catch_stop_signals()  # SIGTERM / Ctrl-C: finish the step, save, stop
@@ -215,10 +245,10 @@ if __name__ == "__main__":
             metrics = dict(gsm8k_pass1=pass1, gsm8k_passk=passk)
             print0(f"step {step}/{num_steps} | gsm8k pass@1 {pass1:.4f} | pass@{args.eval_samples} {passk:.4f}")
             if first:
-                print0(f"  sample: {first[0]['messages'][0]['content'][:80]!r} -> {first[1][:200]!r} (reward {first[2]:.0f})")
+                conv, reply, reward = first
+                print0(f"  sample: {conv['messages'][0]['content'][:80]!r} -> {reply[:200]!r} (reward {reward:.0f})")
             logger.log(step=step, **metrics)
         if (due(step, args.save_every, last) or stop) and step > start_step:
-            source = src_meta["source"] if args.resume else dict(stage="sft", step=src_meta["step"])
             meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), pos=pos,
                         num_steps=num_steps, source=source, metrics=metrics, train_time=time.time() - t_start)
             save_checkpoint("rl", step, model, optimizer, meta, keep=args.keep)
@@ -227,72 +257,34 @@ if __name__ == "__main__":
         if last:
             break
 
-        if dpo:  # pairs (from the file, or a right and a wrong sample), one backward each
-            t0, stats = time.time(), torch.zeros(8, dtype=torch.float64, device=device)  # loss, margin, right, chosen, rejected, pairs, skipped, tokens
-            for i in range(Q):
-                item, seed = question(pos + rank * Q + i)
-                if args.pairs:
-                    prompt, seqs, masks = item
-                else:  # the first right and the first wrong of the group
-                    prompt, samples, sample_masks, rewards, _ = rollout(model, tokenizer, item, args.num_samples, seed, **sampling)
-                    if len(set(rewards)) == 1:
-                        stats[6] += 1
-                        continue
-                    pick = [rewards.index(1.0), rewards.index(0.0)]
-                    seqs, masks = [samples[j] for j in pick], [sample_masks[j] for j in pick]
-                x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
-                logps = sequence_logps(model, x, y)
-                with torch.no_grad():
-                    ref_logps = sequence_logps(reference_model, x, y)
-                loss, margin = dpo_loss(logps, ref_logps, args.beta)
-                (loss / Q).backward()
-                stats += torch.tensor([loss.item(), margin.item(), float(margin > 0), logps[0].item(), logps[1].item(),
-                                       1, 0, x.numel()], dtype=torch.float64, device=device)
-            pos += args.examples_per_step
-            if ddp:
-                dist.all_reduce(stats)
-            loss, margin, right, chosen, rejected, n, skipped, tokens = stats.tolist()
-            lrm = 1.0 - step / num_steps
-            if n:
-                optimizer.set_lr(lrm)
-                optimizer.step()
-            model.zero_grad(set_to_none=True)
-            n = max(n, 1)
-            logger.train_step(step + 1, num_steps, loss / n, lrm * args.matrix_lr * args.init_lr_frac, time.time() - t0,
-                              int(tokens), flops_per_token, margin=margin / n, accuracy=right / n,
-                              logp_chosen=chosen / n, logp_rejected=rejected / n, skipped=int(skipped))
-            continue
-
-        # rollouts, then one backward per question whose group has a signal
         t0 = time.time()
-        stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss, reward sum, completion tokens, samples, zero-adv groups, tokens
+        stats = torch.zeros(8 if dpo else 6, dtype=torch.float64, device=device)
         for i in range(Q):
-            conv, seed = question(pos + rank * Q + i)
-            prompt, seqs, masks, rewards, replies = rollout(model, tokenizer, conv, args.num_samples, seed, **sampling)
-            n_tok = sum(map(len, seqs))
-            stats += torch.tensor([0, sum(rewards), n_tok, len(seqs), 0, len(prompt) * len(seqs) + n_tok], device=device)
-            if len(set(rewards)) == 1:  # all right or all wrong: zero advantage, nothing to learn
-                stats[4] += 1
-                continue
-            x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
-            loss = pg_loss(model, x, y, advantages(rewards, args.std_norm)) / Q  # mean over this process's questions
-            loss.backward()
-            stats[0] += loss.detach()
+            item, seed = question(pos + rank * Q + i)
+            stats += torch.tensor((dpo_pair if dpo else grpo_group)(item, seed), dtype=torch.float64, device=device)
         pos += args.examples_per_step
-        if ddp:
+        if world > 1:
             dist.all_reduce(stats)
-        loss, reward_sum, n_tok, n_samples, zero_adv, tokens = stats.tolist()
-        lrm = 1.0 - step / num_steps  # linear decay to 0
-        if zero_adv < args.examples_per_step:  # some process has a gradient (the others join with zeros)
-            optimizer.set_lr(lrm)
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        loss /= world
+        if dpo:
+            loss, margin, right, chosen, rejected, n, skipped, tokens = stats.tolist()
+            learned, n = n > 0, max(n, 1)
+            loss, extra = loss / n, dict(margin=margin / n, accuracy=right / n, logp_chosen=chosen / n,
+                                         logp_rejected=rejected / n, skipped=int(skipped))
+        else:
+            loss, reward_sum, n_tok, n_samples, zero_adv, tokens = stats.tolist()
+            learned = zero_adv < args.examples_per_step  # some process has a gradient (the others join with zeros)
+            loss, extra = loss / world, dict(reward=reward_sum / n_samples, seq_len=n_tok / n_samples,
+                                             zero_adv=int(zero_adv))
         if not math.isfinite(loss):
             raise SystemExit(f"error: loss is {loss} at step {step}: stopped; the last good checkpoint is intact. "
                              "Lower --init-lr-frac and rerun")
-        logger.train_step(step + 1, num_steps, loss, lrm * args.matrix_lr * args.init_lr_frac, time.time() - t0, int(tokens),
-                          flops_per_token, reward=reward_sum / n_samples, seq_len=n_tok / n_samples, zero_adv=int(zero_adv))
+        lrm = 1.0 - step / num_steps  # linear decay to 0
+        if learned:
+            optimizer.set_lr(lrm)
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        logger.train_step(step + 1, num_steps, loss, lrm * args.matrix_lr * args.init_lr_frac, time.time() - t0,
+                          int(tokens), flops_per_token, **extra)
 
     print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, {metrics}")
     compute_cleanup()
