@@ -1,8 +1,8 @@
 """
-Helpers shared by the data scripts (data/*.py) only; training stages never import this file.
+Helpers of the data scripts (data/*.py) only; training stages never import this file.
 
-Every file is written under a temporary name, fsynced, then renamed into place, so a file that exists
-under its final name is complete; that is also why a second run skips it.
+Every file is written under a temporary name, fsynced, then renamed into place: a file under its final
+name is complete, which is why a second run can skip it.
 """
 import hashlib
 import json
@@ -17,7 +17,7 @@ from tokenizer import Parser, ranged  # noqa: E402,F401  (every script's argpars
 
 
 def data_dir():
-    """Where the data goes: $FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
+    """$FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
     return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat") / "data"
 
 
@@ -63,7 +63,7 @@ def write_jsonl(path, rows):
 # Download with retries, HTTP Range resume, size/sha256 checks and a progress line
 
 def _download_once(url, part):
-    import requests  # imported here so that offline runs and tests never need the network stack
+    import requests  # here, so that offline runs and tests never need the network stack
 
     have = part.stat().st_size if part.exists() else 0
     with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=60) as r:
@@ -73,23 +73,18 @@ def _download_once(url, part):
         if r.status_code != 206:  # the server ignored Range: start over
             have = 0
         length = int(r.headers.get("Content-Length", 0))
-        total, done, t0 = have + length if length else None, have, time.time()
-
-        def progress():
-            of = f"/{total / 1e6:.1f} MB {100 * done / total:5.1f}%" if total else " MB"
-            speed = (done - have) / 1e6 / max(time.time() - t0, 1e-6)
-            print(f"\r  {part.stem}: {done / 1e6:.1f}{of} {speed:.1f} MB/s ", end="", file=sys.stderr, flush=True)
-
-        last = t0
+        of = f"/{(have + length) / 1e6:.1f}" if length else ""
+        done, t0, shown = have, time.time(), 0
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                if time.time() - last > 0.5:
-                    progress()
-                    last = time.time()
-        progress()
-        print(file=sys.stderr)
+                if time.time() - shown > 0.5 or done == have + length:  # redraw twice a second, and at the end
+                    shown = time.time()
+                    speed = (done - have) / 1e6 / max(shown - t0, 1e-6)
+                    print(f"\r  {part.stem}: {done / 1e6:.1f}{of} MB {speed:.1f} MB/s ",
+                          end="", file=sys.stderr, flush=True)
+        say("")
 
 
 def _download(url, dest, sha256, size, retries=5):
@@ -117,9 +112,9 @@ def _download(url, dest, sha256, size, retries=5):
 
 
 def fetch(url, dest, mirror_path=None, sha256=None, size=None):
-    """Get `url` into `dest`; with a mirror, copy `mirror_path` (relative to the mirror) instead.
-    sha256/size describe the online file and are checked on downloads only (the mirror's copies may
-    differ, e.g. MMLU's CSV header). Returns dest, or None when offline and the mirror lacks the file."""
+    """Get `url` into `dest`, or with a mirror copy `mirror_path` (relative to it). sha256/size describe the
+    online file and are checked on downloads only (a mirror's copy may differ, e.g. MMLU's CSV header).
+    Returns dest, or None when the mirror lacks the file."""
     dest, root = Path(dest), mirror()
     if dest.exists() and (root is not None or size is None or dest.stat().st_size == size):
         return dest
