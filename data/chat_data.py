@@ -104,10 +104,14 @@ def save_eval(name, rows):
 def raw_dir(name):
     return data_dir() / "raw" / name
 
-def unpack(archive, dest):
-    """A zip or tar extracted into dest (via a temp folder: dest exists only once complete)."""
+def unpacked(url, name, in_mirror=None):
+    """The zip or tar at url, downloaded and unpacked into raw/<name>/unpacked/ (once: via a temp folder);
+    offline the mirror's folder `in_mirror`, read in place (it is already unpacked), or None."""
+    if mirror() is not None:
+        return mirror() / in_mirror if in_mirror else None
+    archive, dest = fetch(url, raw_dir(name) / url.rsplit("/", 1)[1]), raw_dir(name) / "unpacked"
     if not dest.exists():
-        tmp = dest.with_name(dest.name + ".tmp")
+        tmp = dest.with_name("unpacked.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as z:
@@ -122,7 +126,7 @@ def find(folder, name):
     """The file called `name` somewhere in an unpacked archive."""
     if hit := next(folder.rglob(name), None):
         return hit
-    sys.exit(f"{name} not found in {folder}: the archive is not what we expect (delete {folder.parent} and rerun)")
+    sys.exit(f"{name} not found in {folder}: incomplete data (fix the mirror, or delete {folder.parent} and rerun)")
 
 HF_API = "https://huggingface.co/api/datasets/{}/parquet/default/{}"  # -> JSON list of parquet URLs
 
@@ -194,10 +198,7 @@ def mmlu_split(root, split, skip_bad=False):
             for p in sorted((root / split).glob("*.csv")) for r in read_mmlu_csv(p, skip_bad)]
 
 def run_mmlu(args):
-    if mirror() is not None:
-        root = mirror() / "mmlu" / "data"  # read in place: the mirror is already unpacked
-    else:
-        root = unpack(fetch(MMLU, raw_dir("mmlu") / "data.tar"), raw_dir("mmlu") / "unpacked") / "data"
+    root = unpacked(MMLU, "mmlu", in_mirror="mmlu") / "data"
     save_eval("mmlu_test", mmlu_split(root, "test"))
     save_chat("mmlu_dev", mc_conversations(mmlu_split(root, "dev")))
     if (root / "auxiliary_train").is_dir():
@@ -212,13 +213,7 @@ CORE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 ARC = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
 
 def run_core(args):
-    if mirror() is not None:
-        src = mirror() / "eval_bundle"
-    else:
-        folder = unpack(fetch(CORE, raw_dir("core") / "eval_bundle.zip"), raw_dir("core") / "unpacked")
-        src = find(folder, "core.yaml").parent
-    if not (src / "core.yaml").exists():
-        sys.exit(f"{src}/core.yaml is missing: the CORE bundle is incomplete")
+    src = find(unpacked(CORE, "core", in_mirror="eval_bundle"), "core.yaml").parent
     dest = data_dir() / "eval" / "core"
     tmp = dest.with_name("core.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -238,8 +233,7 @@ def run_arc(args):
     core = data_dir() / "eval" / "core"
     if not core.exists():
         run_core(args)
-    archive = fetch(ARC, raw_dir("arc") / "ARC-V1-Feb2018.zip")
-    folder = unpack(archive, raw_dir("arc") / "unpacked") if archive else None
+    folder = unpacked(ARC, "arc")  # offline None: the mirror has ARC's test splits only, in the CORE bundle
     for subset in ("easy", "challenge"):
         # the bundle's format: {"query": "Question: ...", "choices", "gold"}
         test = read_jsonl(core / "eval_data" / "world_knowledge" / f"arc_{subset}.jsonl")
