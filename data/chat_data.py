@@ -327,9 +327,8 @@ def run_spelling(args):
     text = path.read_text(encoding="utf-8")  # CRLF line ends: splitlines() drops the \r too
     words = [w for w in text.splitlines() if 3 <= len(w) <= 12 and w.isalpha()]
     train = spelling_tasks(words, args.num_spelling, args.seed)
-    seen = {first_user(c) for c in train}  # a val prompt never appears in train
-    val = spelling_tasks(words, max(20, args.num_spelling // 50), args.seed + 1)
-    save_chat("spelling", train, val=[c for c in val if first_user(c) not in seen])
+    val = spelling_tasks(words, max(20, args.num_spelling // 50), args.seed + 1)  # save_chat drops those in train
+    save_chat("spelling", train, val=val)
 
 # -----------------------------------------------------------------------------
 # Run: eval sets first, so that save_chat can drop any training prompt that appears in them
