@@ -15,11 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
 from tokenizer import Parser, ranged  # noqa: E402,F401  (every script's argparse: one-line errors, checked ranges)
 
-
 def data_dir():
     """$FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
     return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat") / "data"
-
 
 def mirror():
     """The offline mirror folder ($FLATCHAT_DATA_MIRROR, set by --mirror); None = download."""
@@ -28,7 +26,6 @@ def mirror():
         sys.exit(f"mirror folder {path} does not exist: fix --mirror / FLATCHAT_DATA_MIRROR "
                  "(a folder laid out like ../shared/data)")
     return Path(path) if path else None
-
 
 def parse_args(parser):
     """The script's arguments plus --mirror, which sets $FLATCHAT_DATA_MIRROR (a wrong path stops here)."""
@@ -40,16 +37,13 @@ def parse_args(parser):
     mirror()
     return args
 
-
 def say(msg):
     print(msg, file=sys.stderr, flush=True)
-
 
 def _commit(tmp, dest):
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dest)
-
 
 def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +51,6 @@ def write_jsonl(path, rows):
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     _commit(tmp, path)
-
 
 # -----------------------------------------------------------------------------
 # Download with retries, HTTP Range resume, size/sha256 checks and a progress line
@@ -86,7 +79,6 @@ def _download_once(url, part):
                           end="", file=sys.stderr, flush=True)
         say("")
 
-
 def _download(url, dest, sha256, size, retries=5):
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries):
@@ -109,7 +101,6 @@ def _download(url, dest, sha256, size, retries=5):
                 part.unlink()
                 sys.exit(f"sha256 mismatch for {url}; removed {part}, rerun to download again")
     _commit(part, dest)
-
 
 def fetch(url, dest, mirror_path=None, sha256=None, size=None):
     """Get `url` into `dest`, or with a mirror copy `mirror_path` (relative to it). sha256/size describe the

@@ -41,7 +41,6 @@ def tinystories_docs(path):
     docs = _docs_between_eot(path) if EOT in head else _docs_from_paragraphs(path)
     return (doc.strip() for doc in docs if doc.strip())
 
-
 def _docs_between_eot(path):
     rest = ""
     with open(path, encoding="utf-8") as f:
@@ -49,7 +48,6 @@ def _docs_between_eot(path):
             *docs, rest = (rest + line).split(EOT)
             yield from docs
     yield rest
-
 
 def _docs_from_paragraphs(path):
     paras = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n").split("\n\n")
@@ -62,7 +60,6 @@ def _docs_from_paragraphs(path):
             story.append(p)
     yield "\n\n".join(story)
 
-
 def jsonl_docs(path):
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -73,7 +70,6 @@ def jsonl_docs(path):
             if text.strip():
                 yield text
 
-
 def cut(docs, max_chars):
     """The first documents, up to about max_chars characters (-1 = all)."""
     n = 0
@@ -82,7 +78,6 @@ def cut(docs, max_chars):
             return
         n += len(doc)
         yield doc
-
 
 # -----------------------------------------------------------------------------
 # Writing: dedupe, hash split, jsonl shards
@@ -100,7 +95,6 @@ def write_shards(folder, docs, max_bytes):
             os.fsync(f.fileno())
         n += 1
     return dict(docs=len(docs), chars=sum(map(len, docs)), shards=n)
-
 
 def build_jsonl(sources, out, val_frac, shard_mb, config):
     """sources: (name, docs) pairs. Builds out.tmp/, renamed to out/ once complete."""
@@ -130,7 +124,6 @@ def build_jsonl(sources, out, val_frac, shard_mb, config):
     os.replace(tmp, out)
     return meta
 
-
 # -----------------------------------------------------------------------------
 # Sources per preset
 
@@ -149,7 +142,6 @@ def cpu_sources(raw, max_chars):
         sources.append((name, cut(jsonl_docs(path), max_chars)))
     return sources
 
-
 def fetch_climbmix(out, num_shards):
     """gpu preset: parquet shards straight into train/ and val/ (fetch skips those already there)."""
     for i, split in [(i, "train") for i in range(num_shards)] + [(CLIMBMIX_VAL, "val")]:
@@ -166,7 +158,6 @@ def fetch_climbmix(out, num_shards):
                            bytes=sum(f.stat().st_size for f in files), shards=len(files))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
-
 
 # -----------------------------------------------------------------------------
 # Run
