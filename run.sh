@@ -24,8 +24,11 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
     --from) FROM="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) case " $ALL " in *" $1 "*) NAMED="$NAMED $1"; shift ;; *) echo "run.sh: unknown stage or flag '$1' (stages: $ALL)"; exit 2 ;; esac ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) case " $ALL " in
+         *" $1 "*) NAMED="$NAMED $1"; shift ;;
+         *) echo "run.sh: unknown stage or flag '$1' (stages: $ALL)"; exit 2 ;;
+       esac ;;
   esac
 done
 
@@ -39,13 +42,15 @@ else
   LAUNCH="python"
 fi
 
-# --- presets: the flags of every stage
+# --- presets: the flags of every stage (a flag left out takes the script's default)
+DATA="--preset $PRESET" CHAT="" MID="" SFT="" RL=""
 case "$PRESET" in
   smoke)
-    DATA="--preset smoke"; CHAT="--num-spelling 200"; TOK="--vocab-size 1024"
-    PRE="--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024 --num-steps 30 --eval-every 10 --eval-tokens 4096 --sample-every -1 --compile 0"
+    CHAT="--num-spelling 200" TOK="--vocab-size 1024"
+    PRE="--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024
+         --num-steps 30 --eval-every 10 --eval-tokens 4096 --sample-every -1 --compile 0"
     MID="--num-steps 10 --eval-every 5 --eval-rows 16"
-    SFT="--num-steps 10 --eval-every 5 --eval-rows 16 --device-batch-size 2 --examples-per-step 4"
+    SFT="$MID --device-batch-size 2 --examples-per-step 4"
     RL="--num-steps 2 --eval-every 2 --examples-per-step 2 --num-samples 2 --max-new-tokens 16 --eval-examples 4"
     EVAL="--max-per-task 4 --bpb-tokens 4096 --max-new-tokens 16" ;;
   cpu)
@@ -53,20 +58,26 @@ case "$PRESET" in
     # same time; torch.compile wherever inductor finds a working C++ compiler (else eager, ~1.15x slower steps)
     BF16=$(python -c "import torch; print(int(torch.ops.mkldnn._is_mkldnn_bf16_supported()))" 2>/dev/null || echo 0)
     HAVE_CXX=$(python -c "import torch._inductor.cpp_builder as c; c.get_cpp_compiler(); print(1)" 2>/dev/null || echo 0)
-    [ "$BF16" = 1 ] && export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"
-    STEPS=$([ "${FLATCHAT_DTYPE:-fp32}" = bf16 ] && echo 720 || echo 240)  # FLATCHAT_DTYPE=fp32 picks the fp32 path anywhere
-    WHY="${FLATCHAT_DTYPE:-fp32} $([ "$HAVE_CXX" = 1 ] && echo "+ torch.compile" || echo "eager (no working C++ compiler: apt install g++)"),"
-    WHY="$WHY $([ "$BF16" = 1 ] && echo "this CPU multiplies bf16 natively" || echo "this CPU has no bf16 units (AVX-512 bf16 / AMX)")"
-    WHY="$WHY$([ "$BF16" = 1 ] && [ "${FLATCHAT_DTYPE:-}" != bf16 ] && echo " but FLATCHAT_DTYPE=$FLATCHAT_DTYPE" || true): $STEPS pretraining steps"
-    DATA="--preset cpu"; CHAT=""; TOK="--vocab-size 8192"
-    PRE="--depth 4 --max-seq-len 256 --device-batch-size 32 --total-batch-size 8192 --num-steps $STEPS --eval-every $((STEPS / 2)) --eval-tokens 32768 --sample-every $((STEPS / 2)) --compile $HAVE_CXX"
+    if [ "$BF16" = 1 ]; then
+      export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"  # FLATCHAT_DTYPE=fp32 picks the fp32 path anywhere
+      WHY="this CPU multiplies bf16 natively"
+      [ "$FLATCHAT_DTYPE" = bf16 ] || WHY="$WHY but FLATCHAT_DTYPE=$FLATCHAT_DTYPE"
+    else
+      WHY="this CPU has no bf16 units (AVX-512 bf16 / AMX)"
+    fi
+    STEPS=$([ "${FLATCHAT_DTYPE:-fp32}" = bf16 ] && echo 720 || echo 240)
+    COMPILE=$([ "$HAVE_CXX" = 1 ] && echo "+ torch.compile" || echo "eager (no working C++ compiler: apt install g++)")
+    WHY="${FLATCHAT_DTYPE:-fp32} $COMPILE, $WHY: $STEPS pretraining steps"
+    TOK="--vocab-size 8192"
+    PRE="--depth 4 --max-seq-len 256 --device-batch-size 32 --total-batch-size 8192 --num-steps $STEPS
+         --eval-every $((STEPS / 2)) --eval-tokens 32768 --sample-every $((STEPS / 2)) --compile $HAVE_CXX"
     MID="--num-steps 60 --eval-every 30 --eval-rows 64"
     SFT="--num-steps 80 --eval-every 40 --eval-rows 64"
     RL="--num-steps 20 --eval-every 10 --examples-per-step 4 --num-samples 4 --max-new-tokens 96 --eval-examples 40"
     EVAL="--max-per-task 30 --bpb-tokens 32768 --max-new-tokens 80" ;;
   gpu)
-    DATA="--preset gpu --num-shards 240"; CHAT=""; TOK="--vocab-size 65536 --max-chars 2000000000"
-    PRE="--depth 20"; MID=""; SFT=""; RL=""; EVAL="--max-per-task 500" ;;
+    DATA="--preset gpu --num-shards 240" TOK="--vocab-size 65536 --max-chars 2000000000"
+    PRE="--depth 20" EVAL="--max-per-task 500" ;;
   *) echo "run.sh: unknown preset '$PRESET' (smoke, cpu, gpu)"; exit 2 ;;
 esac
 
@@ -92,7 +103,13 @@ run() {  # run STAGE CMD...: to the terminal and to logs/run_STAGE.txt; stop eve
   echo "=== $stage done in $((SECONDS - t0)) s"
 }
 
-echo "flatchat: preset $PRESET, $NGPU GPUs, base dir $FLATCHAT_HOME${FLATCHAT_DATA_MIRROR:+, data mirror $FLATCHAT_DATA_MIRROR}${WHY:+; $WHY}"
+train() {  # train STAGE FLAGS...: a training stage, then the evaluation of its checkpoint
+  local stage="$1"; shift
+  run $stage $LAUNCH $stage.py "$@" && run eval_$stage $LAUNCH evaluate.py --stage $stage $EVAL
+}
+
+MIRROR_NOTE="${FLATCHAT_DATA_MIRROR:+, data mirror $FLATCHAT_DATA_MIRROR}"
+echo "flatchat: preset $PRESET, $NGPU GPUs, base dir $FLATCHAT_HOME$MIRROR_NOTE${WHY:+; $WHY}"
 T_START=$SECONDS
 for stage in $ALL; do
   if [ -n "$NAMED" ]; then
@@ -103,10 +120,10 @@ for stage in $ALL; do
   case "$stage" in
     data) run data python data/corpus.py $DATA && run chat_data python data/chat_data.py $CHAT ;;
     tokenizer) run tokenizer python tokenizer.py train $TOK && run tokenizer_eval python tokenizer.py eval ;;
-    pretrain) run pretrain $LAUNCH pretrain.py $PRE && run eval_pretrain $LAUNCH evaluate.py --stage pretrain $EVAL ;;
-    midtrain) run midtrain $LAUNCH midtrain.py $MID && run eval_midtrain $LAUNCH evaluate.py --stage midtrain $EVAL ;;
-    sft) run sft $LAUNCH sft.py $SFT && run eval_sft $LAUNCH evaluate.py --stage sft $EVAL ;;
-    rl) run rl $LAUNCH rl.py $RL && run eval_rl $LAUNCH evaluate.py --stage rl $EVAL ;;
+    pretrain) train pretrain $PRE ;;
+    midtrain) train midtrain $MID ;;
+    sft) train sft $SFT ;;
+    rl) train rl $RL ;;
     eval) run report python evaluate.py --report ;;
   esac
 done

@@ -1,8 +1,8 @@
 """
-Conversations for midtraining/SFT and the evaluation task files.
+Conversations for midtraining/SFT, and the evaluation task files.
 
-    python data/chat_data.py                                # everything, downloaded
-    python data/chat_data.py --mirror ../shared/data        # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
+    python data/chat_data.py                            # everything, downloaded
+    python data/chat_data.py --mirror ../shared/data    # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
     python data/chat_data.py --only gsm8k,spelling --num-spelling 2000
 
 Writes into <base>/data/ (* = online only; offline these are skipped with a note):
@@ -12,8 +12,8 @@ Writes into <base>/data/ (* = online only; offline these are skipped with a note
     eval/mmlu_test.jsonl, eval/arc_{easy,challenge}_test.jsonl   {"question", "choices", "gold" (, "subject")}
     eval/humaneval.jsonl       {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
     eval/core/                 the DCLM CORE bundle: core.yaml, eval_meta_data.csv, eval_data/**
-Raw downloads stay under <base>/data/raw/ (a rerun skips them). Test splits (GSM8K, MMLU, ARC) only go to
-eval/; a training conversation whose user prompt is an eval prompt is dropped and counted.
+Raw downloads stay in <base>/data/raw/ (a rerun skips them). Test splits only go to eval/, and a training
+conversation whose user prompt is an eval prompt is dropped and counted.
 """
 import csv
 import gzip
@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 
 from common import Parser, data_dir, fetch, mirror, parse_args, ranged, say, write_jsonl
-from tokenizer import check_conversation, render_mc  # the chat format is defined there, once (common put it on the path)
+from tokenizer import check_conversation, render_mc  # the chat format, defined once (common put it on the path)
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -51,11 +51,11 @@ def chat(user, reply):
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
 
 def mc_conversations(rows):
-    """{"question", "choices", "gold"} rows -> user: the rendered question, assistant: the letter."""
+    """{"question", "choices", "gold"} rows -> user: the rendered question, assistant: the gold letter."""
     return [chat(render_mc(r["question"], r["choices"]), LETTERS[r["gold"]]) for r in rows]
 
 def check(conv):
-    """None if conv is valid for training (tokenizer's chat format, ending with the assistant), else why not."""
+    """None if conv is valid for training (the chat format, ending with the assistant), else why not."""
     try:
         turns = check_conversation(conv)
     except ValueError as e:
@@ -66,13 +66,13 @@ def first_user(conv):
     return next(m["content"] for m in conv["messages"] if m["role"] == "user")
 
 def clean(convs, held, taken=()):
-    """convs without eval prompts (held) and duplicates (also of `taken` keys), as {key: conv} in hash order."""
+    """{key: conv} without eval prompts (held) and duplicates (also of `taken` keys), in hash order."""
     kept = {json.dumps(c, sort_keys=True): c for c in convs if first_user(c).strip() not in held}
     return {k: kept[k] for k in sorted(kept.keys() - taken, key=lambda k: hashlib.sha256(k.encode()).hexdigest())}
 
 def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
-    """Write chat/<name>.jsonl and chat/val/<name>.jsonl without the prompts of the eval files already written.
-    Without an explicit val list, val is the conversations with the smallest hashes (deterministic)."""
+    """chat/<name>.jsonl and chat/val/<name>.jsonl, without the prompts of the eval files written so far.
+    Without a val list, val is the conversations with the smallest hashes (deterministic)."""
     given = convs + (val or [])
     for i, conv in enumerate(given):
         if err := check(conv):
@@ -99,15 +99,19 @@ def save_eval(name, rows):
     print(f"eval/{name}: {len(rows):,} rows")
 
 # -----------------------------------------------------------------------------
-# Raw files: archives and Hugging Face parquet shards
+# Raw files: archives, Hugging Face parquet shards
 
 def raw_dir(name):
     return data_dir() / "raw" / name
 
-def unpack(archive, dest):
-    """Extract a zip or tar into dest (via a temp folder, so dest exists only once complete)."""
+def unpacked(url, name, in_mirror=None):
+    """The zip or tar at url, downloaded and unpacked into raw/<name>/unpacked/ (once: via a temp folder);
+    offline the mirror's folder `in_mirror`, read in place (it is already unpacked), or None."""
+    if mirror() is not None:
+        return mirror() / in_mirror if in_mirror else None
+    archive, dest = fetch(url, raw_dir(name) / url.rsplit("/", 1)[1]), raw_dir(name) / "unpacked"
     if not dest.exists():
-        tmp = dest.with_name(dest.name + ".tmp")
+        tmp = dest.with_name("unpacked.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as z:
@@ -119,16 +123,16 @@ def unpack(archive, dest):
     return dest
 
 def find(folder, name):
-    """The one file called `name` somewhere under an unpacked archive."""
+    """The file called `name` somewhere in an unpacked archive."""
     if hit := next(folder.rglob(name), None):
         return hit
-    sys.exit(f"{name} not found in {folder}: the archive is not what we expect (delete {folder.parent} and rerun)")
+    sys.exit(f"{name} not found in {folder}: incomplete data (fix the mirror, or delete {folder.parent} and rerun)")
 
 HF_API = "https://huggingface.co/api/datasets/{}/parquet/default/{}"  # -> JSON list of parquet URLs
 
 def hf_rows(dataset, split, columns):
-    """The rows of a Hugging Face dataset split (online only), from its downloaded parquet shards."""
-    import pyarrow.parquet as pq  # only where parquet is read
+    """The rows of a Hugging Face dataset split (online only), from its parquet shards."""
+    import pyarrow.parquet as pq  # only here, where parquet is read
 
     folder = raw_dir(dataset.split("/")[1])
     listing = fetch(HF_API.format(dataset, split), folder / f"{split}_shards.json")
@@ -154,11 +158,6 @@ def gsm8k_parts(answer):
             parts.append({"type": "text", "text": piece})
     return parts
 
-def gsm8k_answer(parts):
-    """The inverse of gsm8k_parts: gives back the original answer text exactly."""
-    wrap = {"text": "{}", "python": "<<{}=", "python_output": "{}>>"}
-    return "".join(wrap[p["type"]].format(p["text"]) for p in parts)
-
 def gsm8k(split):
     path = fetch(GSM8K.format(split), raw_dir("gsm8k") / f"{split}.jsonl",
                  mirror_path=f"gsm8k/grade_school_math/data/{split}.jsonl")
@@ -171,8 +170,7 @@ def run_gsm8k(args):
     save_chat("gsm8k_train", [{"messages": c["messages"]} for c in gsm8k("train")])
 
 # -----------------------------------------------------------------------------
-# MMLU: 4-way multiple choice. Two CSV dialects: the mirror's (header row, answer 0-3) and the
-# original tar's (no header, answer A-D); both read the same.
+# MMLU: 4-way multiple choice, in two CSV dialects: the mirror's (a header row, answer 0-3), the tar's (A-D)
 
 MMLU = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
 
@@ -183,8 +181,8 @@ def read_mmlu_csv(path, skip_bad=False):
         for i, rec in enumerate(csv.reader(f), 1):
             if i == 1 and rec and rec[0] == "question" and rec[-1] == "answer":
                 continue  # header row of the mirror's dialect
-            ans = rec[-1].strip() if rec else ""
-            gold = int(ans) if ans.isdigit() else LETTERS.find(ans.upper()) if len(ans) == 1 else -1
+            ans = rec[-1].strip().upper() if rec else ""
+            gold = int(ans) if ans.isdigit() else dict(A=0, B=1, C=2, D=3).get(ans, -1)
             if len(rec) >= 4 and 0 <= gold < len(rec) - 2:
                 rows.append({"question": rec[0], "choices": rec[1:-1], "gold": gold})
             elif skip_bad:
@@ -200,10 +198,7 @@ def mmlu_split(root, split, skip_bad=False):
             for p in sorted((root / split).glob("*.csv")) for r in read_mmlu_csv(p, skip_bad)]
 
 def run_mmlu(args):
-    if mirror() is not None:
-        root = mirror() / "mmlu" / "data"  # read in place: the mirror is read-only and already unpacked
-    else:
-        root = unpack(fetch(MMLU, raw_dir("mmlu") / "data.tar"), raw_dir("mmlu") / "unpacked") / "data"
+    root = unpacked(MMLU, "mmlu", in_mirror="mmlu") / "data"
     save_eval("mmlu_test", mmlu_split(root, "test"))
     save_chat("mmlu_dev", mc_conversations(mmlu_split(root, "dev")))
     if (root / "auxiliary_train").is_dir():
@@ -212,19 +207,13 @@ def run_mmlu(args):
         say("skipping chat/mmlu_aux_train: MMLU auxiliary_train is not in the mirror (online only)")
 
 # -----------------------------------------------------------------------------
-# CORE bundle (base-model eval) and ARC (test from the bundle, train/dev from the ARC zip online)
+# The CORE bundle (base-model eval); ARC (test from the bundle, train/dev from the ARC zip, online); HumanEval
 
 CORE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 ARC = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
 
 def run_core(args):
-    if mirror() is not None:
-        src = mirror() / "eval_bundle"
-    else:
-        folder = unpack(fetch(CORE, raw_dir("core") / "eval_bundle.zip"), raw_dir("core") / "unpacked")
-        src = find(folder, "core.yaml").parent
-    if not (src / "core.yaml").exists():
-        sys.exit(f"{src}/core.yaml is missing: the CORE bundle is incomplete")
+    src = find(unpacked(CORE, "core", in_mirror="eval_bundle"), "core.yaml").parent
     dest = data_dir() / "eval" / "core"
     tmp = dest.with_name("core.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -236,7 +225,7 @@ def run_core(args):
     print(f"eval/core: {len(list((dest / 'eval_data').rglob('*.jsonl')))} task files")
 
 def arc_rows(path):
-    """ARC's own jsonl -> {"question", "choices", "gold"}; labels are A-E or 1-5."""
+    """ARC's own jsonl (labels A-E or 1-5) -> {"question", "choices", "gold"}."""
     return [{"question": r["question"]["stem"], "choices": [c["text"] for c in r["question"]["choices"]],
              "gold": [c["label"] for c in r["question"]["choices"]].index(r["answerKey"])} for r in read_jsonl(path)]
 
@@ -244,8 +233,7 @@ def run_arc(args):
     core = data_dir() / "eval" / "core"
     if not core.exists():
         run_core(args)
-    archive = fetch(ARC, raw_dir("arc") / "ARC-V1-Feb2018.zip")
-    folder = unpack(archive, raw_dir("arc") / "unpacked") if archive else None
+    folder = unpacked(ARC, "arc")  # offline None: the mirror has ARC's test splits only, in the CORE bundle
     for subset in ("easy", "challenge"):
         # the bundle's format: {"query": "Question: ...", "choices", "gold"}
         test = read_jsonl(core / "eval_data" / "world_knowledge" / f"arc_{subset}.jsonl")
@@ -257,9 +245,6 @@ def run_arc(args):
         train, dev = (arc_rows(find(folder, f"ARC-{subset.title()}-{s}.jsonl")) for s in ("Train", "Dev"))
         save_chat(f"arc_{subset}_train", mc_conversations(train), val=mc_conversations(dev))
 
-# -----------------------------------------------------------------------------
-# HumanEval (eval only)
-
 HUMANEVAL = "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz"
 
 def run_humaneval(args):
@@ -269,21 +254,33 @@ def run_humaneval(args):
     save_eval("humaneval", [{k: r[k] for k in keys} for r in read_jsonl(path)])
 
 # -----------------------------------------------------------------------------
-# Dolly (+ HH-RLHF): single-turn instructions; the prompt's instruction template is stripped
+# General chat: Dolly (+ HH-RLHF) single-turn instructions, SmolTalk multi-turn (online only), and the
+# hand-written identity conversations (who the assistant is)
 
 DOLLY_TEMPLATE = re.compile(r"^Below is an instruction.*?### Instruction:\s*(.*?)\s*### Response:\s*$", re.S)
 
 def run_dolly(args):
     if mirror() is not None:
-        name = "dolly_hhrlhf_train_small.jsonl"  # a 1,000-row slice of the train split
+        name = "dolly_hhrlhf_train_small.jsonl"  # 1,000 rows of the train split
         rows = read_jsonl(fetch(None, raw_dir("dolly") / name, mirror_path=f"sft/{name}"))
     else:
         rows = hf_rows("mosaicml/dolly_hhrlhf", "train", ["prompt", "response"])
-    pairs = [(DOLLY_TEMPLATE.sub(r"\1", r["prompt"]).strip(), r["response"].strip()) for r in rows]
+    pairs = [(DOLLY_TEMPLATE.sub(r"\1", r["prompt"]).strip(), r["response"].strip()) for r in rows]  # no template
     save_chat("dolly", [chat(q, a) for q, a in pairs if q and a])
 
-# -----------------------------------------------------------------------------
-# Identity: who the assistant is, hand-written in data/identity.jsonl
+def smoltalk(split):
+    convs = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+             for r in hf_rows("HuggingFaceTB/smol-smoltalk", split, ["messages"])]
+    good = [c for c in convs if check(c) is None]
+    if len(good) < len(convs):
+        say(f"smoltalk: skipped {len(convs) - len(good)} conversations that are not user/assistant alternations")
+    return good
+
+def run_smoltalk(args):
+    if mirror() is not None:
+        say("skipping chat/smoltalk: SmolTalk is not in the mirror (online only)")
+        return
+    save_chat("smoltalk", smoltalk("train"), val=smoltalk("test"))  # its test split is our val
 
 def run_identity(args):
     path = Path(__file__).with_name("identity.jsonl")
@@ -305,7 +302,7 @@ SPELL_ASKS = ["Spell '{w}' letter by letter.", "How do you spell {w}?", "spell o
               "Spell the word {w} with dashes between the letters."]
 
 def count_reply(word, c):
-    """Spell the word with a running count next to each match (s, t, r (1), a, ...), then check in Python."""
+    """The word spelled with a running count at each match (s, t, r (1), a, ...), then checked in Python."""
     n = word.count(c)
     tally = [f"{ch} ({word[:i + 1].count(c)})" if ch == c else ch for i, ch in enumerate(word)]
     return [{"type": "text", "text": f"Let me spell '{word}' and count each '{c}': {', '.join(tally)}.\n"
@@ -330,26 +327,8 @@ def run_spelling(args):
     text = path.read_text(encoding="utf-8")  # CRLF line ends: splitlines() drops the \r too
     words = [w for w in text.splitlines() if 3 <= len(w) <= 12 and w.isalpha()]
     train = spelling_tasks(words, args.num_spelling, args.seed)
-    seen = {first_user(c) for c in train}  # a val prompt never appears in train
-    val = spelling_tasks(words, max(20, args.num_spelling // 50), args.seed + 1)
-    save_chat("spelling", train, val=[c for c in val if first_user(c) not in seen])
-
-# -----------------------------------------------------------------------------
-# SmolTalk (online only): multi-turn general chat; its test split is our val
-
-def smoltalk(split):
-    convs = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-             for r in hf_rows("HuggingFaceTB/smol-smoltalk", split, ["messages"])]
-    good = [c for c in convs if check(c) is None]
-    if len(good) < len(convs):
-        say(f"smoltalk: skipped {len(convs) - len(good)} conversations that are not user/assistant alternations")
-    return good
-
-def run_smoltalk(args):
-    if mirror() is not None:
-        say("skipping chat/smoltalk: SmolTalk is not in the mirror (online only)")
-        return
-    save_chat("smoltalk", smoltalk("train"), val=smoltalk("test"))
+    val = spelling_tasks(words, max(20, args.num_spelling // 50), args.seed + 1)  # save_chat drops those in train
+    save_chat("spelling", train, val=val)
 
 # -----------------------------------------------------------------------------
 # Run: eval sets first, so that save_chat can drop any training prompt that appears in them
@@ -358,12 +337,12 @@ STEPS = {"core": run_core, "arc": run_arc, "mmlu": run_mmlu, "gsm8k": run_gsm8k,
          "dolly": run_dolly, "identity": run_identity, "spelling": run_spelling, "smoltalk": run_smoltalk}
 
 if __name__ == "__main__":
-    parser = Parser(description="Write conversations to <base>/data/chat/, eval tasks to "
-                                     "<base>/data/eval/.")
+    parser = Parser(description="Write conversations to <base>/data/chat/, eval tasks to <base>/data/eval/.")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(STEPS)} (default: all)")
     parser.add_argument("--num-spelling", type=ranged(int, 0), default=5000,
                         help="number of generated spelling/counting conversations (val: 1/50 of it, at least 20)")
-    parser.add_argument("--seed", type=ranged(int, 0), default=42, help="seed of the generated spelling tasks (val uses seed+1)")
+    parser.add_argument("--seed", type=ranged(int, 0), default=42,
+                        help="seed of the generated spelling tasks (val uses seed+1)")
     args = parse_args(parser)
     names = [n for n in args.only.split(",") if n] or list(STEPS)
     if unknown := [n for n in names if n not in STEPS]:

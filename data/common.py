@@ -1,8 +1,8 @@
 """
-Helpers shared by the data scripts (data/*.py) only; training stages never import this file.
+Helpers of the data scripts (data/*.py) only; training stages never import this file.
 
-Every file is written under a temporary name, fsynced, then renamed into place, so a file that exists
-under its final name is complete; that is also why a second run skips it.
+Every file is written under a temporary name, fsynced, then renamed into place: a file under its final
+name is complete, which is why a second run can skip it.
 """
 import hashlib
 import json
@@ -15,11 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
 from tokenizer import Parser, ranged  # noqa: E402,F401  (every script's argparse: one-line errors, checked ranges)
 
-
 def data_dir():
-    """Where the data goes: $FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
+    """$FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
     return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat") / "data"
-
 
 def mirror():
     """The offline mirror folder ($FLATCHAT_DATA_MIRROR, set by --mirror); None = download."""
@@ -28,7 +26,6 @@ def mirror():
         sys.exit(f"mirror folder {path} does not exist: fix --mirror / FLATCHAT_DATA_MIRROR "
                  "(a folder laid out like ../shared/data)")
     return Path(path) if path else None
-
 
 def parse_args(parser):
     """The script's arguments plus --mirror, which sets $FLATCHAT_DATA_MIRROR (a wrong path stops here)."""
@@ -40,16 +37,13 @@ def parse_args(parser):
     mirror()
     return args
 
-
 def say(msg):
     print(msg, file=sys.stderr, flush=True)
-
 
 def _commit(tmp, dest):
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dest)
-
 
 def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,12 +52,11 @@ def write_jsonl(path, rows):
         f.writelines(json.dumps(row) + "\n" for row in rows)
     _commit(tmp, path)
 
-
 # -----------------------------------------------------------------------------
 # Download with retries, HTTP Range resume, size/sha256 checks and a progress line
 
 def _download_once(url, part):
-    import requests  # imported here so that offline runs and tests never need the network stack
+    import requests  # here, so that offline runs and tests never need the network stack
 
     have = part.stat().st_size if part.exists() else 0
     with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=60) as r:
@@ -73,24 +66,18 @@ def _download_once(url, part):
         if r.status_code != 206:  # the server ignored Range: start over
             have = 0
         length = int(r.headers.get("Content-Length", 0))
-        total, done, t0 = have + length if length else None, have, time.time()
-
-        def progress():
-            of = f"/{total / 1e6:.1f} MB {100 * done / total:5.1f}%" if total else " MB"
-            speed = (done - have) / 1e6 / max(time.time() - t0, 1e-6)
-            print(f"\r  {part.stem}: {done / 1e6:.1f}{of} {speed:.1f} MB/s ", end="", file=sys.stderr, flush=True)
-
-        last = t0
+        of = f"/{(have + length) / 1e6:.1f}" if length else ""
+        done, t0, shown = have, time.time(), 0
         with open(part, "ab" if have else "wb") as f:
             for chunk in r.iter_content(chunk_size=1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                if time.time() - last > 0.5:
-                    progress()
-                    last = time.time()
-        progress()
-        print(file=sys.stderr)
-
+                if time.time() - shown > 0.5 or done == have + length:  # redraw twice a second, and at the end
+                    shown = time.time()
+                    speed = (done - have) / 1e6 / max(shown - t0, 1e-6)
+                    print(f"\r  {part.stem}: {done / 1e6:.1f}{of} MB {speed:.1f} MB/s ",
+                          end="", file=sys.stderr, flush=True)
+        say("")
 
 def _download(url, dest, sha256, size, retries=5):
     part = dest.with_name(dest.name + ".part")
@@ -115,11 +102,10 @@ def _download(url, dest, sha256, size, retries=5):
                 sys.exit(f"sha256 mismatch for {url}; removed {part}, rerun to download again")
     _commit(part, dest)
 
-
 def fetch(url, dest, mirror_path=None, sha256=None, size=None):
-    """Get `url` into `dest`; with a mirror, copy `mirror_path` (relative to the mirror) instead.
-    sha256/size describe the online file and are checked on downloads only (the mirror's copies may
-    differ, e.g. MMLU's CSV header). Returns dest, or None when offline and the mirror lacks the file."""
+    """Get `url` into `dest`, or with a mirror copy `mirror_path` (relative to it). sha256/size describe the
+    online file and are checked on downloads only (a mirror's copy may differ, e.g. MMLU's CSV header).
+    Returns dest, or None when the mirror lacks the file."""
     dest, root = Path(dest), mirror()
     if dest.exists() and (root is not None or size is None or dest.stat().st_size == size):
         return dest

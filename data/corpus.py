@@ -1,19 +1,17 @@
 """
-Get the pretraining corpus into <base>/data/pretrain/: {train,val}/shard_00000.jsonl ..., one {"text": document}
-per line, <= --shard-mb each, and meta.json (what was built: a rerun with the same settings skips).
+The pretraining corpus: <base>/data/pretrain/{train,val}/shard_00000.jsonl ..., one {"text": document} per line,
+<= --shard-mb each, and meta.json (what was built: a rerun with the same settings skips).
 
     python data/corpus.py                               # cpu preset: TinyStories (downloads ~2.2 GB)
     python data/corpus.py --preset smoke                # a ~400 KB slice, for seconds-fast runs
     python data/corpus.py --preset gpu --num-shards 8   # ClimbMix parquet shards + the validation shard
     python data/corpus.py --mirror ../shared/data       # offline (or FLATCHAT_DATA_MIRROR=../shared/data)
 
-Sources: cpu = TinyStoriesV2-GPT4 train + valid, offline the mirror's heads of them + pretrain/offline-prose/*.jsonl
-(prose that exists offline only). smoke = the cpu sources, cut to --max-chars per source file. gpu = ClimbMix
-shards 0..N-1 into train/ and the last one (06542) into val/, kept as parquet (column "text": no re-encoding of
-~250M chars per shard); the mirror has no ClimbMix, so offline the gpu preset falls back to cpu and says so.
-
-Train/val split: identical documents are dropped, and a document goes to val when the sha256 of its text falls
-in the first --val-frac of the hash space: deterministic, independent of order, never on both sides.
+cpu: TinyStoriesV2-GPT4 train + valid; offline the mirror's heads of them + pretrain/offline-prose/*.jsonl.
+smoke: the cpu sources, --max-chars of each. gpu: ClimbMix shards 0..N-1 into train/, the last one into val/,
+kept as parquet (column "text"); the mirror has no ClimbMix, so offline gpu falls back to cpu and says so.
+Identical documents are dropped; a document goes to val when the sha256 of its text falls in the first
+--val-frac of the hash space: deterministic, independent of order, never on both sides.
 """
 import hashlib
 import json
@@ -35,14 +33,13 @@ EOT = "<|endoftext|>"
 # Readers: each yields documents (str) from one raw file
 
 def tinystories_docs(path):
-    """Stories split at <|endoftext|>, or, in the mirror's heads (which separate stories only by blank
-    lines, like their paragraphs), at a paragraph that opens with "Once upon a time" / "Once there":
-    ~70% of the stories open so, the others stay glued to the one before (a missing boundary only)."""
+    """Stories split at <|endoftext|>, or in the mirror's heads, whose stories are separated only by blank lines
+    like their paragraphs, at a paragraph opening "Once upon a time" / "Once there" (~70% of the stories do;
+    the others stay glued to the one before)."""
     with open(path, encoding="utf-8") as f:
         head = f.read(1 << 20)
     docs = _docs_between_eot(path) if EOT in head else _docs_from_paragraphs(path)
     return (doc.strip() for doc in docs if doc.strip())
-
 
 def _docs_between_eot(path):
     rest = ""
@@ -51,7 +48,6 @@ def _docs_between_eot(path):
             *docs, rest = (rest + line).split(EOT)
             yield from docs
     yield rest
-
 
 def _docs_from_paragraphs(path):
     paras = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n").split("\n\n")
@@ -64,7 +60,6 @@ def _docs_from_paragraphs(path):
             story.append(p)
     yield "\n\n".join(story)
 
-
 def jsonl_docs(path):
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -75,9 +70,8 @@ def jsonl_docs(path):
             if text.strip():
                 yield text
 
-
 def cut(docs, max_chars):
-    """The first documents of a source, up to about max_chars characters (-1 = all)."""
+    """The first documents, up to about max_chars characters (-1 = all)."""
     n = 0
     for doc in docs:
         if 0 <= max_chars <= n:
@@ -85,15 +79,14 @@ def cut(docs, max_chars):
         n += len(doc)
         yield doc
 
-
 # -----------------------------------------------------------------------------
 # Writing: dedupe, hash split, jsonl shards
 
 def write_shards(folder, docs, max_bytes):
-    """{"text": doc} lines into folder/shard_00000.jsonl ..., a new shard every max_bytes; returns the counts."""
+    """{"text": doc} lines into folder/shard_00000.jsonl ..., a new shard every max_bytes."""
     folder.mkdir(parents=True)
     lines, n = (json.dumps({"text": doc}) + "\n" for doc in docs), 0
-    for line in lines:  # one shard per pass: its first line here, the next ones below until it is full
+    for line in lines:  # one shard per pass: its first line here, the next ones until it is full
         with open(folder / f"shard_{n:05d}.jsonl", "w", encoding="utf-8") as f:
             f.write(line)
             while f.tell() < max_bytes and (line := next(lines, None)):
@@ -103,9 +96,8 @@ def write_shards(folder, docs, max_bytes):
         n += 1
     return dict(docs=len(docs), chars=sum(map(len, docs)), shards=n)
 
-
 def build_jsonl(sources, out, val_frac, shard_mb, config):
-    """sources: list of (name, iterator of docs). Builds out.tmp/ and renames it to out/ when complete."""
+    """sources: (name, docs) pairs. Builds out.tmp/, renamed to out/ once complete."""
     seen, per_source, dupes, split = set(), {}, 0, {"train": [], "val": []}
     for name, docs in sources:
         per_source[name] = 0
@@ -132,14 +124,12 @@ def build_jsonl(sources, out, val_frac, shard_mb, config):
     os.replace(tmp, out)
     return meta
 
-
 # -----------------------------------------------------------------------------
 # Sources per preset
 
 def cpu_sources(raw, max_chars):
-    """(name, docs) pairs for the cpu/smoke corpus; offline also the prose that exists only in the mirror."""
     sources = []
-    for split in ("train", "valid"):  # the mirror has the heads of both files, under its own names
+    for split in ("train", "valid"):  # the mirror has the heads of both files
         path = fetch(TINYSTORIES.format(split), raw / f"tinystories_{split}.txt",
                      mirror_path=f"pretrain/tinystories/TinyStories-{split}.head.txt")
         if path:
@@ -152,15 +142,14 @@ def cpu_sources(raw, max_chars):
         sources.append((name, cut(jsonl_docs(path), max_chars)))
     return sources
 
-
 def fetch_climbmix(out, num_shards):
-    """gpu preset online: parquet shards straight into train/ and val/ (fetch skips those already there)."""
+    """gpu preset: parquet shards straight into train/ and val/ (fetch skips those already there)."""
     for i, split in [(i, "train") for i in range(num_shards)] + [(CLIMBMIX_VAL, "val")]:
         fetch(CLIMBMIX.format(i), out / split / f"shard_{i:05d}.parquet")
     for f in (out / "train").glob("shard_*.parquet"):  # shards of an earlier, larger --num-shards
         if int(f.stem[6:]) >= num_shards:
             f.unlink()
-    import pyarrow.parquet as pq  # only here: the one place this script reads parquet
+    import pyarrow.parquet as pq  # only here, the one place that reads parquet
 
     meta = dict(config=dict(preset="gpu", num_shards=num_shards))
     for split in ("train", "val"):
@@ -170,14 +159,14 @@ def fetch_climbmix(out, num_shards):
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 
-
 # -----------------------------------------------------------------------------
 # Run
 
 if __name__ == "__main__":
-    parser = Parser(description="Get the pretraining corpus into <base>/data/pretrain/{train,val}/.")
+    parser = Parser(description="Write the pretraining corpus to <base>/data/pretrain/{train,val}/.")
     parser.add_argument("--preset", choices=["cpu", "gpu", "smoke"], default="cpu",
-                        help="cpu: TinyStories (+ the mirror's prose offline); gpu: ClimbMix shards; smoke: a tiny slice")
+                        help="cpu: TinyStories (+ the mirror's prose offline); gpu: ClimbMix shards; "
+                             "smoke: a tiny slice")
     parser.add_argument("--num-shards", type=ranged(int, 1), default=8,
                         help="gpu preset: number of ClimbMix train shards (~250M chars each)")
     parser.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=None,

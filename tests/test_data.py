@@ -105,13 +105,19 @@ def test_tinystories_readers(tmp_path):
 # chat_data.py: conversion
 
 
+def gsm8k_answer(parts):
+    """The inverse of chat_data.gsm8k_parts: the original answer text."""
+    wrap = {"text": "{}", "python": "<<{}=", "python_output": "{}>>"}
+    return "".join(wrap[p["type"]].format(p["text"]) for p in parts)
+
+
 @needs_mirror
 def test_gsm8k_parts_round_trip_on_the_mirror():
     for split in ("train", "test"):
         rows = read_jsonl(MIRROR / "gsm8k" / "grade_school_math" / "data" / f"{split}.jsonl")
         for row in rows:
             parts = chat_data.gsm8k_parts(row["answer"])
-            assert chat_data.gsm8k_answer(parts) == row["answer"]
+            assert gsm8k_answer(parts) == row["answer"]
             types = [p["type"] for p in parts]
             assert types.count("python") == types.count("python_output") == row["answer"].count("<<")
             assert all(types[i + 1] == "python_output" for i, t in enumerate(types) if t == "python")
