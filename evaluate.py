@@ -294,12 +294,8 @@ def letter_ids(tokenizer, n):
     assert all(len(i) == 1 for i in ids), f"answer letters are not single tokens: {ids}"
     return [i[0] for i in ids]
 
-def letter_correct(logits, letters, gold):
-    """Argmax over the choices' letters only, at the answer position (logits (V,))."""
-    return int(logits[letters].argmax().item() == gold)
-
 def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
-    """Accuracy of the letter after the rendered multiple-choice prompt, a batch at a time."""
+    """Accuracy of the argmax over the choices' letters only, at the answer position after the rendered prompt."""
     correct, mine, T = 0, items[rank::world], model.config.sequence_len
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
@@ -307,12 +303,9 @@ def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
         rows = [tokenizer.render_for_completion(c)[-T:] for c in convs]  # a long prompt loses its start
         logits, _ = forward_rows(model, rows)
         for j, (r, it) in enumerate(zip(rows, chunk)):
-            correct += letter_correct(logits[j, len(r) - 1], letter_ids(tokenizer, len(it["choices"])), it["gold"])
+            letters = letter_ids(tokenizer, len(it["choices"]))
+            correct += int(logits[j, len(r) - 1, letters].argmax().item() == it["gold"])
     return all_mean(correct, len(items))
-
-def gsm8k_reference(answer):
-    """What follows '####' in a GSM8K answer (the whole string when there is none)."""
-    return answer.split("####")[-1].strip().replace(",", "")
 
 def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
     """The assistant's replies (calculator on), decoded without the special tokens."""
@@ -323,9 +316,10 @@ def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0)
     return [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]
 
 def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
+    """Accuracy of the number after '####' in the greedy reply, against the item's "answer" ("72")."""
     correct = 0
     for conv in items[rank::world]:  # the user's question; the reference solution (last message) is dropped
-        correct += gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], gsm8k_reference(conv["answer"]))
+        correct += gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], conv["answer"])
     return all_mean(correct, len(items))
 
 def humaneval_program(task, completion):
