@@ -14,7 +14,6 @@ report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxe
 
 import csv
 import functools
-import importlib.metadata
 import json
 import math
 import os
@@ -367,55 +366,48 @@ def system_section(tokenizer, files):
     commit, dirty = git("log", "-1", "--format=%h %cd", "--date=short"), git("status", "--porcelain")
     gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    found = list(importlib.metadata.distributions())[::-1]  # the first on sys.path wins, as in version()
-    versions = {str(d.metadata["Name"]).lower(): d.version for d in found}
-    deps = ", ".join(f"{p} {versions.get(p, '-')}" for p in ("numpy", "regex", "textual", "requests", "pyarrow"))
     text = "\n".join(d for f in files for d, _ in zip(iter_documents(f), range(50)))[:200_000]
     n, nbytes = len(tokenizer.encode(text)) if text else 0, len(text.encode())
     return "\n".join([
         "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, GPUs: {gpus}",
         f"- software: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
-        f"- dependencies: {deps}",
         f"- git commit: {commit or 'none yet'}{' (+ uncommitted changes)' if dirty else ''}",
         f"- sandbox: {'user/mount/net/pid namespaces + ' if namespaces_available() else ''}rlimits + audit hook",
-        "", "## Tokenizer", "", f"- vocab size: {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})",
-        f"- compression: {nbytes / n:.2f} bytes/token on {nbytes:,} bytes of val text" if n else "- compression: -"])
+        f"- tokenizer: vocab size {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]}), "
+        + (f"{nbytes / n:.2f} bytes/token on {nbytes:,} bytes of val text" if n else "no val text")])
 
 def loss_svg(rows, width=560, height=220, pad=44):
-    """A stage's loss curve as a hand-drawn SVG: train loss (line, left axis) and its validation metric
-    (dots, right axis: val loss, or val bpb for pretraining) against the step."""
+    """A stage's curves against the step: train loss (line, left axis) and the validation metric (dots, right
+    axis: val bpb for pretraining, val loss after)."""
+    key = "val_bpb" if any("val_bpb" in r for r in rows) else "val_loss"
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
-    key = next((k for k in ("val_bpb", "val_loss") if any(k in r for r in rows)), None)
     val = [(r["step"], r[key]) for r in rows if key in r]
-    steps = [s for s, _ in train + val] or [0]
+    steps = [s for s, _ in train + val]
     x = lambda s: pad + (s - min(steps)) / max(max(steps) - min(steps), 1) * (width - 2 * pad)
-    def scale(points):  # y of each value, and the axis labels (top, bottom)
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        return (lambda v: height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)), (hi, lo)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
            f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">step {min(steps)} .. {max(steps)}</text>']
     for points, color, side, name in ((train, "#1f77b4", pad, "train loss"), (val, "#ff7f0e", width - pad, key)):
         if not points:
             continue
-        y, (hi, lo) = scale(points)
-        anchor = "end" if side == pad else "start"
-        out += [f'<text x="{side + (-4 if side == pad else 4)}" y="{y(v) + 4}" text-anchor="{anchor}" fill="{color}">{v:.3f}</text>'
-                for v in (hi, lo)]
-        out.append(f'<text x="{side}" y="{pad - 14}" text-anchor="middle" fill="{color}">{name}</text>')
-        if name == "train loss":
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="' +
-                       " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points) + '"/>')
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        y = lambda v: height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)
+        dx, anchor = (-4, "end") if side == pad else (4, "start")
+        out += [f'<text x="{side + dx}" y="{y(v) + 4}" text-anchor="{anchor}" fill="{color}">{v:.3f}</text>'
+                for v in (hi, lo)] + [f'<text x="{side}" y="{pad - 14}" text-anchor="middle" fill="{color}">{name}</text>']
+        if points is train:
+            xy = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{xy}"/>')
         else:
             out += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"/>' for s, v in points]
     return "\n".join(out + ["</svg>"]) + "\n"
 
 def training_section(home):
-    """Steps, wall time, final loss and validation of each stage from logs/<stage>.jsonl, and each stage's
-    loss curve written as report/loss_<stage>.svg: (markdown, seconds)."""
-    lines, total, plots = ["## Training", "", "| stage | steps | wall time | final loss | final validation |",
-                           "|---|---|---|---|---|"], 0.0, []
+    """(markdown, seconds): steps, wall time, final loss and validation of each stage from logs/<stage>.jsonl,
+    and its loss curve written as report/loss_<stage>.svg."""
+    lines, plots, total = ["## Training", "", "| stage | steps | wall time | final loss | final validation |",
+                           "|---|---|---|---|---|"], [], 0.0
     for stage in STAGES:
         path = home / "logs" / f"{stage}.jsonl"
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.endswith("}")] if path.exists() else []
@@ -433,29 +425,27 @@ def training_section(home):
     return "\n".join(lines + ([""] + plots if plots else [])), total
 
 def score_cell(m, key):
-    """A multiple-choice score, marked '(chance)' when within 2 standard errors of guessing on its items."""
+    """A score, marked '(chance)' when within 2 standard errors of guessing on its number of items."""
     value, chance, n = m.get(key), m.get(f"{key}_chance", CHAT_BASELINES.get(key)), m.get(f"{key}_items")
     if value is None:
         return "-"
-    noise = 2 * math.sqrt(chance * (1 - chance) / n) if chance and n else 0.0
-    return f"{value:.4f}" + (" (chance)" if chance and n and abs(value - chance) <= noise else "")
+    near = chance and n and abs(value - chance) <= 2 * math.sqrt(chance * (1 - chance) / n)
+    return f"{value:.4f}" + (" (chance)" if near else "")
 
 def metrics_section(ms):
-    """The table of metrics per stage (ms: stage -> its metrics), then each stage's own numbers."""
+    """The table of metrics per stage (ms: stage -> its metrics), then what each stage measured besides."""
     lines = ["## Metrics", "", "| metric | chance | " + " | ".join(STAGES.values()) + " |", "|---|---|" + "---|" * len(STAGES)]
     for key, name in ROWS.items():
         chance = next((m[f"{key}_chance"] for m in ms.values() if f"{key}_chance" in m), CHAT_BASELINES.get(key))
         chance = "0 (centered)" if key in ("core", "chatcore") else "-" if chance is None else f"{chance:.4f}" if chance else "0"
         lines.append(f"| {name} | {chance} | " + " | ".join(score_cell(ms.get(s, {}), key) for s in STAGES) + " |")
     lines += ["", "A score marked (chance) is within 2 standard errors of guessing, for the number of items "
-              "evaluated: it shows nothing learned yet.", ""]
+              "evaluated: it shows nothing learned yet."]
     for s, m in ms.items():
-        lines += [f"- {STAGES[s]}: CORE over {m['core_k']} of {m['core_total']} tasks"] if "core_k" in m else []
-        lines += [f"- {STAGES[s]}: ChatCORE over {m['chatcore_k']} of 5 tasks"] if m.get("chatcore_k") else []
-    for s, m in ms.items():  # every number the stage measured, CORE per task
         lines += ["", f"## {STAGES[s]} ({s}, step {m['step']})", ""]
-        lines += [f"- {ROWS.get(k, k)}: {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "eval_seconds"
-                  and not k.endswith("_chance")]
+        lines += [f"- CORE over {m['core_k']} of {m['core_total']} tasks"] if "core_k" in m else []
+        lines += [f"- ChatCORE over {m['chatcore_k']} of 5 tasks"] if m.get("chatcore_k") else []
+        lines += [f"- {k}: {v:.4f}" for k, v in m.items() if k.startswith("humaneval_pass@")]
         if m.get("core_tasks"):
             lines += ["", "| CORE task | accuracy | centered | items |", "|---|---|---|---|"]
             lines += [f"| {t} | {r['acc']:.4f} | {r['centered']:+.4f} | {r['n']} |" for t, r in m["core_tasks"].items()]
@@ -467,14 +457,10 @@ def write_report(home):
     d.mkdir(parents=True, exist_ok=True)
     ms = {s: json.loads(p.read_text()) for s in STAGES if (p := d / f"metrics_{s}.json").exists()}
     (training, train_s), eval_s = training_section(home), sum(m.get("eval_seconds", 0) for m in ms.values())
-    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".sh") and ".git" not in p.parts]
-    code = [p.read_text(errors="replace") for p in files]
     parts = ["# flatchat report card", f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     parts += [(d / "system.md").read_text().strip()] if (d / "system.md").exists() else []
-    parts += [training, metrics_section(ms), "## Totals",
-              f"- total wall clock: {(train_s + eval_s) / 3600:.2f} h (training {train_s / 60:.1f} min, "
-              f"evaluation {eval_s / 60:.1f} min)\n- repo size: {sum(c.count(chr(10)) for c in code):,} lines in "
-              f"{len(files)} files (*.py, *.sh), ~{sum(map(len, code)) // 4:,} tokens"]
+    parts += [training, metrics_section(ms), f"## Totals\n\n- wall clock: {(train_s + eval_s) / 3600:.2f} h (training "
+              f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min)"]
     (home / "report.md").write_text("\n\n".join(parts) + "\n")
     return home / "report.md"
 
