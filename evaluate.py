@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
                    load_model, print0)
-from tokenizer import Parser, base_dir, iter_documents, ranged, render_mc
+from tokenizer import Parser, base_dir, corpus_files, corpus_texts, ranged, render_mc
 
 # -----------------------------------------------------------------------------
 # The sandbox: generated code runs in its own process, limited in layers (outside in):
@@ -188,11 +188,10 @@ def load_jsonl(path):
 def val_rows(tokenizer, files, T, max_tokens):
     """doc, <|bos|>, doc, ... in rows of T+1 that start with <|bos|> (as pretrain packs): each token a target once."""
     bos, stream = tokenizer.bos_id, []
-    for f in files:
-        for text in iter_documents(f):
-            if len(stream) >= max_tokens:
-                break
-            stream += tokenizer.encode(text) + [bos]
+    for text in corpus_texts(files):
+        if len(stream) >= max_tokens:
+            break
+        stream += tokenizer.encode(text) + [bos]
     stream = stream[:max_tokens]
     return [[bos] + stream[i:i + T] for i in range(0, len(stream) - T + 1, T)] or [[bos] + stream]
 
@@ -287,23 +286,17 @@ def run_core(model, tokenizer, core_dir, max_items, rank=0, world=1):
 # -----------------------------------------------------------------------------
 # Chat tasks: ARC-Easy, ARC-Challenge, MMLU (letters), GSM8K (calculator), HumanEval (sandbox)
 
-def letter_ids(tokenizer, n):
-    """The token of each answer letter as the assistant writes it ("A"): each must be one token."""
-    ids = [tokenizer.encode(c) for c in "ABCDEFGHIJ"[:n]]
-    assert all(len(i) == 1 for i in ids), f"answer letters are not single tokens: {ids}"
-    return [i[0] for i in ids]
-
 def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
     """Accuracy of the argmax over the choices' letters only, at the answer position after the rendered prompt."""
     correct, mine, T = 0, items[rank::world], model.config.sequence_len
+    letters = [tokenizer.encode(c)[0] for c in "ABCDEFGHIJ"]  # as the assistant writes them: one byte, one token
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
         convs = [{"messages": [{"role": "user", "content": render_mc(it["question"], it["choices"])}]} for it in chunk]
         rows = [tokenizer.render_for_completion(c)[-T:] for c in convs]  # a long prompt loses its start
         logits, _ = forward_rows(model, rows)
         for j, (r, it) in enumerate(zip(rows, chunk)):
-            letters = letter_ids(tokenizer, len(it["choices"]))
-            correct += int(logits[j, len(r) - 1, letters].argmax().item() == it["gold"])
+            correct += int(logits[j, len(r) - 1, letters[:len(it["choices"])]].argmax().item() == it["gold"])
     return all_mean(correct, len(items))
 
 def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
@@ -360,21 +353,18 @@ def chatcore(metrics):
     got = [(metrics[k] - b) / (1 - b) for k, b in CHAT_BASELINES.items() if k in metrics]
     return (sum(got) / len(got) if got else None), len(got)
 
-def system_section(tokenizer, files):
-    """The machine, the software, the commit; the tokenizer's size and compression on the val text."""
+def system_section(tokenizer):
+    """The machine, the software, the commit, the sandbox's layers, the tokenizer."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit, dirty = git("log", "-1", "--format=%h %cd", "--date=short"), git("status", "--porcelain")
     gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    text = "\n".join(d for f in files for d, _ in zip(iter_documents(f), range(50)))[:200_000]
-    n, nbytes = len(tokenizer.encode(text)) if text else 0, len(text.encode())
     return "\n".join([
         "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, GPUs: {gpus}",
         f"- software: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
         f"- git commit: {commit or 'none yet'}{' (+ uncommitted changes)' if dirty else ''}",
         f"- sandbox: {'user/mount/net/pid namespaces + ' if namespaces_available() else ''}rlimits + audit hook",
-        f"- tokenizer: vocab size {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]}), "
-        + (f"{nbytes / n:.2f} bytes/token on {nbytes:,} bytes of val text" if n else "no val text")])
+        f"- tokenizer: vocab size {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})"])
 
 def loss_svg(rows, width=560, height=220, pad=44):
     """A stage's curves against the step: train loss (line, left axis) and the validation metric (dots, right
@@ -491,28 +481,25 @@ if __name__ == "__main__":
     tasks = [t.strip() for t in (args.tasks or default).split(",")]
     if set(tasks) - {"bpb", "core", "arc", "mmlu", "gsm8k", "humaneval"}:
         parser.error(f"--tasks {args.tasks}: choose from bpb,core,arc,mmlu,gsm8k,humaneval")
-    max_items = args.max_per_task if args.max_per_task > 0 else None
+    max_items = args.max_per_task if args.max_per_task > 0 else sys.maxsize
 
     # -------------------------------------------------------------------------
     # Init, the checkpoint
     _, rank, _, world, device = compute_init()
     model, tokenizer, meta = load_model(args.stage, device, step=args.step)
     print0(f"evaluating {args.stage} step {meta['step']} on {world} process(es): {','.join(tasks)}")
-    t0, m, ev, val_dir = time.time(), {}, home / "data" / "eval", home / "data" / "pretrain" / "val"
-    val_files = sorted(f for f in val_dir.glob("*") if f.suffix in (".jsonl", ".parquet", ".txt"))
+    t0, m, ev = time.time(), {}, home / "data" / "eval"
 
     # -------------------------------------------------------------------------
     # Base metrics
     if "bpb" in tasks:
-        if not val_files:
-            sys.exit(f"no validation files in {val_dir}: create them with `python data/corpus.py`")
-        rows = val_rows(tokenizer, val_files, model.config.sequence_len, args.bpb_tokens)
+        rows = val_rows(tokenizer, corpus_files("val"), model.config.sequence_len, args.bpb_tokens)
         m["bpb"] = bits_per_byte(model, rows, tokenizer.token_bytes, args.batch_size, rank, world)
         print0(f"bpb | {m['bpb']:.4f} over {len(rows) * model.config.sequence_len:,} tokens")
     if "core" in tasks:
         if not (ev / "core" / "core.yaml").exists():
             sys.exit(f"no CORE bundle at {ev / 'core'}: create it with `python data/chat_data.py --only core`")
-        m.update(run_core(model, tokenizer, ev / "core", max_items or 10**9, rank, world))
+        m.update(run_core(model, tokenizer, ev / "core", max_items, rank, world))
         print0(f"CORE {m['core']:.4f} over {m['core_k']} of {m['core_total']} tasks")
 
     # -------------------------------------------------------------------------
@@ -547,6 +534,6 @@ if __name__ == "__main__":
         m = {**old, **m, "step": meta["step"], "eval_seconds": old.get("eval_seconds", 0) + time.time() - t0}
         m["chatcore"], m["chatcore_k"] = chatcore(m)
         path.write_text(json.dumps(m, indent=1))
-        (d / "system.md").write_text(system_section(tokenizer, val_files))
+        (d / "system.md").write_text(system_section(tokenizer))
         print0(f"wrote {write_report(home)} ({time.time() - t0:.0f} s)")
     compute_cleanup()
