@@ -39,11 +39,10 @@ from tokenizer import Parser, base_dir, corpus_files, corpus_texts, ranged, rend
 
 # -----------------------------------------------------------------------------
 # The sandbox: generated code runs in its own process, limited in layers (outside in):
-# 1. user namespaces where they work (Linux, `unshare` + `setpriv`, probed once): no network, every mount read-only
-#    but a tmpfs of file_mb as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) whose processes
-#    die with it, capabilities dropped, no_new_privs.
-# 2. rlimits: CPU seconds, address space, file size, 64 open files, max_procs processes+threads (not enforced for
-#    real root), no core dumps; a new session whose process group is SIGKILLed at the end.
+# 1. user namespaces where they work (Linux, probed once): no network, every mount read-only but a tmpfs of file_mb
+#    as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) that dies with it, no capabilities.
+# 2. rlimits (CPU, memory, file size, open files, processes: not enforced for real root), no core dumps; a new
+#    session whose process group is SIGKILLed at the end.
 # 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the working dir
 #    and reading /proc/<other pid>. Code can get around a hook, so it is never the only layer.
 # Only PATH and LANG in the environment, output capped, a deadline. The code can still read what its user may read
@@ -156,7 +155,7 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
 
 def all_mean(total, n):
-    """Each rank's total over its share of the items, summed over the ranks, / n: the count of all the items."""
+    """The ranks' totals (each over its share of the items) summed, / n, the count of all the items."""
     if dist.is_initialized():
         t = torch.tensor([total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
@@ -178,7 +177,8 @@ def load_jsonl(path):
         try:
             rows += [json.loads(line)] if line.strip() else []
         except ValueError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e}): fix the line, or rebuild the file (python data/chat_data.py)") from None
+            raise UserError(f"{path}:{n}: not JSON ({e}): fix the line, or rebuild the file "
+                            "(python data/chat_data.py)") from None
     random.Random(1337).shuffle(rows)
     return rows
 
@@ -370,7 +370,8 @@ def loss_svg(rows, width=560, height=220, pad=44):
     """A stage's curves against the step: train loss (line, left axis) and the validation metric (dots, right
     axis: val bpb for pretraining, val loss after)."""
     key = "val_bpb" if any("val_bpb" in r for r in rows) else "val_loss"
-    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    train = [(r["step"], r["loss"]) for r in rows
+             if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]  # not a NaN step
     val = [(r["step"], r[key]) for r in rows if key in r]
     steps = [s for s, _ in train + val]
     x = lambda s: pad + (s - min(steps)) / max(max(steps) - min(steps), 1) * (width - 2 * pad)
@@ -384,8 +385,9 @@ def loss_svg(rows, width=560, height=220, pad=44):
         lo, hi = min(v for _, v in points), max(v for _, v in points)
         y = lambda v: height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)
         dx, anchor = (-4, "end") if side == pad else (4, "start")
+        out.append(f'<text x="{side}" y="{pad - 14}" text-anchor="middle" fill="{color}">{name}</text>')
         out += [f'<text x="{side + dx}" y="{y(v) + 4}" text-anchor="{anchor}" fill="{color}">{v:.3f}</text>'
-                for v in (hi, lo)] + [f'<text x="{side}" y="{pad - 14}" text-anchor="middle" fill="{color}">{name}</text>']
+                for v in (hi, lo)]
         if points is train:
             xy = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{xy}"/>')
@@ -424,10 +426,12 @@ def score_cell(m, key):
 
 def metrics_section(ms):
     """The table of metrics per stage (ms: stage -> its metrics), then what each stage measured besides."""
-    lines = ["## Metrics", "", "| metric | chance | " + " | ".join(STAGES.values()) + " |", "|---|---|" + "---|" * len(STAGES)]
+    lines = ["## Metrics", "", f"| metric | chance | {' | '.join(STAGES.values())} |",
+             "|---|---|" + "---|" * len(STAGES)]
     for key, name in ROWS.items():
         chance = next((m[f"{key}_chance"] for m in ms.values() if f"{key}_chance" in m), CHAT_BASELINES.get(key))
-        chance = "0 (centered)" if key in ("core", "chatcore") else "-" if chance is None else f"{chance:.4f}" if chance else "0"
+        chance = f"{chance:.4f}" if chance else "-" if chance is None else "0"
+        chance = "0 (centered)" if key in ("core", "chatcore") else chance
         lines.append(f"| {name} | {chance} | " + " | ".join(score_cell(ms.get(s, {}), key) for s in STAGES) + " |")
     lines += ["", "A score marked (chance) is within 2 standard errors of guessing, for the number of items "
               "evaluated: it shows nothing learned yet."]
@@ -463,12 +467,14 @@ if __name__ == "__main__":
     parser.add_argument("--step", type=ranged(int, 0), default=None, help="its step (default: the latest)")
     parser.add_argument("--tasks", default="", help="comma list of bpb,core,arc,mmlu,gsm8k,humaneval "
                         "(default: bpb,core for pretrain, the chat tasks for the later stages)")
-    parser.add_argument("--max-per-task", type=ranged(int, 1, sentinel=-1), default=-1, help="items per task (-1 = all)")
-    parser.add_argument("--samples", type=ranged(int, 1), default=1, help="HumanEval samples per problem for pass@1 and "
-                        "pass@K (1 = greedy, more = temperature 0.8)")
+    parser.add_argument("--max-per-task", type=ranged(int, 1, sentinel=-1), default=-1,
+                        help="items per task (-1 = all)")
+    parser.add_argument("--samples", type=ranged(int, 1), default=1,
+                        help="HumanEval samples per problem for pass@1 and pass@K (1 = greedy, more = temperature 0.8)")
     parser.add_argument("--bpb-tokens", type=ranged(int, 1), default=2**20, help="validation tokens for bits per byte")
     parser.add_argument("--batch-size", type=ranged(int, 1), default=8, help="rows per forward pass (bpb, letters)")
-    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256, help="tokens generated per GSM8K/HumanEval reply")
+    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256,
+                        help="tokens generated per GSM8K/HumanEval reply")
     parser.add_argument("--report", action="store_true", help="only rebuild report.md from report/ and logs/")
     args = parser.parse_args()
     home = base_dir()
