@@ -14,7 +14,6 @@ report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxe
 
 import csv
 import functools
-import importlib.metadata
 import json
 import math
 import os
@@ -36,15 +35,14 @@ import torch.nn.functional as F
 
 from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
                    load_model, print0)
-from tokenizer import Parser, base_dir, iter_documents, ranged, render_mc
+from tokenizer import Parser, base_dir, corpus_files, corpus_texts, ranged, render_mc
 
 # -----------------------------------------------------------------------------
 # The sandbox: generated code runs in its own process, limited in layers (outside in):
-# 1. user namespaces where they work (Linux, `unshare` + `setpriv`, probed once): no network, every mount read-only
-#    but a tmpfs of file_mb as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) whose processes
-#    die with it, capabilities dropped, no_new_privs.
-# 2. rlimits: CPU seconds, address space, file size, 64 open files, max_procs processes+threads (not enforced for
-#    real root), no core dumps; a new session whose process group is SIGKILLed at the end.
+# 1. user namespaces where they work (Linux, probed once): no network, every mount read-only but a tmpfs of file_mb
+#    as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) that dies with it, no capabilities.
+# 2. rlimits (CPU, memory, file size, open files, processes: not enforced for real root), no core dumps; a new
+#    session whose process group is SIGKILLed at the end.
 # 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the working dir
 #    and reading /proc/<other pid>. Code can get around a hook, so it is never the only layer.
 # Only PATH and LANG in the environment, output capped, a deadline. The code can still read what its user may read
@@ -157,7 +155,7 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
 
 def all_mean(total, n):
-    """Each rank's total over its share of the items, summed over the ranks, / n: the count of all the items."""
+    """The ranks' totals (each over its share of the items) summed, / n, the count of all the items."""
     if dist.is_initialized():
         t = torch.tensor([total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
@@ -179,7 +177,8 @@ def load_jsonl(path):
         try:
             rows += [json.loads(line)] if line.strip() else []
         except ValueError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e}): fix the line, or rebuild the file (python data/chat_data.py)") from None
+            raise UserError(f"{path}:{n}: not JSON ({e}): fix the line, or rebuild the file "
+                            "(python data/chat_data.py)") from None
     random.Random(1337).shuffle(rows)
     return rows
 
@@ -189,11 +188,10 @@ def load_jsonl(path):
 def val_rows(tokenizer, files, T, max_tokens):
     """doc, <|bos|>, doc, ... in rows of T+1 that start with <|bos|> (as pretrain packs): each token a target once."""
     bos, stream = tokenizer.bos_id, []
-    for f in files:
-        for text in iter_documents(f):
-            if len(stream) >= max_tokens:
-                break
-            stream += tokenizer.encode(text) + [bos]
+    for text in corpus_texts(files):
+        if len(stream) >= max_tokens:
+            break
+        stream += tokenizer.encode(text) + [bos]
     stream = stream[:max_tokens]
     return [[bos] + stream[i:i + T] for i in range(0, len(stream) - T + 1, T)] or [[bos] + stream]
 
@@ -288,31 +286,18 @@ def run_core(model, tokenizer, core_dir, max_items, rank=0, world=1):
 # -----------------------------------------------------------------------------
 # Chat tasks: ARC-Easy, ARC-Challenge, MMLU (letters), GSM8K (calculator), HumanEval (sandbox)
 
-def letter_ids(tokenizer, n):
-    """The token of each answer letter as the assistant writes it ("A"): each must be one token."""
-    ids = [tokenizer.encode(c) for c in "ABCDEFGHIJ"[:n]]
-    assert all(len(i) == 1 for i in ids), f"answer letters are not single tokens: {ids}"
-    return [i[0] for i in ids]
-
-def letter_correct(logits, letters, gold):
-    """Argmax over the choices' letters only, at the answer position (logits (V,))."""
-    return int(logits[letters].argmax().item() == gold)
-
 def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
-    """Accuracy of the letter after the rendered multiple-choice prompt, a batch at a time."""
+    """Accuracy of the argmax over the choices' letters only, at the answer position after the rendered prompt."""
     correct, mine, T = 0, items[rank::world], model.config.sequence_len
+    letters = [tokenizer.encode(c)[0] for c in "ABCDEFGHIJ"]  # as the assistant writes them: one byte, one token
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
         convs = [{"messages": [{"role": "user", "content": render_mc(it["question"], it["choices"])}]} for it in chunk]
         rows = [tokenizer.render_for_completion(c)[-T:] for c in convs]  # a long prompt loses its start
         logits, _ = forward_rows(model, rows)
         for j, (r, it) in enumerate(zip(rows, chunk)):
-            correct += letter_correct(logits[j, len(r) - 1], letter_ids(tokenizer, len(it["choices"])), it["gold"])
+            correct += int(logits[j, len(r) - 1, letters[:len(it["choices"])]].argmax().item() == it["gold"])
     return all_mean(correct, len(items))
-
-def gsm8k_reference(answer):
-    """What follows '####' in a GSM8K answer (the whole string when there is none)."""
-    return answer.split("####")[-1].strip().replace(",", "")
 
 def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
     """The assistant's replies (calculator on), decoded without the special tokens."""
@@ -323,9 +308,10 @@ def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0)
     return [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]
 
 def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
+    """Accuracy of the number after '####' in the greedy reply, against the item's "answer" ("72")."""
     correct = 0
     for conv in items[rank::world]:  # the user's question; the reference solution (last message) is dropped
-        correct += gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], gsm8k_reference(conv["answer"]))
+        correct += gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], conv["answer"])
     return all_mean(correct, len(items))
 
 def humaneval_program(task, completion):
@@ -367,61 +353,53 @@ def chatcore(metrics):
     got = [(metrics[k] - b) / (1 - b) for k, b in CHAT_BASELINES.items() if k in metrics]
     return (sum(got) / len(got) if got else None), len(got)
 
-def system_section(tokenizer, files):
-    """The machine, the software, the commit; the tokenizer's size and compression on the val text."""
+def system_section(tokenizer):
+    """The machine, the software, the commit, the sandbox's layers, the tokenizer."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit, dirty = git("log", "-1", "--format=%h %cd", "--date=short"), git("status", "--porcelain")
     gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    found = list(importlib.metadata.distributions())[::-1]  # the first on sys.path wins, as in version()
-    versions = {str(d.metadata["Name"]).lower(): d.version for d in found}
-    deps = ", ".join(f"{p} {versions.get(p, '-')}" for p in ("numpy", "regex", "textual", "requests", "pyarrow"))
-    text = "\n".join(d for f in files for d, _ in zip(iter_documents(f), range(50)))[:200_000]
-    n, nbytes = len(tokenizer.encode(text)) if text else 0, len(text.encode())
     return "\n".join([
         "## System", "", f"- hardware: {os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, GPUs: {gpus}",
         f"- software: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
-        f"- dependencies: {deps}",
         f"- git commit: {commit or 'none yet'}{' (+ uncommitted changes)' if dirty else ''}",
         f"- sandbox: {'user/mount/net/pid namespaces + ' if namespaces_available() else ''}rlimits + audit hook",
-        "", "## Tokenizer", "", f"- vocab size: {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})",
-        f"- compression: {nbytes / n:.2f} bytes/token on {nbytes:,} bytes of val text" if n else "- compression: -"])
+        f"- tokenizer: vocab size {tokenizer.vocab_size:,} (hash {tokenizer.hash[:12]})"])
 
 def loss_svg(rows, width=560, height=220, pad=44):
-    """A stage's loss curve as a hand-drawn SVG: train loss (line, left axis) and its validation metric
-    (dots, right axis: val loss, or val bpb for pretraining) against the step."""
-    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
-    key = next((k for k in ("val_bpb", "val_loss") if any(k in r for r in rows)), None)
+    """A stage's curves against the step: train loss (line, left axis) and the validation metric (dots, right
+    axis: val bpb for pretraining, val loss after)."""
+    key = "val_bpb" if any("val_bpb" in r for r in rows) else "val_loss"
+    train = [(r["step"], r["loss"]) for r in rows
+             if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]  # not a NaN step
     val = [(r["step"], r[key]) for r in rows if key in r]
-    steps = [s for s, _ in train + val] or [0]
+    steps = [s for s, _ in train + val]
     x = lambda s: pad + (s - min(steps)) / max(max(steps) - min(steps), 1) * (width - 2 * pad)
-    def scale(points):  # y of each value, and the axis labels (top, bottom)
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        return (lambda v: height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)), (hi, lo)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
            f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">step {min(steps)} .. {max(steps)}</text>']
     for points, color, side, name in ((train, "#1f77b4", pad, "train loss"), (val, "#ff7f0e", width - pad, key)):
         if not points:
             continue
-        y, (hi, lo) = scale(points)
-        anchor = "end" if side == pad else "start"
-        out += [f'<text x="{side + (-4 if side == pad else 4)}" y="{y(v) + 4}" text-anchor="{anchor}" fill="{color}">{v:.3f}</text>'
-                for v in (hi, lo)]
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        y = lambda v: height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)
+        dx, anchor = (-4, "end") if side == pad else (4, "start")
         out.append(f'<text x="{side}" y="{pad - 14}" text-anchor="middle" fill="{color}">{name}</text>')
-        if name == "train loss":
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="' +
-                       " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points) + '"/>')
+        out += [f'<text x="{side + dx}" y="{y(v) + 4}" text-anchor="{anchor}" fill="{color}">{v:.3f}</text>'
+                for v in (hi, lo)]
+        if points is train:
+            xy = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{xy}"/>')
         else:
             out += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"/>' for s, v in points]
     return "\n".join(out + ["</svg>"]) + "\n"
 
 def training_section(home):
-    """Steps, wall time, final loss and validation of each stage from logs/<stage>.jsonl, and each stage's
-    loss curve written as report/loss_<stage>.svg: (markdown, seconds)."""
-    lines, total, plots = ["## Training", "", "| stage | steps | wall time | final loss | final validation |",
-                           "|---|---|---|---|---|"], 0.0, []
+    """(markdown, seconds): steps, wall time, final loss and validation of each stage from logs/<stage>.jsonl,
+    and its loss curve written as report/loss_<stage>.svg."""
+    lines, plots, total = ["## Training", "", "| stage | steps | wall time | final loss | final validation |",
+                           "|---|---|---|---|---|"], [], 0.0
     for stage in STAGES:
         path = home / "logs" / f"{stage}.jsonl"
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.endswith("}")] if path.exists() else []
@@ -439,29 +417,29 @@ def training_section(home):
     return "\n".join(lines + ([""] + plots if plots else [])), total
 
 def score_cell(m, key):
-    """A multiple-choice score, marked '(chance)' when within 2 standard errors of guessing on its items."""
+    """A score, marked '(chance)' when within 2 standard errors of guessing on its number of items."""
     value, chance, n = m.get(key), m.get(f"{key}_chance", CHAT_BASELINES.get(key)), m.get(f"{key}_items")
     if value is None:
         return "-"
-    noise = 2 * math.sqrt(chance * (1 - chance) / n) if chance and n else 0.0
-    return f"{value:.4f}" + (" (chance)" if chance and n and abs(value - chance) <= noise else "")
+    near = chance and n and abs(value - chance) <= 2 * math.sqrt(chance * (1 - chance) / n)
+    return f"{value:.4f}" + (" (chance)" if near else "")
 
 def metrics_section(ms):
-    """The table of metrics per stage (ms: stage -> its metrics), then each stage's own numbers."""
-    lines = ["## Metrics", "", "| metric | chance | " + " | ".join(STAGES.values()) + " |", "|---|---|" + "---|" * len(STAGES)]
+    """The table of metrics per stage (ms: stage -> its metrics), then what each stage measured besides."""
+    lines = ["## Metrics", "", f"| metric | chance | {' | '.join(STAGES.values())} |",
+             "|---|---|" + "---|" * len(STAGES)]
     for key, name in ROWS.items():
         chance = next((m[f"{key}_chance"] for m in ms.values() if f"{key}_chance" in m), CHAT_BASELINES.get(key))
-        chance = "0 (centered)" if key in ("core", "chatcore") else "-" if chance is None else f"{chance:.4f}" if chance else "0"
+        chance = f"{chance:.4f}" if chance else "-" if chance is None else "0"
+        chance = "0 (centered)" if key in ("core", "chatcore") else chance
         lines.append(f"| {name} | {chance} | " + " | ".join(score_cell(ms.get(s, {}), key) for s in STAGES) + " |")
     lines += ["", "A score marked (chance) is within 2 standard errors of guessing, for the number of items "
-              "evaluated: it shows nothing learned yet.", ""]
+              "evaluated: it shows nothing learned yet."]
     for s, m in ms.items():
-        lines += [f"- {STAGES[s]}: CORE over {m['core_k']} of {m['core_total']} tasks"] if "core_k" in m else []
-        lines += [f"- {STAGES[s]}: ChatCORE over {m['chatcore_k']} of 5 tasks"] if m.get("chatcore_k") else []
-    for s, m in ms.items():  # every number the stage measured, CORE per task
         lines += ["", f"## {STAGES[s]} ({s}, step {m['step']})", ""]
-        lines += [f"- {ROWS.get(k, k)}: {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "eval_seconds"
-                  and not k.endswith("_chance")]
+        lines += [f"- CORE over {m['core_k']} of {m['core_total']} tasks"] if "core_k" in m else []
+        lines += [f"- ChatCORE over {m['chatcore_k']} of 5 tasks"] if m.get("chatcore_k") else []
+        lines += [f"- {k}: {v:.4f}" for k, v in m.items() if k.startswith("humaneval_pass@")]
         if m.get("core_tasks"):
             lines += ["", "| CORE task | accuracy | centered | items |", "|---|---|---|---|"]
             lines += [f"| {t} | {r['acc']:.4f} | {r['centered']:+.4f} | {r['n']} |" for t, r in m["core_tasks"].items()]
@@ -473,14 +451,10 @@ def write_report(home):
     d.mkdir(parents=True, exist_ok=True)
     ms = {s: json.loads(p.read_text()) for s in STAGES if (p := d / f"metrics_{s}.json").exists()}
     (training, train_s), eval_s = training_section(home), sum(m.get("eval_seconds", 0) for m in ms.values())
-    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".sh") and ".git" not in p.parts]
-    code = [p.read_text(errors="replace") for p in files]
     parts = ["# flatchat report card", f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     parts += [(d / "system.md").read_text().strip()] if (d / "system.md").exists() else []
-    parts += [training, metrics_section(ms), "## Totals",
-              f"- total wall clock: {(train_s + eval_s) / 3600:.2f} h (training {train_s / 60:.1f} min, "
-              f"evaluation {eval_s / 60:.1f} min)\n- repo size: {sum(c.count(chr(10)) for c in code):,} lines in "
-              f"{len(files)} files (*.py, *.sh), ~{sum(map(len, code)) // 4:,} tokens"]
+    parts += [training, metrics_section(ms), f"## Totals\n\n- wall clock: {(train_s + eval_s) / 3600:.2f} h (training "
+              f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min)"]
     (home / "report.md").write_text("\n\n".join(parts) + "\n")
     return home / "report.md"
 
@@ -493,12 +467,14 @@ if __name__ == "__main__":
     parser.add_argument("--step", type=ranged(int, 0), default=None, help="its step (default: the latest)")
     parser.add_argument("--tasks", default="", help="comma list of bpb,core,arc,mmlu,gsm8k,humaneval "
                         "(default: bpb,core for pretrain, the chat tasks for the later stages)")
-    parser.add_argument("--max-per-task", type=ranged(int, 1, sentinel=-1), default=-1, help="items per task (-1 = all)")
-    parser.add_argument("--samples", type=ranged(int, 1), default=1, help="HumanEval samples per problem for pass@1 and "
-                        "pass@K (1 = greedy, more = temperature 0.8)")
+    parser.add_argument("--max-per-task", type=ranged(int, 1, sentinel=-1), default=-1,
+                        help="items per task (-1 = all)")
+    parser.add_argument("--samples", type=ranged(int, 1), default=1,
+                        help="HumanEval samples per problem for pass@1 and pass@K (1 = greedy, more = temperature 0.8)")
     parser.add_argument("--bpb-tokens", type=ranged(int, 1), default=2**20, help="validation tokens for bits per byte")
     parser.add_argument("--batch-size", type=ranged(int, 1), default=8, help="rows per forward pass (bpb, letters)")
-    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256, help="tokens generated per GSM8K/HumanEval reply")
+    parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256,
+                        help="tokens generated per GSM8K/HumanEval reply")
     parser.add_argument("--report", action="store_true", help="only rebuild report.md from report/ and logs/")
     args = parser.parse_args()
     home = base_dir()
@@ -511,28 +487,25 @@ if __name__ == "__main__":
     tasks = [t.strip() for t in (args.tasks or default).split(",")]
     if set(tasks) - {"bpb", "core", "arc", "mmlu", "gsm8k", "humaneval"}:
         parser.error(f"--tasks {args.tasks}: choose from bpb,core,arc,mmlu,gsm8k,humaneval")
-    max_items = args.max_per_task if args.max_per_task > 0 else None
+    max_items = args.max_per_task if args.max_per_task > 0 else sys.maxsize
 
     # -------------------------------------------------------------------------
     # Init, the checkpoint
     _, rank, _, world, device = compute_init()
     model, tokenizer, meta = load_model(args.stage, device, step=args.step)
     print0(f"evaluating {args.stage} step {meta['step']} on {world} process(es): {','.join(tasks)}")
-    t0, m, ev, val_dir = time.time(), {}, home / "data" / "eval", home / "data" / "pretrain" / "val"
-    val_files = sorted(f for f in val_dir.glob("*") if f.suffix in (".jsonl", ".parquet", ".txt"))
+    t0, m, ev = time.time(), {}, home / "data" / "eval"
 
     # -------------------------------------------------------------------------
     # Base metrics
     if "bpb" in tasks:
-        if not val_files:
-            sys.exit(f"no validation files in {val_dir}: create them with `python data/corpus.py`")
-        rows = val_rows(tokenizer, val_files, model.config.sequence_len, args.bpb_tokens)
+        rows = val_rows(tokenizer, corpus_files("val"), model.config.sequence_len, args.bpb_tokens)
         m["bpb"] = bits_per_byte(model, rows, tokenizer.token_bytes, args.batch_size, rank, world)
         print0(f"bpb | {m['bpb']:.4f} over {len(rows) * model.config.sequence_len:,} tokens")
     if "core" in tasks:
         if not (ev / "core" / "core.yaml").exists():
             sys.exit(f"no CORE bundle at {ev / 'core'}: create it with `python data/chat_data.py --only core`")
-        m.update(run_core(model, tokenizer, ev / "core", max_items or 10**9, rank, world))
+        m.update(run_core(model, tokenizer, ev / "core", max_items, rank, world))
         print0(f"CORE {m['core']:.4f} over {m['core_k']} of {m['core_total']} tasks")
 
     # -------------------------------------------------------------------------
@@ -567,6 +540,6 @@ if __name__ == "__main__":
         m = {**old, **m, "step": meta["step"], "eval_seconds": old.get("eval_seconds", 0) + time.time() - t0}
         m["chatcore"], m["chatcore_k"] = chatcore(m)
         path.write_text(json.dumps(m, indent=1))
-        (d / "system.md").write_text(system_section(tokenizer, val_files))
+        (d / "system.md").write_text(system_section(tokenizer))
         print0(f"wrote {write_report(home)} ({time.time() - t0:.0f} s)")
     compute_cleanup()

