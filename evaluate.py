@@ -2,7 +2,7 @@
 evaluate.py: measure a checkpoint (bits per byte, CORE, chat tasks) and write the report card.
 
     python evaluate.py --stage pretrain                                  # bpb + CORE of the base model
-    python evaluate.py --stage pretrain --max-per-task 50                # quick (the cpu preset)
+    python evaluate.py --stage pretrain --max-per-task 30                # quick (the cpu preset)
     python evaluate.py --stage sft --tasks arc,mmlu,gsm8k,humaneval      # chat metrics
     python evaluate.py --stage sft --tasks humaneval --samples 10        # pass@1 and pass@10
     torchrun --standalone --nproc_per_node=8 evaluate.py --stage pretrain   # examples split over ranks
