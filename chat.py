@@ -338,7 +338,7 @@ def error(message):  # OpenAI's JSON error body
 
 # The numbers a request may set, OpenAI's name -> (lowest, highest); null or absent: the default
 RANGES = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, 10**6), "presence_penalty": (-2, 2),
-          "frequency_penalty": (-2, 2), "repetition_penalty": (0.01, 10)}
+          "frequency_penalty": (-2, 2), "repetition_penalty": (0.01, 10), "seed": (-2**63, 2**63 - 1)}
 
 class API(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer); the model answers one request at a time (a lock)."""
@@ -398,7 +398,8 @@ class API(BaseHTTPRequestHandler):
                          frequency=body.get("frequency_penalty", 0.0))
         return ids, dict(stream=bool(body.get("stream")), stop=stop, max_tokens=int(body["max_tokens"]),
                          temperature=body.get("temperature", 1.0), top_k=int(body.get("top_k", 0)),
-                         top_p=body.get("top_p"), seed=body.get("seed", random.randrange(2**31)), penalties=penalties)
+                         top_p=body.get("top_p"), seed=int(body.get("seed", random.randrange(2**31))),
+                         penalties=penalties)
 
     def answer(self, ids, chat, stream, stop, **kw):
         """Generate, streamed as server-sent events or whole; a client that goes away stops its generation."""

@@ -330,6 +330,7 @@ def test_bad_requests_get_a_400_in_openais_error_format_and_the_server_goes_on(a
            "prompt longer than the context": {"messages": [{"role": "user", "content": "the cat " * 200}]},
            "max_tokens 0": {"messages": QUESTION, "max_tokens": 0}, "max_tokens past the context": {"messages": QUESTION, "max_tokens": 10**6},
            "temperature 5": {"messages": QUESTION, "temperature": 5}, "no messages": {"messages": []},
+           "seed not a number": {"messages": QUESTION, "seed": "abc"},
            "a role that does not exist": {"messages": [{"role": "robot", "content": "hi"}]}}
     for name, body in bad.items():
         r = requests.post(f"{url}/chat/completions", data=body if isinstance(body, str) else json.dumps(body), timeout=30)
