@@ -90,6 +90,8 @@ def test_golden_masks_are_exactly_the_assistant_tokens(post_home, tmp_path, scri
     rows = [(x, y) for line in dump.read_text().splitlines() for b in [json.loads(line)] for x, y in zip(b["x"], b["y"])]
     seen = set()
     for x, y in rows:
+        n = max(i for i, t in enumerate(y) if t != -1) + 1  # past the last target: padding (sft rounds rows up)
+        x, y = x[:n], y[:n]
         full = x + [-1]  # the row's tokens: x, and the last one, known only from y
         for i, t in enumerate(y):
             if t != -1:
