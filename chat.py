@@ -31,7 +31,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Sparkline, Static, TabbedContent, TabPane
 
 from model import STAGE_COMMANDS, UserError, autodetect_device, generate, latest_step, load_model
-from tokenizer import SPECIAL_TOKENS, Parser, base_dir, ranged
+from tokenizer import SPECIAL_TOKENS, Parser, base_dir, exit_on_user_error, ranged
 
 # -----------------------------------------------------------------------------
 # Backend: pick and load a checkpoint, build the prompt, stream a reply, tail a log
@@ -41,7 +41,7 @@ STAGES = list(STAGE_COMMANDS)  # pipeline order: pretrain, midtrain, sft, rl; th
 def load(stage=None, step=None, device="cpu"):
     """(stage, model, tokenizer, meta): by default the newest stage's latest step (none: pretrain's UserError)."""
     stage = stage or ([s for s in STAGES if latest_step(s) is not None] or ["pretrain"])[-1]
-    return stage, *load_model(stage, device, step)
+    return stage, *load_model(stage, device, step)[:3]
 
 def build_prompt(tok, messages, context, room, chat=True):
     """Prompt ids of the conversation, at most `context - room` tokens so the reply has `room` left.
@@ -486,7 +486,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="--serve: the port (0 = any free one)")
     args = parser.parse_args()
-    # a UserError (no checkpoint, another tokenizer) ends in one line and exit 2 (model.py's excepthook)
+    exit_on_user_error()  # a UserError (no checkpoint, another tokenizer): one line, exit 2, before any TUI starts
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                     penalties=dict(repetition=args.repetition_penalty, presence=args.presence_penalty,

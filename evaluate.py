@@ -1,5 +1,11 @@
 """
-evaluate.py: measure a checkpoint (bits per byte, CORE, chat tasks) and write the report card.
+evaluate.py: what a checkpoint has learned, measured, and the report card that gathers it all.
+
+- bits per byte on the held-out corpus (the base model's loss, independent of the vocabulary size);
+- CORE: DCLM's 22 in-context tasks (multiple choice, schema, language modeling), centered on chance;
+- chat tasks: ARC-Easy, ARC-Challenge and MMLU (the answer's letter), GSM8K (the number after '####',
+  calculator on), HumanEval (the generated code run against the tests, in a sandbox); ChatCORE: their mean,
+  centered on chance.
 
     python evaluate.py --stage pretrain                                  # bpb + CORE of the base model
     python evaluate.py --stage pretrain --max-per-task 30                # quick (the cpu preset)
@@ -9,7 +15,7 @@ evaluate.py: measure a checkpoint (bits per byte, CORE, chat tasks) and write th
     python evaluate.py --report                                          # only rebuild report.md
 
 Reads checkpoints/<stage>/ and data/eval/ under $FLATCHAT_HOME; writes report/metrics_<stage>.json,
-report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxed` below.
+report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxed`, below its caller.
 """
 
 import csv
@@ -35,121 +41,7 @@ import torch.nn.functional as F
 
 from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
                    load_model, print0)
-from tokenizer import Parser, base_dir, corpus_files, corpus_texts, ranged, render_mc
-
-# -----------------------------------------------------------------------------
-# The sandbox: generated code runs in its own process, limited in layers (outside in):
-# 1. user namespaces where they work (Linux, probed once): no network, every mount read-only but a tmpfs of file_mb
-#    as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) that dies with it, no capabilities.
-# 2. rlimits (CPU, memory, file size, open files, processes: not enforced for real root), no core dumps; a new
-#    session whose process group is SIGKILLed at the end.
-# 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the working dir
-#    and reading /proc/<other pid>. Code can get around a hook, so it is never the only layer.
-# Only PATH and LANG in the environment, output capped, a deadline. The code can still read what its user may read
-# (`nobody` could not run a Python under /root/.pyenv): not a boundary for hostile code, never call it "secure".
-
-_BOOT = r"""
-import os, resource as R, sys
-src, work = open(sys.argv[1]).read(), os.path.realpath(sys.argv[2])
-cpu, mem, fsize, nproc, guard = map(int, sys.argv[3:8])
-for lim, v in ((R.RLIMIT_CPU, cpu), (R.RLIMIT_AS, mem), (R.RLIMIT_FSIZE, fsize), (R.RLIMIT_NOFILE, 64),
-               (R.RLIMIT_NPROC, nproc), (R.RLIMIT_CORE, 0)):
-    hard = R.getrlimit(lim)[1]
-    v = v if hard == R.RLIM_INFINITY else min(v, hard)
-    R.setrlimit(lim, (v, v))
-BLOCK = {"os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty", "subprocess.Popen",
-         "ctypes.dlopen", "ctypes.dlsym", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-         "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit", "resource.prlimit"}
-MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "_multiprocessing", "pty"}
-PATHS = {"os.remove", "os.rmdir", "os.rename", "os.link", "os.symlink", "os.truncate", "os.chmod",
-         "os.chown", "os.mkdir", "os.utime", "shutil.rmtree", "os.mkfifo", "os.mknod", "os.setxattr"}
-WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def inside(p):
-    p = os.path.realpath(os.path.join(work, os.fsdecode(p)))
-    return p == work or p.startswith(work + os.sep)
-def hook(event, args):
-    bad = event in BLOCK or (event == "import" and args[0].partition(".")[0] in MODULES)
-    if event in PATHS:
-        bad = bad or not all(inside(p) for p in args if isinstance(p, (str, bytes)))
-    if event == "open" and isinstance(args[0], (str, bytes)):  # (path or fd, mode, flags)
-        p = os.fsdecode(args[0])
-        writing = (args[2] or 0) & WRITE or any(c in (args[1] or "") for c in "wax+")
-        other_proc = p.startswith("/proc/") and not p.startswith("/proc/self/")  # e.g. the parent's environ
-        bad = (writing and not inside(p) and p != "/dev/null") or other_proc
-    if bad:
-        raise PermissionError(f"sandbox: {event} {str(args)[:80]} is blocked")
-code = compile(src, "program.py", "exec")
-sys.argv = ["program.py"]
-if guard:
-    sys.addaudithook(hook)
-exec(code, {"__name__": "__main__"})
-"""
-
-# run inside the new namespaces, as their root, before handing over to Python without capabilities
-_NS_SH = r"""
-mount -t tmpfs -o size="$2"m,mode=0700 none "$1" || exit 97
-{ echo 301 > /proc/sys/kernel/pid_max; } 2>/dev/null
-for m in $(awk '{print $5}' /proc/self/mountinfo); do
-  [ "$m" = "$1" ] || mount -o remount,bind,ro "$m" 2>/dev/null
-done
-cd "$1" && shift 2 && exec setpriv --bounding-set=-all --inh-caps=-all --no-new-privs -- "$@"
-"""
-
-def _ns_prefix(work, disk_mb):
-    return [shutil.which("unshare"), "-rmnpf", "--kill-child", "--mount-proc", "sh", "-c", _NS_SH, "sh",
-            str(work), str(disk_mb)]
-
-@functools.cache
-def namespaces_available():
-    """True where unprivileged user namespaces work (most Linux); else the sandbox has layers 2 and 3 only."""
-    if not (sys.platform == "linux" and shutil.which("unshare") and shutil.which("setpriv")):
-        return False
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            return subprocess.run(_ns_prefix(d, 1) + ["true"], capture_output=True, timeout=10, cwd=d).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-
-def _read_capped(proc, timeout, cap):
-    """Read the merged stdout/stderr until EOF, the deadline or `cap` bytes; returns (bytes, problem)."""
-    buf, deadline, fd = bytearray(), time.monotonic() + timeout, proc.stdout.fileno()
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return bytes(buf), f"timed out after {timeout} s"
-        chunk = os.read(fd, 1 << 16)
-        while not chunk and time.monotonic() < deadline:  # EOF: wait for the exit, without reaping it
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):  # (the group id stays ours)
-                return bytes(buf), ""
-            time.sleep(0.002)
-        buf += chunk
-        if len(buf) > cap:
-            return bytes(buf[:cap]), f"output over {cap} bytes, stopped"
-
-def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 16, max_procs=4, guard=True):
-    """(ok, output) of Python `code` in the sandbox above: ok = exit status 0, in time, output under the cap.
-    guard=False leaves out the audit hook (tests use it to check the other layers)."""
-    with tempfile.TemporaryDirectory(prefix="flatchat_sandbox_") as d:
-        prog, work = Path(d) / "program.py", Path(d) / "work"
-        prog.write_text(code)
-        work.mkdir()
-        limits = [math.ceil(timeout) + 1, memory_mb << 20, file_mb << 20, max_procs, int(guard)]
-        cmd = [sys.executable, "-I", "-c", _BOOT, str(prog), str(work), *map(str, limits)]
-        if namespaces_available():
-            cmd = _ns_prefix(work, file_mb) + cmd
-        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            out, problem = _read_capped(proc, timeout, max_output)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group (its leader is not reaped yet)
-            except ProcessLookupError:
-                pass
-            rc = proc.wait()
-            proc.stdout.close()
-    text = out.decode(errors="replace") + (f"\n[sandbox: {problem}]" if problem else "")
-    return rc == 0 and not problem, text
+from tokenizer import Parser, base_dir, corpus_files, corpus_texts, exit_on_user_error, ranged, render_mc
 
 # -----------------------------------------------------------------------------
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
@@ -340,6 +232,120 @@ def run_humaneval(model, tokenizer, tasks, max_tokens, samples, rank=0, world=1)
     return all_mean(p1, len(tasks)), all_mean(pk, len(tasks))
 
 # -----------------------------------------------------------------------------
+# The sandbox of run_humaneval: generated code runs in its own process, limited in layers (outside in):
+# 1. user namespaces where they work (Linux, probed once): no network, every mount read-only but a tmpfs of file_mb
+#    as the working dir, a pid namespace (<= ~300 pids on kernel >= 6.14) that dies with it, no capabilities.
+# 2. rlimits (CPU, memory, file size, open files, processes: not enforced for real root), no core dumps; a new
+#    session whose process group is SIGKILLed at the end.
+# 3. an audit hook refusing process creation, ctypes, sockets, signals, setrlimit, writes outside the working dir
+#    and reading /proc/<other pid>. Code can get around a hook, so it is never the only layer.
+# Only PATH and LANG in the environment, output capped, a deadline. The code can still read what its user may read
+# (`nobody` could not run a Python under /root/.pyenv): not a boundary for hostile code, never call it "secure".
+
+_BOOT = r"""
+import os, resource as R, sys
+src, work = open(sys.argv[1]).read(), os.path.realpath(sys.argv[2])
+cpu, mem, fsize, nproc, guard = map(int, sys.argv[3:8])
+for lim, v in ((R.RLIMIT_CPU, cpu), (R.RLIMIT_AS, mem), (R.RLIMIT_FSIZE, fsize), (R.RLIMIT_NOFILE, 64),
+               (R.RLIMIT_NPROC, nproc), (R.RLIMIT_CORE, 0)):
+    hard = R.getrlimit(lim)[1]
+    v = v if hard == R.RLIM_INFINITY else min(v, hard)
+    R.setrlimit(lim, (v, v))
+BLOCK = {"os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty", "subprocess.Popen",
+         "ctypes.dlopen", "ctypes.dlsym", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+         "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit", "resource.prlimit"}
+MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "_multiprocessing", "pty"}
+PATHS = {"os.remove", "os.rmdir", "os.rename", "os.link", "os.symlink", "os.truncate", "os.chmod",
+         "os.chown", "os.mkdir", "os.utime", "shutil.rmtree", "os.mkfifo", "os.mknod", "os.setxattr"}
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def inside(p):
+    p = os.path.realpath(os.path.join(work, os.fsdecode(p)))
+    return p == work or p.startswith(work + os.sep)
+def hook(event, args):
+    bad = event in BLOCK or (event == "import" and args[0].partition(".")[0] in MODULES)
+    if event in PATHS:
+        bad = bad or not all(inside(p) for p in args if isinstance(p, (str, bytes)))
+    if event == "open" and isinstance(args[0], (str, bytes)):  # (path or fd, mode, flags)
+        p = os.fsdecode(args[0])
+        writing = (args[2] or 0) & WRITE or any(c in (args[1] or "") for c in "wax+")
+        other_proc = p.startswith("/proc/") and not p.startswith("/proc/self/")  # e.g. the parent's environ
+        bad = (writing and not inside(p) and p != "/dev/null") or other_proc
+    if bad:
+        raise PermissionError(f"sandbox: {event} {str(args)[:80]} is blocked")
+code = compile(src, "program.py", "exec")
+sys.argv = ["program.py"]
+if guard:
+    sys.addaudithook(hook)
+exec(code, {"__name__": "__main__"})
+"""
+
+# run inside the new namespaces, as their root, before handing over to Python without capabilities
+_NS_SH = r"""
+mount -t tmpfs -o size="$2"m,mode=0700 none "$1" || exit 97
+{ echo 301 > /proc/sys/kernel/pid_max; } 2>/dev/null
+for m in $(awk '{print $5}' /proc/self/mountinfo); do
+  [ "$m" = "$1" ] || mount -o remount,bind,ro "$m" 2>/dev/null
+done
+cd "$1" && shift 2 && exec setpriv --bounding-set=-all --inh-caps=-all --no-new-privs -- "$@"
+"""
+
+def _ns_prefix(work, disk_mb):
+    return [shutil.which("unshare"), "-rmnpf", "--kill-child", "--mount-proc", "sh", "-c", _NS_SH, "sh",
+            str(work), str(disk_mb)]
+
+@functools.cache
+def namespaces_available():
+    """True where unprivileged user namespaces work (most Linux); else the sandbox has layers 2 and 3 only."""
+    if not (sys.platform == "linux" and shutil.which("unshare") and shutil.which("setpriv")):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            return subprocess.run(_ns_prefix(d, 1) + ["true"], capture_output=True, timeout=10, cwd=d).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+def _read_capped(proc, timeout, cap):
+    """Read the merged stdout/stderr until EOF, the deadline or `cap` bytes; returns (bytes, problem)."""
+    buf, deadline, fd = bytearray(), time.monotonic() + timeout, proc.stdout.fileno()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return bytes(buf), f"timed out after {timeout} s"
+        chunk = os.read(fd, 1 << 16)
+        while not chunk and time.monotonic() < deadline:  # EOF: wait for the exit, without reaping it
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):  # (the group id stays ours)
+                return bytes(buf), ""
+            time.sleep(0.002)
+        buf += chunk
+        if len(buf) > cap:
+            return bytes(buf[:cap]), f"output over {cap} bytes, stopped"
+
+def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 16, max_procs=4, guard=True):
+    """(ok, output) of Python `code` in the sandbox above: ok = exit status 0, in time, output under the cap.
+    guard=False leaves out the audit hook (tests use it to check the other layers)."""
+    with tempfile.TemporaryDirectory(prefix="flatchat_sandbox_") as d:
+        prog, work = Path(d) / "program.py", Path(d) / "work"
+        prog.write_text(code)
+        work.mkdir()
+        limits = [math.ceil(timeout) + 1, memory_mb << 20, file_mb << 20, max_procs, int(guard)]
+        cmd = [sys.executable, "-I", "-c", _BOOT, str(prog), str(work), *map(str, limits)]
+        if namespaces_available():
+            cmd = _ns_prefix(work, file_mb) + cmd
+        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            out, problem = _read_capped(proc, timeout, max_output)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group (its leader is not reaped yet)
+            except ProcessLookupError:
+                pass
+            rc = proc.wait()
+            proc.stdout.close()
+    text = out.decode(errors="replace") + (f"\n[sandbox: {problem}]" if problem else "")
+    return rc == 0 and not problem, text
+
+# -----------------------------------------------------------------------------
 # The report card: report/metrics_<stage>.json (one per stage), report/system.md and logs/ join into report.md
 
 STAGES = {"pretrain": "BASE", "midtrain": "MID", "sft": "SFT", "rl": "RL"}
@@ -477,6 +483,7 @@ if __name__ == "__main__":
                         help="tokens generated per GSM8K/HumanEval reply")
     parser.add_argument("--report", action="store_true", help="only rebuild report.md from report/ and logs/")
     args = parser.parse_args()
+    exit_on_user_error()  # a UserError: one line, exit 2
     home = base_dir()
     if args.report:
         print(f"wrote {write_report(home)}")
@@ -492,7 +499,7 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # Init, the checkpoint
     _, rank, _, world, device = compute_init()
-    model, tokenizer, meta = load_model(args.stage, device, step=args.step)
+    model, tokenizer, meta, _ = load_model(args.stage, device, step=args.step)
     print0(f"evaluating {args.stage} step {meta['step']} on {world} process(es): {','.join(tasks)}")
     t0, m, ev = time.time(), {}, home / "data" / "eval"
 
@@ -504,7 +511,7 @@ if __name__ == "__main__":
         print0(f"bpb | {m['bpb']:.4f} over {len(rows) * model.config.sequence_len:,} tokens")
     if "core" in tasks:
         if not (ev / "core" / "core.yaml").exists():
-            sys.exit(f"no CORE bundle at {ev / 'core'}: create it with `python data/chat_data.py --only core`")
+            raise UserError(f"no CORE bundle at {ev / 'core'}: create it with `python data/chat_data.py --only core`")
         m.update(run_core(model, tokenizer, ev / "core", max_items, rank, world))
         print0(f"CORE {m['core']:.4f} over {m['core_k']} of {m['core_total']} tasks")
 

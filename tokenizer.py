@@ -41,8 +41,21 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 VERSION = 1
 
-class DataError(ValueError):
-    """A problem with an input file that the user can fix; stage scripts turn it into sys.exit(str(e))."""
+class UserError(Exception):
+    """A mistake the user can fix (a bad input line, a missing file or checkpoint, a wrong tokenizer): every
+    script reports it as one line, `error: ...`, and exits with code 2 (see exit_on_user_error)."""
+
+def _report_user_error(kind, value, tb, _default=sys.excepthook):
+    if not issubclass(kind, UserError):
+        return _default(kind, value, tb)
+    print(f"error: {value}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)  # at once: no torchrun or worker teardown that could hang or print a traceback
+
+def exit_on_user_error():
+    """From here on, an uncaught UserError ends the process with its one line and exit code 2 (the scripts
+    call this first; importing a flatchat module changes nothing in the process)."""
+    sys.excepthook = _report_user_error
 
 def base_dir():
     """Where a run keeps everything it makes: $FLATCHAT_HOME, else ~/.cache/flatchat."""
@@ -464,7 +477,7 @@ class Tokenizer:
         """Load a tokenizer.json (path is the file or its directory)."""
         path = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
         if not path.is_file():
-            raise DataError(f"{path}: no tokenizer here; train one with `python tokenizer.py train`")
+            raise UserError(f"{path}: no tokenizer here; train one with `python tokenizer.py train`")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(d, dict) or d.get("version") != VERSION:
@@ -479,7 +492,7 @@ class Tokenizer:
                 raise ValueError("token_bytes do not match the merges")
             _compiled(pattern)
         except (ValueError, KeyError, TypeError, regex.error) as e:
-            raise DataError(f"{path}: not a valid tokenizer file ({e}); retrain: python tokenizer.py train") from None
+            raise UserError(f"{path}: not a valid tokenizer file ({e}); retrain: python tokenizer.py train") from None
         return tok
 
     def __reduce__(self):  # pickled (for worker processes) as its plain data, never as code
@@ -489,7 +502,7 @@ class Tokenizer:
 # chat data: JSONL files of conversations, mixtures of them, multiple-choice prompts
 
 def read_conversations(path, skip_bad=False):
-    """(conversations, n_bad) of a JSONL file of {"messages": [...]}: a bad line is a DataError, or counted."""
+    """(conversations, n_bad) of a JSONL file of {"messages": [...]}: a bad line is a UserError, or counted."""
     convs, bad = [], 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -502,7 +515,7 @@ def read_conversations(path, skip_bad=False):
             except ValueError as e:
                 if not skip_bad:
                     what = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
-                    raise DataError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
+                    raise UserError(f"{path}:{n}: {what} (fix the line or pass --skip-bad)") from None
                 bad += 1
     return convs, bad
 
@@ -519,7 +532,7 @@ def read_mixture(mixture, folder, skip_bad=False, say=print):
         rows, n_bad = rows + convs * weight, n_bad + bad
         say(f"  {name:<20} x{weight}  {len(convs):>7,} conversations" + (f" ({bad} bad lines skipped)" if bad else ""))
     if not rows:
-        raise DataError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
+        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
     return rows, n_bad
 
 def render_mc(question, choices):
@@ -540,12 +553,12 @@ def iter_documents(path):
                 try:
                     text = json.loads(line.decode("utf-8"))["text"] if line.strip() else ""
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start}): rewrite the file as UTF-8 "
+                    raise UserError(f"{path}:{n}: not UTF-8 text (byte {e.start}): rewrite the file as UTF-8 "
                                     "(python data/corpus.py does)") from None
                 except (ValueError, KeyError, TypeError):
                     text = None
                 if not isinstance(text, str):
-                    raise DataError(f'{path}:{n}: expected a JSON object with a "text" string: fix or delete the line')
+                    raise UserError(f'{path}:{n}: expected a JSON object with a "text" string: fix or delete the line')
                 if text:
                     yield text
     elif path.suffix == ".parquet":
@@ -562,14 +575,14 @@ def iter_documents(path):
                 if not sep and (doc := "".join(lines).strip()):
                     yield doc
     else:
-        raise DataError(f"{path}: unknown corpus format (expected .jsonl, .parquet or .txt)")
+        raise UserError(f"{path}: unknown corpus format (expected .jsonl, .parquet or .txt)")
 
 def corpus_files(split="train"):
-    """The corpus files of data/pretrain/<split>, sorted; a DataError saying how to make them if none."""
+    """The corpus files of data/pretrain/<split>, sorted; a UserError saying how to make them if none."""
     d = base_dir() / "data" / "pretrain" / split
     files = sorted(p for p in d.glob("*") if p.suffix in (".jsonl", ".parquet", ".txt"))
     if not files:
-        raise DataError(f"no corpus files in {d}: create them with `python data/corpus.py`")
+        raise UserError(f"no corpus files in {d}: create them with `python data/corpus.py`")
     return files
 
 def corpus_texts(files, max_chars=-1, doc_cap=-1):
@@ -623,14 +636,12 @@ if __name__ == "__main__":
     p.add_argument("--max-chars", type=ranged(int, 1, sentinel=-1), default=5_000_000,
                    help="chars read per corpus file (-1 = all)")
     args = parser.parse_args()
-    try:
-        if args.cmd == "train":
-            t0 = time.time()
-            texts = corpus_texts(corpus_files("train"), args.max_chars, args.doc_cap)
-            tok = Tokenizer.train(texts, args.vocab_size, num_proc=args.num_proc, verbose=True)
-            path = tok.save(base_dir() / "tokenizer")
-            print(f"saved {path} (vocab {tok.vocab_size:,}, hash {tok.hash[:12]}) in {time.time() - t0:.1f} s")
-        else:
-            evaluate(args.max_chars)
-    except DataError as e:
-        sys.exit(str(e))
+    exit_on_user_error()
+    if args.cmd == "train":
+        t0 = time.time()
+        texts = corpus_texts(corpus_files("train"), args.max_chars, args.doc_cap)
+        tok = Tokenizer.train(texts, args.vocab_size, num_proc=args.num_proc, verbose=True)
+        path = tok.save(base_dir() / "tokenizer")
+        print(f"saved {path} (vocab {tok.vocab_size:,}, hash {tok.hash[:12]}) in {time.time() - t0:.1f} s")
+    else:
+        evaluate(args.max_chars)

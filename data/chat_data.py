@@ -23,12 +23,11 @@ import os
 import random
 import re
 import shutil
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
-from common import Parser, data_dir, fetch, mirror, parse_args, ranged, say, write_jsonl
+from common import Parser, UserError, data_dir, fetch, mirror, parse_args, ranged, say, write_jsonl
 from tokenizer import check_conversation, render_mc  # the chat format, defined once (common put it on the path)
 
 LETTERS = "ABCDEFGHIJ"
@@ -44,7 +43,7 @@ def read_jsonl(path):
             try:
                 rows += [json.loads(line)] if line.strip() else []
             except ValueError as e:
-                sys.exit(f"{path}:{i}: bad JSON ({e}); fix or delete that line")
+                raise UserError(f"{path}:{i}: bad JSON ({e}); fix or delete that line")
     return rows
 
 def chat(user, reply):
@@ -76,7 +75,7 @@ def save_chat(name, convs, val=None, val_frac=0.02, min_val=10):
     given = convs + (val or [])
     for i, conv in enumerate(given):
         if err := check(conv):
-            sys.exit(f"{name}: conversation {i} is malformed: {err}")
+            raise UserError(f"{name}: conversation {i} is malformed: {err}")
     held = set()
     for task in ("gsm8k_test", "mmlu_test", "arc_easy_test", "arc_challenge_test"):
         if (path := data_dir() / "eval" / f"{task}.jsonl").exists():
@@ -126,7 +125,7 @@ def find(folder, name):
     """The file called `name` somewhere in an unpacked archive."""
     if hit := next(folder.rglob(name), None):
         return hit
-    sys.exit(f"{name} not found in {folder}: incomplete data (fix the mirror, or delete {folder.parent} and rerun)")
+    raise UserError(f"{name} not found in {folder}: incomplete data (fix the mirror, or delete {folder.parent} and rerun)")
 
 HF_API = "https://huggingface.co/api/datasets/{}/parquet/default/{}"  # -> JSON list of parquet URLs
 
@@ -188,7 +187,7 @@ def read_mmlu_csv(path, skip_bad=False):
             elif skip_bad:
                 bad += 1
             else:
-                sys.exit(f"{path}:{i}: expected question,choice...,answer with the answer 0-3 or A-D; got {rec[-1:]}")
+                raise UserError(f"{path}:{i}: expected question,choice...,answer with the answer 0-3 or A-D; got {rec[-1:]}")
     if bad:
         say(f"{path}: skipped {bad} malformed rows")
     return rows
@@ -287,7 +286,7 @@ def run_identity(args):
     convs = read_jsonl(path)
     for i, conv in enumerate(convs, 1):
         if err := check(conv):
-            sys.exit(f"{path}:{i}: {err}")
+            raise UserError(f"{path}:{i}: {err}")
     save_chat("identity", convs, val_frac=0.1, min_val=4)
 
 # -----------------------------------------------------------------------------
@@ -346,6 +345,6 @@ if __name__ == "__main__":
     args = parse_args(parser)
     names = [n for n in args.only.split(",") if n] or list(STEPS)
     if unknown := [n for n in names if n not in STEPS]:
-        sys.exit(f"--only: unknown {','.join(unknown)}; choose from {','.join(STEPS)}")
+        raise UserError(f"--only: unknown {','.join(unknown)}; choose from {','.join(STEPS)}")
     for name in [n for n in STEPS if n in names]:  # always in this order
         STEPS[name](args)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
-from tokenizer import Parser, ranged  # noqa: E402,F401  (every script's argparse: one-line errors, checked ranges)
+from tokenizer import Parser, UserError, exit_on_user_error, ranged  # noqa: E402,F401  (argparse, one-line errors)
 
 def data_dir():
     """$FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
@@ -23,7 +23,7 @@ def mirror():
     """The offline mirror folder ($FLATCHAT_DATA_MIRROR, set by --mirror); None = download."""
     path = os.environ.get("FLATCHAT_DATA_MIRROR")
     if path and not Path(path).is_dir():
-        sys.exit(f"mirror folder {path} does not exist: fix --mirror / FLATCHAT_DATA_MIRROR "
+        raise UserError(f"mirror folder {path} does not exist: fix --mirror / FLATCHAT_DATA_MIRROR "
                  "(a folder laid out like ../shared/data)")
     return Path(path) if path else None
 
@@ -32,6 +32,7 @@ def parse_args(parser):
     parser.add_argument("--mirror", default=None, help="offline mirror folder laid out like ../shared/data "
                         "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
     args = parser.parse_args()
+    exit_on_user_error()  # a UserError: one line, exit 2
     if args.mirror:
         os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
     mirror()
@@ -88,18 +89,18 @@ def _download(url, dest, sha256, size, retries=5):
         except Exception as e:  # network hiccups, 5xx, truncated streams: wait and resume
             status = getattr(getattr(e, "response", None), "status_code", None) or 0
             if attempt == retries - 1 or (400 <= status < 500 and status != 429):  # 404 etc. will not heal
-                sys.exit(f"download of {url} failed ({e}; {attempt + 1} tries); rerun to resume from {part}")
+                raise UserError(f"download of {url} failed ({e}; {attempt + 1} tries); rerun to resume from {part}")
             say(f"  {url}: {e}; retry {attempt + 2}/{retries} in {2 ** attempt}s")
             time.sleep(2 ** attempt)
     got = part.stat().st_size
     if size is not None and got != size:
         part.unlink()
-        sys.exit(f"size mismatch for {url}: got {got} bytes, expected {size}; removed {part}, rerun to download again")
+        raise UserError(f"size mismatch for {url}: got {got} bytes, expected {size}; removed {part}, rerun to download again")
     if sha256 is not None:
         with open(part, "rb") as f:
             if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
                 part.unlink()
-                sys.exit(f"sha256 mismatch for {url}; removed {part}, rerun to download again")
+                raise UserError(f"sha256 mismatch for {url}; removed {part}, rerun to download again")
     _commit(part, dest)
 
 def fetch(url, dest, mirror_path=None, sha256=None, size=None):

@@ -18,10 +18,9 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
-from common import Parser, data_dir, fetch, mirror, parse_args, ranged, say
+from common import Parser, UserError, data_dir, fetch, mirror, parse_args, ranged, say
 
 TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 CLIMBMIX = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -66,7 +65,7 @@ def jsonl_docs(path):
             try:
                 text = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError):
-                sys.exit(f"{path}:{i}: not a JSON object with a 'text' field; fix or delete that line")
+                raise UserError(f"{path}:{i}: not a JSON object with a 'text' field; fix or delete that line")
             if text.strip():
                 yield text
 
@@ -110,7 +109,7 @@ def build_jsonl(sources, out, val_frac, shard_mb, config):
             split["val" if int.from_bytes(h[:8], "big") < val_frac * 2**64 else "train"].append(doc)
             per_source[name] += 1
     if not split["train"] or not split["val"]:
-        sys.exit(f"the split left train={len(split['train'])} val={len(split['val'])} documents: "
+        raise UserError(f"the split left train={len(split['train'])} val={len(split['val'])} documents: "
                  "raise --val-frac or --max-chars")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from conftest import MIRROR, ROOT, needs_full_mirror  # $FLATCHAT_DATA_MIRROR, else tests/fixtures/mirror
+from tokenizer import UserError
 
 sys.path.insert(0, str(ROOT / "data"))
 import chat_data  # noqa: E402
@@ -139,7 +140,7 @@ def test_mmlu_reads_both_csv_dialects(tmp_path):
                       {"question": "Pick B", "choices": ["a", "b", "c", "d"], "gold": 1}]
     bad = tmp_path / "bad.csv"
     bad.write_text("q,a,b,c,d,A\nq,a,b,c,d,Z\n")
-    with pytest.raises(SystemExit, match="bad.csv:2"):
+    with pytest.raises(UserError, match="bad.csv:2"):
         chat_data.read_mmlu_csv(bad)
     assert len(chat_data.read_mmlu_csv(bad, skip_bad=True)) == 1  # auxiliary_train: skip and count
 
@@ -147,9 +148,9 @@ def test_mmlu_reads_both_csv_dialects(tmp_path):
 def test_bad_input_lines_stop_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(SystemExit, match="bad.jsonl:2"):
+    with pytest.raises(UserError, match="bad.jsonl:2"):
         list(corpus.jsonl_docs(bad))
-    with pytest.raises(SystemExit, match="bad.jsonl:2"):
+    with pytest.raises(UserError, match="bad.jsonl:2"):
         chat_data.read_jsonl(bad)
 
 
@@ -292,15 +293,15 @@ def test_fetch_resumes_a_partial_file_with_range(server, tmp_path):
 
 def test_fetch_detects_checksum_mismatch_and_retries(server, tmp_path):
     dest = tmp_path / "file.bin"
-    with pytest.raises(SystemExit, match="sha256 mismatch"):
+    with pytest.raises(UserError, match="sha256 mismatch"):
         common.fetch(server.url, dest, sha256="0" * 64)
     assert not dest.exists() and not (tmp_path / "file.bin.part").exists()
-    with pytest.raises(SystemExit, match="size mismatch"):
+    with pytest.raises(UserError, match="size mismatch"):
         common.fetch(server.url, dest, size=123)
     server.fail = 2  # two 503s, then success: exponential backoff 1 s, 2 s
     common.fetch(server.url, dest)
     assert dest.read_bytes() == server.blob and server.waits == [1, 2]
-    with pytest.raises(SystemExit, match="404"):  # a missing file fails at once, without retries
+    with pytest.raises(UserError, match="404"):  # a missing file fails at once, without retries
         common.fetch(server.base + "/missing.bin", tmp_path / "missing.bin")
     assert server.waits == [1, 2]
 

@@ -14,7 +14,7 @@ import regex
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tokenizer as T  # noqa: E402
-from tokenizer import DataError, Tokenizer  # noqa: E402
+from tokenizer import UserError, Tokenizer  # noqa: E402
 
 MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 PROSE = MIRROR / "pretrain" / "offline-prose"
@@ -229,10 +229,10 @@ def test_save_load_identity(tok, tmp_path, sample):
 def test_malformed_file_names_the_file(tmp_path, content):
     path = tmp_path / "tokenizer.json"
     path.write_text(content)
-    with pytest.raises(DataError, match=str(path).replace("\\", "\\\\")) as e:
+    with pytest.raises(UserError, match=str(path).replace("\\", "\\\\")) as e:
         Tokenizer.load(path)
     assert "\n" not in str(e.value)
-    with pytest.raises(DataError, match="tokenizer.py train"):
+    with pytest.raises(UserError, match="tokenizer.py train"):
         Tokenizer.load(tmp_path / "missing")
 
 # -----------------------------------------------------------------------------
@@ -299,12 +299,12 @@ def test_read_conversations_names_bad_lines(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join([good, "{oops", good, '{"messages": [{"role": "assistant", "content": "b"}]}',
                                '{"text": "no messages"}', ""]) + "\n")
-    with pytest.raises(DataError, match=r"chat.jsonl:2: invalid JSON .*\(fix the line or pass --skip-bad\)"):
+    with pytest.raises(UserError, match=r"chat.jsonl:2: invalid JSON .*\(fix the line or pass --skip-bad\)"):
         T.read_conversations(path)
     convs, bad = T.read_conversations(path, skip_bad=True)
     assert len(convs) == 2 and bad == 3
     path.write_text(good + "\n" + good.replace('"assistant"', '"user"') + "\n")
-    with pytest.raises(DataError, match=r"chat.jsonl:2: message 1 has role 'user' where 'assistant'"):
+    with pytest.raises(UserError, match=r"chat.jsonl:2: message 1 has role 'user' where 'assistant'"):
         T.read_conversations(path)
 
 # -----------------------------------------------------------------------------
@@ -319,9 +319,9 @@ def test_iter_documents(tmp_path):
     assert list(T.iter_documents(tmp_path / "b.txt")) == ["first story\nline 2", "second\n\nstill second"]
     assert list(T.iter_documents(tmp_path / "c.txt")) == ["para one\nmore", "para two"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
-    with pytest.raises(DataError, match="bad.jsonl:2:"):
+    with pytest.raises(UserError, match="bad.jsonl:2:"):
         list(T.iter_documents(tmp_path / "bad.jsonl"))
-    with pytest.raises(DataError, match="unknown corpus format"):
+    with pytest.raises(UserError, match="unknown corpus format"):
         list(T.iter_documents(tmp_path / "d.csv"))
     pq = pytest.importorskip("pyarrow.parquet")
     pa = pytest.importorskip("pyarrow")
