@@ -1,26 +1,34 @@
 """
-model.py: what every stage must agree on: the transformer (GPT), the Muon + AdamW optimizer, generation
-with a KV cache and the calculator tool, and the runtime (devices, torchrun, logs, atomic checkpoints).
+model.py: what every stage must agree on, in the order the data flows through it:
+
+1. the transformer (GPT) and its loss; LoRA adapters
+2. the optimizer: Muon for the block matrices, AdamW for the rest (one class, one state_dict)
+3. the scores that stages and evaluate.py compute alike (loss / bits per byte, the GSM8K reward)
+4. generation: KV cache, penalties, sampling, the calculator tool, generate()
+5. the runtime: UserError, device and dtype, torchrun, print0, the JSONL logger, the step's error lines
+6. checkpoints (save, load, latest, verify, the stage lock) and the stop signals (SIGTERM, Ctrl-C)
+7. Speed: what a CPU step needs beyond torch.compile (thread fitting, the allocator switch, the fused loss)
+
+Each stage writes its own training step and loop with these parts. Importing this file changes nothing in
+the process; compute_init(), which every training stage and evaluate.py call first, does: a UserError
+becomes one line and exit code 2 (tokenizer.exit_on_user_error), and on a CPU the allocator keeps freed
+memory for the next step (keep_freed_memory, in Speed).
 
 The model, one line per design choice (nanochat's):
 - rotary position embeddings on q and k (the two halves of a head turn as pairs), then QK-norm;
 - RMSNorm without learnable parameters, pre-norm, plus a norm after the token embedding;
 - ReLU-squared MLP (4x wide); no biases; untied token embedding and output head;
-- logits soft-capped with 15 * tanh(logits / 15); grouped-query attention when n_kv_head < n_head;
+- logits soft-capped with SOFTCAP * tanh(logits / SOFTCAP); grouped-query attention when n_kv_head < n_head;
 - init: output projections zero (each block starts as the identity), a tiny head (std 1e-3).
-Speed comes from torch.compile of this plain PyTorch; two CPU pieces that earned their lines by measurement
-(tests/bench_pretrain.py) sit in "Speed" at the end, each tested against the plain code it stands in for.
 """
 
 import contextlib
 import ctypes
 import fcntl
-import functools
 import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -33,10 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from tokenizer import Tokenizer, base_dir, ranged
+from tokenizer import Tokenizer, UserError, base_dir, exit_on_user_error
 
 # -----------------------------------------------------------------------------
 # The transformer
+
+SOFTCAP = 15  # logits are squashed into (-SOFTCAP, SOFTCAP): both loss paths (GPT.logits, Speed) read it
 
 @dataclass
 class GPTConfig:
@@ -83,7 +93,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, T_cached + T, D)
         Tq, Tk = q.size(2), k.size(2)  # Tq < Tk: new tokens after a cached prefix, which they all see
-        mask = None if Tq == Tk else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        mask = None
+        if Tq != Tk:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
@@ -142,6 +154,8 @@ class GPT(nn.Module):
         return 6 * (self.num_params() - self.wte.weight.numel()) + 12 * c.n_layer * c.n_embd * c.sequence_len
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """Logits (B, T, V) without targets; with them the loss: "mean" over the targets that are not -1,
+        or "none": (B, T), 0 where the target is -1."""
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
         assert t0 + T <= self.cos.size(1), f"sequence of {t0 + T} tokens is past the rotary table"
@@ -152,26 +166,28 @@ class GPT(nn.Module):
         x = norm(x)
         if targets is None:
             return self.logits(x)
-        if x.is_cpu:  # the same numbers as below, 1.3x faster and in less memory: see "Speed" at the end
+        if x.is_cpu:  # the same numbers as the line below, faster and in less memory: see "Speed" at the end
             loss = softcap_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:self.config.vocab_size],
                                          targets.flatten(), torch.is_grad_enabled())
         else:
-            loss = F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+            loss = F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), ignore_index=-1,
+                                   reduction="none")
         loss = loss.view(B, T)
         if loss_reduction == "none":
-            return loss  # (B, T), 0 where the target is -1
+            return loss
         return loss.sum() / (targets >= 0).sum().clamp(min=1)  # 0, not nan, when no token has a target
 
-    def logits(self, x):  # (B, T, V) in fp32 for the softmax, soft-capped: they stay within +-15
+    def logits(self, x):  # (B, T, V) in fp32 for the softmax, soft-capped
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        return 15 * torch.tanh(logits / 15)
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
-    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, compile=False,
-                        lora_lr=1e-3):
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
+                        compile=False, lora_lr=1e-3):
         """Muon for the 2-D block matrices, AdamW for embedding and head; Adam lrs scale as 1/sqrt(width).
         With LoRA adapters (add_lora), AdamW for the adapters alone: everything else is frozen."""
         if adapters := [p for n, p in self.named_parameters() if ".lora_" in n]:
-            return MuonAdamW([dict(kind="adamw", params=adapters, lr=lora_lr, initial_lr=lora_lr, weight_decay=weight_decay)])
+            return MuonAdamW([dict(kind="adamw", params=adapters, lr=lora_lr, initial_lr=lora_lr,
+                                   weight_decay=weight_decay)])
         scale = (self.config.n_embd / 768) ** -0.5
         groups = [dict(kind="muon", params=list(self.blocks.parameters()), lr=matrix_lr, momentum=0.95),
                   dict(kind="adamw", params=[self.wte.weight], lr=embedding_lr * scale),
@@ -179,25 +195,29 @@ class GPT(nn.Module):
         return MuonAdamW([dict(g, initial_lr=g["lr"], weight_decay=weight_decay) for g in groups], compile)
 
     def add_lora(self, rank, alpha, targets=("q", "k", "v", "o")):
-        """Freeze every weight and give the chosen linear layers of every block a low-rank adapter (q, k, v, o:
-        attention's projections; mlp: both MLP matrices). Returns (trainable, all) parameter counts."""
-        self.requires_grad_(False)
+        """Freeze every weight and give the chosen linear layers of every block a low-rank adapter (q, k, v,
+        o: attention's projections; mlp: both MLP matrices). Returns (trainable, all) parameter counts."""
         names = {"q": ("attn", "c_q"), "k": ("attn", "c_k"), "v": ("attn", "c_v"), "o": ("attn", "c_proj")}
-        pairs = [names[t] for t in targets if t != "mlp"] + ([("mlp", "c_fc"), ("mlp", "c_proj")] if "mlp" in targets else [])
+        if not set(targets) <= {*names, "mlp"}:
+            raise UserError(f"--lora-targets {','.join(targets)}: a comma list of q, k, v, o and mlp")
+        pairs = [names[t] for t in targets if t != "mlp"]
+        pairs += [("mlp", "c_fc"), ("mlp", "c_proj")] if "mlp" in targets else []
+        self.requires_grad_(False)
         for block in self.blocks:
             for part, name in pairs:
-                setattr(getattr(block, part), name, LoRA(getattr(getattr(block, part), name), rank, alpha))
+                module = getattr(block, part)
+                setattr(module, name, LoRA(getattr(module, name), rank, alpha))
         return sum(p.numel() for p in self.parameters() if p.requires_grad), self.num_params()
 
     def merged_state_dict(self):
-        """The state dict of the plain model (what every other stage loads): each LoRA layer's weight merged."""
+        """The state dict of the plain model (what every other stage loads): LoRA layers merged."""
         merged = {f"{n}.weight": m.merged() for n, m in self.named_modules() if isinstance(m, LoRA)}
         plain = {k: v for k, v in self.state_dict().items() if ".lora_" not in k and ".base." not in k}
         return {**plain, **merged}
 
 class LoRA(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update: W x + (alpha / rank) B A x. B starts at zero, so
-    training starts from the unchanged model; merged() is the single weight that computes the same."""
+    """A frozen linear layer plus a trainable low-rank update: W x + (alpha / rank) B A x. B starts at zero,
+    so training starts from the unchanged model; merged() is the single weight that computes the same."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -213,7 +233,7 @@ class LoRA(nn.Module):
         return (self.base.weight + self.scale * self.lora_B @ self.lora_A).detach()
 
 # -----------------------------------------------------------------------------
-# Optimizer: Muon + AdamW in one class (one state_dict), gradients averaged over ranks first
+# The optimizer: Muon + AdamW in one class (one state_dict), gradients summed over ranks first
 
 def newton_schulz(G, steps=5, dtype=torch.float32):
     """Approximately orthogonalise G (..., m, n) (the 'zeroth power' U V^T of its SVD), as in Muon; a
@@ -244,7 +264,8 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
 
 class MuonAdamW(torch.optim.Optimizer):
     """compile=True runs both updates through torch.compile (one fused kernel chain per shape); the
-    step and lr go in as 0-d tensors, so a new value never recompiles."""
+    step and lr go in as 0-d tensors, so a new value never recompiles. Under torchrun, step() first sums
+    the gradients of all ranks: each rank's loss is already divided by the target tokens of all ranks."""
 
     def __init__(self, param_groups, compile=False):
         defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
@@ -258,14 +279,14 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        if dist.is_initialized() and dist.get_world_size() > 1:  # average gradients in one flat buffer
+        if dist.is_initialized() and dist.get_world_size() > 1:  # sum the gradients in one flat buffer
             params = [p for g in self.param_groups for p in g["params"]]
             for p in params:  # a rank with nothing to learn this step still joins, with zeros
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             flat = torch.cat([p.grad.flatten() for p in params])
-            dist.all_reduce(flat)  # SUM (gloo has no AVG)
-            torch._foreach_copy_([p.grad for p in params], [g.view_as(p) for g, p in
-                                 zip((flat / dist.get_world_size()).split([p.numel() for p in params]), params)])
+            dist.all_reduce(flat)
+            sums = flat.split([p.numel() for p in params])
+            torch._foreach_copy_([p.grad for p in params], [g.view_as(p) for g, p in zip(sums, params)])
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             lr = torch.tensor(group["lr"])
@@ -278,18 +299,52 @@ class MuonAdamW(torch.optim.Optimizer):
                 for ps in by_shape.values():  # the momentum buffers stay per tensor: a plain state_dict
                     bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
                     stacks = [torch.stack(ts) for ts in (ps, [p.grad for p in ps], bufs)]
-                    self.muon(*stacks, lr, torch.tensor(group["momentum"]), group["ns_steps"], amp_dtype(ps[0].device))
+                    self.muon(*stacks, lr, torch.tensor(group["momentum"]), group["ns_steps"],
+                              amp_dtype(ps[0].device))
                     torch._foreach_copy_(ps + bufs, [*stacks[0].unbind(), *stacks[2].unbind()])
                 continue
             for p in params:
                 s = self.state[p]
                 if "step" not in s:
-                    s.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                s["step"] += 1  # a 0-d CPU tensor, as torch.optim keeps it
-                self.adamw(p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"], lr, *group["betas"], group["eps"])
+                    s["step"] = torch.zeros(())  # a 0-d CPU tensor, as torch.optim keeps it
+                    s["exp_avg"], s["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                s["step"] += 1
+                beta1, beta2 = group["betas"]
+                self.adamw(p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"], lr, beta1, beta2,
+                           group["eps"])
 
 # -----------------------------------------------------------------------------
-# Generation: KV cache, sampling, the calculator tool
+# Scores the training stages and evaluate.py compute alike
+
+@torch.no_grad()
+def evaluate_loss(model, batches, token_bytes=None):
+    """Mean loss over the targets != -1 of (x, y) batches and, given each token's byte length, bits per
+    byte: the summed loss (nats) of the targets over their bytes / ln 2 (vocab-size independent; special
+    tokens have 0 bytes and count in neither sum). Summed over all ranks."""
+    device = model.get_device()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # nats, targets, nats of byte tokens, bytes
+    nbytes_of = torch.as_tensor(token_bytes, device=device) if token_bytes is not None else None
+    for x, y in batches:
+        with amp_ctx(device):
+            loss = model(x, y, loss_reduction="none").double()  # (B, T)
+        b = torch.where(y >= 0, nbytes_of[y.clamp(min=0)], 0) if nbytes_of is not None else (y >= 0).long()
+        sums += torch.stack([loss.sum(), (y >= 0).sum(), (loss * (b > 0)).sum(), b.sum()])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    nats, n, byte_nats, nbytes = sums.tolist()
+    return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
+
+def gsm8k_reward(reply, ref):
+    """1.0 if the number after the reply's '#### ' marker (GSM8K solutions end with it) equals ref as numbers
+    ("1,234.0" == "1234"), else 0.0, also without a marker. evaluate.py's GSM8K score and rl.py's reward."""
+    m = re.search(r"####\s*(-?\d[\d,]*(?:\.\d+)?)", reply)
+    try:
+        return float(bool(m) and float(m[1].replace(",", "")) == float(str(ref).replace(",", "")))
+    except ValueError:
+        return 0.0
+
+# -----------------------------------------------------------------------------
+# Generation: KV cache, penalties, sampling, the calculator tool, generate()
 
 class KVCache:
     """Keys and values of every layer, (L, B, H_kv, T_max, D), filled left to right."""
@@ -311,32 +366,8 @@ class KVCache:
 
     def expand(self, n):  # a batch-1 cache (one prefill) copied into n rows, for n samples
         if self.k is not None:
-            self.k, self.v = self.k.expand(-1, n, -1, -1, -1).clone(), self.v.expand(-1, n, -1, -1, -1).clone()
-
-def use_calculator(expr):
-    """The calculator tool: arithmetic (+ - * / // % and parentheses, no powers: 2**10**9 would never end)
-    and 'strawberry'.count('r'); the result as text, or None when the expression is not one of those."""
-    expr = expr.replace(",", "").strip()
-    if m := re.fullmatch(r"""(['"])(.{0,999}?)\1\.count\((['"])(.*?)\3\)""", expr):
-        return str(m[2].count(m[4]))
-    if not re.fullmatch(r"[\d.+\-*/%() ]{1,200}", expr) or "**" in expr:
-        return None
-    try:  # only digits and operators: eval can reach nothing but arithmetic
-        value = eval(expr, {"__builtins__": {}})
-    except (SyntaxError, ZeroDivisionError, OverflowError, MemoryError, RecursionError, TypeError, ValueError):
-        return None
-    if isinstance(value, float):
-        value = int(value) if value.is_integer() else round(value, 6)
-    return str(value)
-
-def gsm8k_reward(reply, ref):
-    """1.0 if the number after the reply's '#### ' marker (GSM8K solutions end with it) equals ref as numbers
-    ("1,234.0" == "1234"), else 0.0, also without a marker. evaluate.py's GSM8K score and rl.py's reward."""
-    m = re.search(r"####\s*(-?\d[\d,]*(?:\.\d+)?)", reply)
-    try:
-        return float(bool(m) and float(m[1].replace(",", "")) == float(str(ref).replace(",", "")))
-    except ValueError:
-        return 0.0
+            self.k = self.k.expand(-1, n, -1, -1, -1).clone()
+            self.v = self.v.expand(-1, n, -1, -1, -1).clone()
 
 def penalize(logits, counts, repetition=1.0, presence=0.0, frequency=0.0):
     """Logits (B, V) of tokens generated counts (B, V) times made less likely. repetition (CTRL's, 1 = off)
@@ -363,230 +394,24 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
         p = p.masked_fill(p.cumsum(dim=-1) - p > top_p, 0.0)  # the smallest set with mass >= top_p
     cdf = p.cumsum(dim=-1)  # (B, K), not renormalised after top-p: the draw scales by the total
     u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # first with cdf > u: never a p = 0
+    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # the first cdf > u: never p 0
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
 
-@torch.no_grad()
-def evaluate_loss(model, batches, token_bytes=None):
-    """Mean loss over the targets != -1 of (x, y) batches and, given each token's byte length, bits per
-    byte: the summed loss (nats) of the targets over their bytes / ln 2 (vocab-size independent; special
-    tokens have 0 bytes and count in neither sum). Summed over all ranks."""
-    device = model.get_device()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # nats, targets, nats of byte tokens, bytes
-    nbytes_of = torch.as_tensor(token_bytes, device=device) if token_bytes is not None else None
-    for x, y in batches:
-        with amp_ctx(device):
-            loss = model(x, y, loss_reduction="none").double()  # (B, T)
-        b = torch.where(y >= 0, nbytes_of[y.clamp(min=0)], 0) if nbytes_of is not None else (y >= 0).long()
-        sums += torch.stack([loss.sum(), (y >= 0).sum(), (loss * (b > 0)).sum(), b.sum()])
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    nats, n, byte_nats, nbytes = sums.tolist()
-    return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
-
-# -----------------------------------------------------------------------------
-# What every training stage shares: flags, the start from a checkpoint, one optimizer step
-
-def add_training_args(parser, init_lr_frac=None, eval_every=100, save_every=-1, chat=False):
-    """The flags every training stage shares: learning rates, evaluation and checkpoint cadence, resume;
-    chat: those of the stages that finetune on conversations (LoRA, bad lines, the batch dump)."""
-    opt = parser.add_argument_group("optimization").add_argument
-    opt("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
-    opt("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the token embedding (at width 768)")
-    opt("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the output head (at width 768)")
-    if init_lr_frac is not None:
-        opt("--init-lr-frac", type=ranged(float, 0), default=init_lr_frac, help="all learning rates x this")
-    if chat:
-        opt("--lora-rank", type=ranged(int, 0), default=0, help="LoRA: train rank-r adapters only, the rest frozen "
-            "(0 = off: full finetuning)")
-        opt("--lora-alpha", type=ranged(float, 0), default=16.0, help="LoRA: the adapters' update is x alpha / rank")
-        opt("--lora-targets", default="q,k,v,o", help="LoRA: comma list of q, k, v, o (attention) and mlp")
-        opt("--lora-lr", type=ranged(float, 0), default=1e-3, help="LoRA: AdamW learning rate of the adapters")
-        parser.add_argument("--skip-bad", action="store_true", help="skip bad conversation lines (counted), not stop")
-        parser.add_argument("--dump-batches", default="", help="append each micro-batch (x, y) to this JSONL file")
-    run = parser.add_argument_group("evaluation, checkpoints").add_argument
-    run("--eval-every", type=ranged(int, 1, sentinel=-1), default=eval_every, help="steps between evals (-1 = at the end)")
-    run("--save-every", type=ranged(int, 1, sentinel=-1), default=save_every, help="steps between saves (-1 = at the end)")
-    run("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
-    run("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
-    run("--seed", type=ranged(int, 0), default=42, help="random seed: init, data order, samples")
-
-def start_from_checkpoint(args, stage, source, inherit=()):
-    """Init a stage that continues a model: the `source` stage's checkpoint at --source-step (-1: the latest)
-    or, with --resume, this stage's latest one and its optimizer state (a new stage starts with fresh
-    moments). The flags named in `inherit` that are -1 take the checkpoint's values.
-    Returns (rank, world, device, model, tokenizer, meta of that checkpoint, optimizer)."""
-    lock_stage(stage)
-    _, rank, _, world, device = compute_init(args.seed)
-    start, step = (stage, None) if args.resume else (source, None if args.source_step < 0 else args.source_step)
-    model, tokenizer, meta, *optim_state = load_model(start, device, step=step, load_optim=args.resume)
-    print0(f"loaded {start} step {meta['step']}")
-    for name in inherit:
-        if getattr(args, name) == -1:
-            setattr(args, name, meta["args"][name])
-            print0(f"inherited {name} = {getattr(args, name)}")
-    if getattr(args, "lora_rank", 0):
-        if args.resume:  # a LoRA checkpoint holds merged weights: continue from its base and its own adapters
-            adapters = torch.load(stage_dir(stage) / f"step_{meta['step']:06d}" / "adapters.pt", map_location=device,
-                                  weights_only=True)
-            model = load_model(meta["source"]["stage"], device, meta["source"]["step"], tokenizer)[0]
-        targets = args.lora_targets.split(",")
-        if not set(targets) <= {"q", "k", "v", "o", "mlp"}:
-            raise UserError(f"--lora-targets {args.lora_targets}: a comma list of q, k, v, o and mlp")
-        trainable, total = model.add_lora(args.lora_rank, args.lora_alpha, targets)
-        if args.resume:
-            model.load_state_dict(adapters, strict=False)
-        print0(f"LoRA rank {args.lora_rank} on {','.join(targets)}: {trainable:,} trainable parameters of {total:,} "
-               f"({100 * trainable / total:.2f}%), the rest frozen")
-    frac = args.init_lr_frac
-    optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac,
-                                      lora_lr=getattr(args, "lora_lr", 0.0))
-    if args.resume:
-        optimizer.load_state_dict(optim_state[0])
-    return rank, world, device, model.train(), tokenizer, meta, optimizer
-
-def source_of(args, meta):  # the checkpoint this stage's run started from, recorded in every save
-    return meta["source"] if args.resume else dict(stage=meta["stage"], step=meta["step"])
-
-def grad_accum_steps(total, per_pass, flag):  # micro-batches per step: the total over one forward pass of all ranks
-    if total % per_pass:
-        raise UserError(f"{flag} {total} is not a multiple of {per_pass}, what one forward pass of all processes "
-                        "takes: change it or --device-batch-size")
-    return total // per_pass
-
-def due(step, every, last):  # is an every-N-steps event due at this step? (-1: only at the last)
-    return last or (every > 0 and step % every == 0)
-
-def make_lanes(make, rank, world, grad_accum, states=None):
-    """This rank's data lanes, make(lane, n_lanes, state): micro-batch m of rank r always comes from lane
-    r * grad_accum + m, so N processes and 1 process with N accumulation steps see exactly the same rows."""
-    n = world * grad_accum
-    if states is not None and len(states) != n:
-        raise UserError(f"--resume needs the batch layout of the checkpoint ({len(states)} lanes, now {n}): use the "
-                        "same batch sizes and number of processes")
-    lanes = range(rank * grad_accum, (rank + 1) * grad_accum)
-    return [make(lane, n, states[lane] if states else None) for lane in lanes]
-
-class ConversationLane:
-    """Lane `lane` of n_lanes over rendered conversations [(ids, targets)]: every n_lanes-th of a seeded order,
-    reshuffled each epoch. A conversation whose targets are all -1 (the assistant's part was cut off by
-    --max-seq-len) is skipped, and counted. midtrain and sft pack the conversations into batches."""
-
-    def __init__(self, rows, lane, n_lanes, seed, state=None):
-        self.rows, self.lane, self.n_lanes, self.seed = rows, lane, n_lanes, seed
-        self.pos, self.skipped = (state["pos"], state["skipped"]) if state else (0, 0)
-
-    def row(self, pos):  # (ids, targets) of this lane's pos-th conversation
-        epoch, i = divmod(pos * self.n_lanes + self.lane, len(self.rows))
-        return self.rows[epoch_order(len(self.rows), self.seed, epoch)[i]]
-
-    def next_row(self):  # (position, ids, targets) of the next conversation that has a target
-        for _ in range(len(self.rows)):
-            self.pos += 1
-            ids, targets = self.row(self.pos - 1)
-            if (targets >= 0).any():
-                return self.pos - 1, ids, targets
-            self.skipped += 1
-        raise UserError("no conversation keeps an assistant token within --max-seq-len: raise it")
-
-    def state(self):
-        return {"pos": self.pos, "skipped": self.skipped}
-
-def finetune_loop(stage, args, model, tokenizer, optimizer, src_meta, Lane, rows, val_rows, grad_accum, num_steps,
-                  lr_multiplier):
-    """The loop of the stages that finetune on conversations (midtrain, sft), from rows [(ids, targets)]
-    packed by a ConversationLane: evaluate and save at the top of a step (the last iteration only does
-    those), then one optimizer step over this rank's lanes."""
-    rank, world, device = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1, model.get_device()
-    lanes = make_lanes(lambda lane, n, state: Lane(rows, lane, n, args.seed, state), rank, world, grad_accum,
-                       src_meta["lanes"] if args.resume else None)
-    val_steps = max(1, args.eval_rows // (args.device_batch_size * world))
-    start_step = src_meta["step"] if args.resume else 0
-    logger = JsonlLogger(stage, resume_step=start_step if args.resume else None, enabled=rank == 0, world=world)
-    val_loss = src_meta["metrics"]["val_loss"] if args.resume else None  # a resumed step was evaluated before its save
-    flops_per_token, t_start = model.estimate_flops(), time.time()
-    catch_stop_signals()
-    for step in range(start_step, num_steps + 1):
-        last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
-        if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):
-            val_lane = Lane(val_rows, rank, world, args.seed)  # the same val rows every time
-            val_loss = logger.eval(model, (val_lane.batch() for _ in range(val_steps)), step, num_steps)
-        if (due(step, args.save_every, last) or stop) and step > start_step:
-            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
-                        num_steps=num_steps, source=source_of(args, src_meta), metrics=dict(val_loss=val_loss),
-                        train_time=time.time() - t_start)
-            save_checkpoint(stage, step, model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
-        if stop:
-            exit_stopped(step, step > start_step)
-        if last:
-            break
-        batches, t0, wait = next_batches(lanes, device)
-        lrm = lr_multiplier(step)
-        optimizer.set_lr(lrm)
-        loss = train_step(model, optimizer, batches, step, args.dump_batches)
-        sync(device)
-        logger.train_step(step + 1, num_steps, loss, lrm * optimizer.param_groups[0]["initial_lr"], time.time() - t0,
-                          sum(x.numel() for x, _ in batches) * world, flops_per_token, wait,
-                          skipped=sum(lane.skipped for lane in lanes))
-    print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val loss {val_loss:.4f}")
-
-def next_batches(lanes, device, *args):
-    """Every lane's next micro-batch, fetched once the GPU's queue is drained: (batches, t0: when the step's
-    clock started, wait: the seconds the step waited for its data)."""
-    sync(device)
-    t0 = time.time()
-    batches = [lane.batch(*args) for lane in lanes]
-    return batches, t0, time.time() - t0
-
-def train_step(model, optimizer, batches, step, dump=""):
-    """One optimizer step on the mean loss over every target token of the micro-batches (all ranks weigh each
-    token the same; a micro-batch without targets adds zero, never a nan). Returns that loss, the same on
-    every rank, read only once the update is queued. A nan loss or running out of GPU memory stops the run.
-    dump: a file to append every micro-batch to, as JSON lines {x, y}, to see what the loop trains on."""
-    device = model.get_device()
-    fit_threads(device)
-    if dump:
-        with open(dump, "a") as f:
-            f.writelines(json.dumps(dict(x=x.tolist(), y=y.tolist())) + "\n" for x, y in batches)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    n = sum((y >= 0).sum() for _, y in batches).double()
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(n)
-    try:
-        for x, y in batches:
-            with amp_ctx(device):
-                loss = model(x, y, loss_reduction="none").sum() / n.clamp(min=1)
-            (loss * world).backward()  # x world: the optimizer averages gradients over ranks
-            total += loss.detach()
-        optimizer.step()
-    except torch.OutOfMemoryError:
-        B = batches[0][0].size(0)
-        fit = max(d for d in range(1, B) if B % d == 0) if B > 1 else 0
-        raise UserError(f"out of GPU memory with --device-batch-size {B}: " + (f"--device-batch-size {fit} keeps the "
-                        "same total batch (more accumulation steps)" if fit else "lower --max-seq-len")) from None
-    model.zero_grad(set_to_none=True)
-    if world > 1:
-        dist.all_reduce(total)
-    if not math.isfinite(loss := total.item()):
-        raise SystemExit(f"error: loss is {loss} at step {step}: stopped without saving; the last good checkpoint in "
-                         f"{base_dir() / 'checkpoints'} is intact. Lower the learning rates and rerun (or --resume)")
-    return loss
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n, seed, epoch):
-    """The order of n items in an epoch: the same permutation on every rank and in every run."""
-    return random.Random(seed + epoch).sample(range(n), n)
-
-def print_answers(model, tokenizer, questions, max_tokens=64):
-    """Greedy replies of a chat model (rank 0), to see what it learned."""
-    if dist_rank() != 0:
-        return
-    model.eval()
-    for question in questions:
-        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question}]})
-        out, _ = generate_batch(model, ids, max_tokens=max_tokens, temperature=0, tokenizer=tokenizer)
-        print0(f"  {question} -> {tokenizer.decode(out[0])!r}")
+def use_calculator(expr):
+    """The calculator tool: arithmetic (+ - * / // % and parentheses, no powers: 2**10**9 would never end)
+    and 'strawberry'.count('r'); the result as text, or None when the expression is not one of those."""
+    expr = expr.replace(",", "").strip()
+    if m := re.fullmatch(r"""(['"])(.{0,999}?)\1\.count\((['"])(.*?)\3\)""", expr):
+        return str(m[2].count(m[4]))
+    if not re.fullmatch(r"[\d.+\-*/%() ]{1,200}", expr) or "**" in expr:
+        return None
+    try:  # only digits and operators: eval can reach nothing but arithmetic
+        value = eval(expr, {"__builtins__": {}})
+    except (SyntaxError, ArithmeticError, MemoryError, RecursionError, TypeError, ValueError):
+        return None
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else round(value, 6)
+    return str(value)
 
 class _Row:
     """Per-sample state: tokens the tool forces next, the python expression being written, done."""
@@ -604,8 +429,9 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
     device = model.get_device()
     fit_threads(device)
     rng = torch.Generator(device=device).manual_seed(seed)
-    sp = {n: tokenizer.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>",
-          "<|python_end|>", "<|output_start|>", "<|output_end|>")} if tokenizer else {}
+    names = ("<|assistant_end|>", "<|bos|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
+             "<|output_end|>")
+    sp = {n: tokenizer.encode_special(n) for n in names} if tokenizer else {}
     stops = {sp.get("<|assistant_end|>"), sp.get("<|bos|>")} - {None}
     kv = KVCache(model.config.n_layer, len(ids) + max_tokens)
     with amp_ctx(device):
@@ -613,7 +439,7 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
     kv.expand(num_samples)
     logits = logits.expand(num_samples, -1)  # (B, V)
     rows = [_Row() for _ in range(num_samples)]
-    counts = torch.zeros_like(logits) if penalties else None  # (B, V): how often each row generated each token
+    counts = torch.zeros_like(logits) if penalties else None  # (B, V): how often each row generated a token
     for _ in range(max_tokens):
         if penalties:
             logits = penalize(logits.float(), counts, **penalties)
@@ -621,11 +447,13 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
         tokens, masks = [], []
         for row, tok in zip(rows, sampled):
             if row.done:
-                tokens.append(-1), masks.append(0)
+                tokens.append(-1)
+                masks.append(0)
                 continue
             forced = bool(row.forced)
             tok = row.forced.pop(0) if forced else tok
-            tokens.append(tok), masks.append(0 if forced else 1)
+            tokens.append(tok)
+            masks.append(0 if forced else 1)
             if tok in stops:
                 row.done = True
             elif tok == sp.get("<|python_start|>"):
@@ -652,23 +480,12 @@ def generate_batch(model, ids, num_samples=1, **kw):
     for tokens, ms in generate(model, ids, num_samples=num_samples, **kw):
         for i, (t, m) in enumerate(zip(tokens, ms)):
             if t >= 0:
-                seqs[i].append(t), masks[i].append(m)
+                seqs[i].append(t)
+                masks[i].append(m)
     return seqs, masks
 
 # -----------------------------------------------------------------------------
-# Runtime: devices, torchrun, printing, logs
-
-class UserError(Exception):
-    """A mistake the user can fix (missing checkpoint, wrong tokenizer): printed as one line, exit 2."""
-
-def _excepthook(kind, value, tb, _default=sys.excepthook):
-    if issubclass(kind, UserError) or kind.__name__ == "DataError":
-        print(f"error: {value}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)
-    _default(kind, value, tb)
-
-sys.excepthook = _excepthook
+# Runtime: devices, torchrun, printing, logs, the lines a failed step ends with
 
 def autodetect_device():  # FLATCHAT_DEVICE overrides; otherwise cuda, then mps, then cpu
     gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -677,58 +494,31 @@ def autodetect_device():  # FLATCHAT_DEVICE overrides; otherwise cuda, then mps,
 def amp_dtype(device):
     """bf16 on CUDA GPUs that support it (FLATCHAT_DTYPE=fp32|bf16 overrides), else fp32."""
     kind = torch.device(device).type
-    want = os.environ.get("FLATCHAT_DTYPE") or ("bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    gpu_bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
+    want = os.environ.get("FLATCHAT_DTYPE") or ("bf16" if gpu_bf16 else "fp32")
     return torch.bfloat16 if want == "bf16" else torch.float32
 
 def amp_ctx(device):  # autocast to amp_dtype, or nothing for fp32
-    bf16 = amp_dtype(device) == torch.bfloat16
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-def compile_ok(device):
-    """Can torch.compile run here? On a GPU yes; on a CPU when inductor finds a C++ compiler (else a warning)."""
-    if device.type == "cpu":
-        try:
-            import torch._inductor.cpp_builder as cpp
-            cpp.get_cpp_compiler()
-        except Exception as e:
-            print0(f"warning: torch.compile needs a C++ compiler ({type(e).__name__}): running eagerly "
-                   "(apt install g++)", file=sys.stderr)
-            return False
-        torch._dynamo.config.suppress_errors = True  # a graph that still fails to build runs eagerly
-    return device.type in ("cpu", "cuda")
-
-_load = {}  # fit_threads' last reading: (busy ticks of all cores, this process's ticks, all ticks)
-
-def fit_threads(device):
-    """On a CPU, one thread per core that no other process kept busy since the last call: a thread sharing
-    its core with a busy process stalls every parallel region (steps 7-40x slower on 2 cores, not 2x).
-    OMP_NUM_THREADS set by the user wins."""
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not os.path.exists("/proc/stat"):
-        return
-    with open("/proc/stat") as f:
-        ticks = [int(t) for t in f.readline().split()[1:]]
-    with open("/proc/self/stat") as f:
-        mine = sum(int(t) for t in f.read().rsplit(")", 1)[1].split()[11:15])  # utime stime cutime cstime
-    now = (sum(ticks) - ticks[3] - ticks[4], mine, sum(ticks))  # not idle, not iowait
-    if "last" in _load and now[2] > _load["last"][2]:
-        busy, ours, total = (a - b for a, b in zip(now, _load["last"]))
-        cores = len(os.sched_getaffinity(0))
-        others = max(0.0, busy - ours) / total * os.cpu_count()  # cores kept busy by other processes
-        threads = max(1, min(cores, cores - round(others)))
-        if threads != torch.get_num_threads():
-            print0(f"threads: {torch.get_num_threads()} -> {threads} (other processes keep {others:.1f} of {cores} cores busy)")
-            torch.set_num_threads(threads)
-    _load["last"] = now
+    if amp_dtype(device) == torch.bfloat16:
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 def sync(device):  # wait for the GPU's queued work, so that a timer measures it
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 def compute_init(seed=42):
-    """Set up one process: (ddp, rank, local_rank, world_size, device). Distributed only under torchrun."""
+    """Set up one process: (ddp, rank, local_rank, world_size, device). Distributed only under torchrun.
+    Call it before the first tensor: it turns a UserError into one line and exit 2, and on a CPU switches
+    the allocator (keep_freed_memory), which PyTorch reads at its first allocation."""
+    exit_on_user_error()
     device_type = autodetect_device()
+    if device_type == "cpu":
+        keep_freed_memory()
     ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
     if device_type == "cuda":
         torch.cuda.set_device(device)
@@ -749,6 +539,18 @@ def print0(*args, **kw):
     if dist_rank() == 0:
         print(*args, **kw, flush=True)
 
+def out_of_memory(B):
+    """The UserError of a step that ran out of GPU memory with B rows per forward pass."""
+    fit = max(d for d in range(1, B) if B % d == 0) if B > 1 else 0
+    fix = f"--device-batch-size {fit} keeps the same total batch (more accumulation steps)" if fit else \
+        "lower --max-seq-len"
+    return UserError(f"out of GPU memory with --device-batch-size {B}: {fix}")
+
+def not_finite(loss, step, flag="the learning rates"):
+    """The UserError of a step whose loss is nan or inf: nothing is saved, the last checkpoint stays."""
+    return UserError(f"loss is {loss} at step {step}: stopped without saving; the last good checkpoint in "
+                     f"{base_dir() / 'checkpoints'} is intact. Lower {flag} and rerun (or --resume)")
+
 class JsonlLogger:
     """One JSON object per line in logs/<stage>.jsonl (rank 0). A fresh run starts a new file, a resumed one
     drops the rows past its step; the file as it was goes to logs/previous/<stage>-<time>.jsonl first."""
@@ -768,16 +570,6 @@ class JsonlLogger:
                 rows.append(json.loads(line))
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
 
-    def eval(self, model, batches, step, num_steps, token_bytes=None):
-        """evaluate_loss over the batches: val bpb with token_bytes, else val loss; printed, logged, returned."""
-        model.eval()
-        name = "loss" if token_bytes is None else "bpb"
-        value = evaluate_loss(model, batches, token_bytes)[name]
-        model.train()
-        print0(f"step {step}/{num_steps} | val {name} {value:.4f}")
-        self.log(step=step, **{f"val_{name}": value})
-        return value
-
     def log(self, **row):
         if self.enabled:
             with open(self.path, "a") as f:
@@ -790,17 +582,19 @@ class JsonlLogger:
         flops, peak = flops_per_token * tok_per_s, peak_flops() * self.world
         speed = f"mfu {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
         more = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
-        print0(f"step {step}/{num_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:,.0f} ms | wait {wait * 1000:,.0f} ms"
-               f" | {tok_per_s:,.0f} tok/s | {speed}{more}")
+        print0(f"step {step}/{num_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:,.0f} ms | "
+               f"wait {wait * 1000:,.0f} ms | {tok_per_s:,.0f} tok/s | {speed}{more}")
         if not self.stepped and torch.cuda.is_available():
-            print0(f"peak GPU memory after the first step: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print0(f"peak GPU memory after the first step: {peak:.1f} GiB")
         self.stepped = True
         self.log(step=step, num_steps=num_steps, loss=loss, lr=lr, dt=dt, wait=wait, tok_per_s=tok_per_s,
                  gflops=flops / 1e9, **({"mfu": flops / peak} if peak else {}), **extra)
 
 # dense bf16 tensor-core FLOP/s per GPU, for MFU (the first name contained in the device's name wins)
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-             ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12), ("3090", 71e12)]
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+             ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12),
+             ("3090", 71e12)]
 
 def peak_flops():
     """This process's GPU's peak from PEAK_BF16, 0 on a CPU or an unknown GPU (they print GFLOP/s)."""
@@ -809,7 +603,7 @@ def peak_flops():
 
 # -----------------------------------------------------------------------------
 # Checkpoints: checkpoints/<stage>/step_NNNNNN/{model.pt, optim.pt, rng.pt, meta.json}, written atomically,
-# each tensor file's sha256 in meta.json; one live run per stage; stopping cleanly on SIGTERM / Ctrl-C
+# each tensor file's sha256 in meta.json; one live run per stage
 
 STAGE_COMMANDS = {"pretrain": "python pretrain.py", "midtrain": "python midtrain.py",
                   "sft": "python sft.py", "rl": "python rl.py"}
@@ -835,14 +629,22 @@ def save_checkpoint(stage, step, model, optimizer, meta, keep=None, lanes=None):
 
 def _write_checkpoint(stage, step, model, optimizer, meta, keep):
     """Every file into a temp dir (fsynced, meta.json last), renamed into place: a crash leaves the old set of
-    checkpoints or the new one, never a torn one. A full disk stops the run with one line, the temp dir gone."""
+    checkpoints or the new one, never a torn one. A full disk stops the run in one line, no temp dir left."""
     root = stage_dir(stage)
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}_{os.getpid()}"
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}  # LoRA: merged weights + the adapters
-    state = model.merged_state_dict() if adapters else {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
-    files = {"model.pt": state, "rng.pt": rng, **({"adapters.pt": adapters} if adapters else {}),
-             **({"optim.pt": optimizer.state_dict()} if optimizer is not None else {})}
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}  # LoRA: the merged weights too
+    if adapters:
+        state = model.merged_state_dict()
+    else:
+        state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+    files = {"model.pt": state, "rng.pt": rng}
+    if adapters:
+        files["adapters.pt"] = adapters
+    if optimizer is not None:
+        files["optim.pt"] = optimizer.state_dict()
     name, sink = "-", _Sink()
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -853,17 +655,19 @@ def _write_checkpoint(stage, step, model, optimizer, meta, keep):
                 sink.f.flush()
                 os.fsync(sink.f.fileno())
         sums = {n: hashlib.file_digest(open(tmp / n, "rb"), "sha256").hexdigest() for n in files}
-        meta = {**meta, "stage": stage, "step": step, "model_format": MODEL_FORMAT, "saved_at": time.time(), "sha256": sums}
+        meta = {**meta, "stage": stage, "step": step, "model_format": MODEL_FORMAT, "saved_at": time.time(),
+                "sha256": sums}
         name = "meta.json"
         (tmp / name).write_text(json.dumps(meta, indent=1))
         _fsync(tmp / name)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError: the sink kept the cause
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError; the sink: why
         shutil.rmtree(tmp, ignore_errors=True)
         need = sum(t.numel() * t.element_size() for t in _tensors(files)) / 2**20
         why = getattr(sink.error or e, "strerror", None) or str(e).splitlines()[0]
+        free = shutil.disk_usage(root).free / 2**20
         raise UserError(f"could not write {tmp / name}: {why} (a checkpoint needs ~{need:,.0f} MB, "
-                        f"{shutil.disk_usage(root).free / 2**20:,.0f} MB are free on {root}); the latest complete "
-                        f"checkpoint is untouched: free some space and rerun with --resume") from None
+                        f"{free:,.0f} MB are free on {root}); the latest complete checkpoint is untouched: "
+                        "free some space and rerun with --resume") from None
     old = root / f".old_step_{step:06d}_{os.getpid()}"
     if final.exists():  # re-saving the same step: move the old one aside first
         os.rename(final, old)
@@ -896,7 +700,8 @@ def _fsync(path):  # a file's data, or a directory's entries, to disk
 def _tensors(x):  # every tensor in a nest of dicts and lists
     if torch.is_tensor(x):
         return [x]
-    return [t for v in (x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []) for t in _tensors(v)]
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return [t for v in items for t in _tensors(v)]
 
 def _complete(stage, warn=False):
     """Complete checkpoints (meta.json readable), oldest save first: [(saved_at, step, dir)]; warn: say why a
@@ -907,7 +712,8 @@ def _complete(stage, warn=False):
             found.append((json.loads((d / "meta.json").read_text())["saved_at"], int(d.name[5:]), d))
         except (OSError, ValueError, KeyError) as e:
             if warn:
-                print0(f"warning: skipping {d}: its meta.json is unreadable or not JSON ({type(e).__name__})", file=sys.stderr)
+                print0(f"warning: skipping {d}: its meta.json is unreadable or not JSON ({type(e).__name__})",
+                       file=sys.stderr)
     return sorted(found)
 
 def latest_step(stage):  # of the most recently saved complete checkpoint (a fresh shorter run wins), or None
@@ -935,26 +741,38 @@ def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
     for _, _, d in reversed(found):
         meta = json.loads((d / "meta.json").read_text())
         if meta.get("model_format", 1) != MODEL_FORMAT:
-            raise UserError(f"{d} holds a model of format {meta.get('model_format', 1)}, this model.py reads format "
-                            f"{MODEL_FORMAT} (its rotary layout changed): retrain from `python pretrain.py`")
+            raise UserError(f"{d} holds a model of format {meta.get('model_format', 1)}, this model.py reads "
+                            f"format {MODEL_FORMAT} (its rotary layout changed): retrain from "
+                            "`python pretrain.py`")
         if not (problem := _check(d, meta, [n for n in names if n in meta.get("sha256", {"model.pt": 1})])):
             break
         if step is not None or d == found[0][2]:
-            raise UserError(f"{problem}: delete {d} (or rerun the stage that wrote it)" +
-                            (f"; the checkpoints before it are {[c[1] for c in found[:-1]]}" if len(found) > 1 else ""))
+            before = f"; the checkpoints before it are {[c[1] for c in found[:-1]]}" if len(found) > 1 else ""
+            raise UserError(f"{problem}: delete {d} (or rerun the stage that wrote it){before}")
         print0(f"warning: {problem}: using the checkpoint before it", file=sys.stderr)
-    load = lambda name, dev: torch.load(d / name, map_location=dev, weights_only=True) if (d / name).exists() else None
+
+    def load(name, dev):
+        return torch.load(d / name, map_location=dev, weights_only=True) if (d / name).exists() else None
     try:  # weights_only: tensors only, never code (a file of pickled code fails here and says so)
-        return load("model.pt", device), load("optim.pt", device) if load_optim else None, meta, load("rng.pt", "cpu")
+        optim = load("optim.pt", device) if load_optim else None
+        return load("model.pt", device), optim, meta, load("rng.pt", "cpu")
     except Exception as e:
-        raise UserError(f"{d}: cannot load its tensors on {device} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        raise UserError(f"{d}: cannot load its tensors on {device} ({why})") from None
+
+def load_adapters(stage, step, device):
+    """The LoRA adapters a LoRA run saved beside its merged weights (checkpoint `step` of `stage`)."""
+    path = stage_dir(stage) / f"step_{step:06d}" / "adapters.pt"
+    return torch.load(path, map_location=device, weights_only=True)
 
 def check_tokenizer(meta, tokenizer, where):
-    if meta.get("tokenizer_hash") != tokenizer.hash or meta["model_config"]["vocab_size"] != tokenizer.vocab_size:
-        raise UserError(f"{where} was trained with another tokenizer (hash {str(meta.get('tokenizer_hash'))[:12]}, "
-                        f"vocab {meta['model_config']['vocab_size']}) than {base_dir() / 'tokenizer'} "
-                        f"(hash {tokenizer.hash[:12]}, vocab {tokenizer.vocab_size}): retrain the stages from "
-                        f"`python pretrain.py` on, or restore the tokenizer it was trained with")
+    """A checkpoint's model meets only the tokenizer it was trained with (its hash is in meta.json)."""
+    theirs, vocab = str(meta.get("tokenizer_hash")), meta["model_config"]["vocab_size"]
+    if theirs != tokenizer.hash or vocab != tokenizer.vocab_size:
+        ours = f"hash {tokenizer.hash[:12]}, vocab {tokenizer.vocab_size}"
+        raise UserError(f"{where} was trained with another tokenizer (hash {theirs[:12]}, vocab {vocab}) "
+                        f"than {base_dir() / 'tokenizer'} ({ours}): retrain the stages from "
+                        "`python pretrain.py` on, or restore the tokenizer it was trained with")
 
 def load_tokenizer():
     path = base_dir() / "tokenizer" / "tokenizer.json"
@@ -963,7 +781,8 @@ def load_tokenizer():
     return Tokenizer.load(path)
 
 def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
-    """(model, tokenizer, meta[, optim_state]) from a checkpoint, after checking it fits the tokenizer."""
+    """(model, tokenizer, meta, optimizer state or None) from a checkpoint, after checking it fits the
+    tokenizer; the optimizer's state (for --resume) only with load_optim."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}"
@@ -974,7 +793,7 @@ def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     model = GPT(GPTConfig(**meta["model_config"])).to(device)
     model.load_state_dict(model_state)
     model.eval()
-    return (model, tokenizer, meta, optim_state) if load_optim else (model, tokenizer, meta)
+    return model, tokenizer, meta, optim_state
 
 _held = []  # this process's stage locks, released by the kernel when it exits (a SIGKILL included)
 
@@ -991,7 +810,8 @@ def lock_stage(stage):
     except BlockingIOError:
         f.seek(0)
         pid = f.read().strip() or "?"
-        raise UserError(f"another run (process {pid}) is writing {root}: wait for it, or stop it (kill {pid})") from None
+        raise UserError(f"another run (process {pid}) is writing {root}: wait for it, or stop it "
+                        f"(kill {pid})") from None
     f.truncate(0)  # "a+": the pid is written at the (new) end
     f.write(str(os.getpid()))
     f.flush()
@@ -999,18 +819,22 @@ def lock_stage(stage):
     for d in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
         shutil.rmtree(d, ignore_errors=True)
 
+# -----------------------------------------------------------------------------
+# Stop signals: SIGTERM (a preempted node) or Ctrl-C finish the step, save, and exit
+
 _signal = []  # the stop signals received so far
 
 def _on_signal(signum, frame):
     if signum == signal.SIGINT and signal.SIGINT in _signal:
-        print("\nsecond Ctrl-C: exiting now (checkpoints are written atomically: none is torn)", file=sys.stderr)
+        print("\nsecond Ctrl-C: exiting now (checkpoints are written atomically: none is torn)",
+              file=sys.stderr)
         os._exit(130)
     _signal.append(signum)
-    print0(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again: at once)",
-           file=sys.stderr)
+    name = signal.Signals(signum).name
+    print0(f"\n{name}: stopping after this step with a checkpoint (Ctrl-C again: at once)", file=sys.stderr)
 
 def catch_stop_signals():
-    """From here on, SIGTERM (a preempted node) and Ctrl-C ask the training loop to stop (stop_requested)."""
+    """From here on, SIGTERM and Ctrl-C ask the training loop to stop (stop_requested)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
 
@@ -1022,12 +846,14 @@ def stop_requested(device):
     return bool(flag.item())
 
 def exit_stopped(step, saved):
-    """After the checkpoint of a stop: say how to go on, and exit non-zero (128 + the signal, as a shell does)."""
+    """After the checkpoint of a stop: say how to go on, exit non-zero (128 + the signal, as a shell does)."""
     sig = (_signal or [signal.SIGTERM])[0]
     again = "python " + " ".join(sys.argv) + ("" if "--resume" in sys.argv else " --resume")
-    print0(f"stopped at step {step} by {signal.Signals(sig).name}; " + (f"continue with: {again} (under torchrun: the "
-           "same command with --resume)" if saved or "--resume" in sys.argv else "nothing was saved yet: rerun the command"),
-           file=sys.stderr)
+    if saved or "--resume" in sys.argv:
+        how = f"continue with: {again} (under torchrun: the same command with --resume)"
+    else:
+        how = "nothing was saved yet: rerun the command"
+    print0(f"stopped at step {step} by {signal.Signals(sig).name}; {how}", file=sys.stderr)
     compute_cleanup()
     sys.exit(128 + sig)
 
@@ -1035,35 +861,64 @@ def exit_stopped(step, saved):
 # Speed: what a CPU step needs beyond torch.compile. Each piece is measured in tests/bench_pretrain.py
 # (it stays for >= 10% of a cpu-preset step, or for the memory it saves) and tested against the plain code.
 
-# Every step frees and re-allocates large tensors (activations, the loss's (N, V) logits). glibc keeps freed
-# blocks for reuse (no mmap, no trim) and PyTorch puts large ones on transparent huge pages: later steps
-# reuse pages that are already mapped instead of faulting fresh ones in (1.07-1.23x steps); the price is
-# that a CPU run's memory stays at its peak (+15-19% RSS on the cpu preset).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-if sys.platform == "linux":
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets its own mapping
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
+_load = {}  # fit_threads' last reading: (busy ticks of all cores, this process's ticks, all ticks)
+
+def fit_threads(device):
+    """On a CPU, one thread per core that no other process kept busy since the last call: a thread sharing
+    its core with a busy process stalls every parallel region (steps 7-40x slower on 2 cores, not 2x).
+    OMP_NUM_THREADS set by the user wins."""
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not os.path.exists("/proc/stat"):
+        return
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    with open("/proc/self/stat") as f:
+        mine = sum(int(t) for t in f.read().rsplit(")", 1)[1].split()[11:15])  # utime stime cutime cstime
+    now = (sum(ticks) - ticks[3] - ticks[4], mine, sum(ticks))  # not idle, not iowait
+    if "last" in _load and now[2] > _load["last"][2]:
+        busy, ours, total = (a - b for a, b in zip(now, _load["last"]))
+        cores = len(os.sched_getaffinity(0))
+        others = max(0.0, busy - ours) / total * os.cpu_count()  # cores kept busy by other processes
+        threads = max(1, min(cores, cores - round(others)))
+        if threads != torch.get_num_threads():
+            print0(f"threads: {torch.get_num_threads()} -> {threads} (other processes keep {others:.1f} of "
+                   f"{cores} cores busy)")
+            torch.set_num_threads(threads)
+    _load["last"] = now
+
+def keep_freed_memory():
+    """Every step frees and re-allocates large tensors (activations, the loss's (N, V) logits). Here glibc
+    keeps freed blocks for reuse (no mmap, no trim) and PyTorch puts large ones on transparent huge pages:
+    later steps reuse pages that are already mapped instead of faulting fresh ones in (1.07-1.23x steps);
+    the price is that a CPU run's memory stays at its peak (+15-19% RSS on the cpu preset). PyTorch reads
+    THP_MEM_ALLOC_ENABLE at its first allocation: call this before any tensor exists."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None)
+            libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets its own mapping
+            libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
 
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-row F.cross_entropy(15 tanh(h @ w.T / 15), targets) (0 where the target is -1), a few rows at a
-    time in fp32 buffers that stay in cache. With z = h @ (w * 2/15).T and u = sigmoid(z), the soft-capped
-    logits are s = 30 u - 15: exp(30 u) needs no max pass (it stays below e^30). Forward also writes
-    d loss / d z / 30 = (softmax - onehot) u (1 - u) over the z it has used, so backward is two matmuls and
-    no fp32 (N, V) tensor is ever made: cpu-preset steps 1.06-1.3x faster than with the compiled plain loss
-    and a fifth less peak memory; at vocab 32768 (eager fp32) 1.8x faster in 3.1 GB instead of 8.3."""
+    """Per-row F.cross_entropy(c tanh(h @ w.T / c), targets), c = SOFTCAP (0 where the target is -1), a few
+    rows at a time in fp32 buffers that stay in cache. With z = h @ (w * 2/c).T and u = sigmoid(z), the
+    soft-capped logits are s = 2c u - c: exp(2c u) needs no max pass (it stays below e^2c: fine in fp32 up
+    to c ~ 35). Forward also writes d loss / d z / 2c = (softmax - onehot) u (1 - u) over the z it has used,
+    so backward is two matmuls and no fp32 (N, V) tensor is ever made: cpu-preset steps 1.06-1.3x faster
+    than with the compiled plain loss and a fifth less peak memory; at vocab 32768 (eager fp32) 1.8x faster
+    in 3.1 GB instead of 8.3."""
 
     @staticmethod
     def forward(ctx, h, w, targets, backward, rows=32):  # h (N, C), w (V, C), targets (N,)
-        z = F.linear(h, w * (2 / 15))  # (N, V), bf16 under autocast
+        c = SOFTCAP
+        z = F.linear(h, w * (2 / c))  # (N, V), bf16 under autocast
         kw = dict(device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
-        t, loss, (u, e) = targets.clamp(min=0)[:, None], torch.empty(len(z), **kw), torch.empty(2, min(rows, len(z)), z.size(1), **kw)
+        t, loss = targets.clamp(min=0)[:, None], torch.empty(len(z), **kw)
+        u, e = torch.empty(2, min(rows, len(z)), z.size(1), **kw)
         for i in range(0, len(z), rows):
             zi, ui, ei, ti = z[i:i + rows], u[:len(z) - i], e[:len(z) - i], t[i:i + rows]
             ui.copy_(zi).sigmoid_()
-            sums = torch.mul(ui, 30, out=ei).exp_().sum(1, keepdim=True)
-            loss[i:i + rows] = (sums.log() - 30 * ui.gather(1, ti)).squeeze(1)  # logsumexp(s) - s[target]
+            sums = torch.mul(ui, 2 * c, out=ei).exp_().sum(1, keepdim=True)
+            loss[i:i + rows] = (sums.log() - 2 * c * ui.gather(1, ti)).squeeze(1)  # logsumexp(s) - s[target]
             if backward:
                 ei.div_(sums).scatter_add_(1, ti, -torch.ones_like(sums))  # softmax - onehot
                 torch.mul(ei, ui.addcmul_(ui, ui, value=-1), out=zi)
@@ -1071,7 +926,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return loss.masked_fill_(targets < 0, 0.0)
 
     @staticmethod
-    def backward(ctx, g):  # d loss / d h = 4 g dz @ w, d loss / d w = 4 dz.T @ (g h)   (4 = 30 x 2/15)
+    def backward(ctx, g):  # d loss / d h = 4 g dz @ w, d loss / d w = 4 dz.T @ (g h)   (4 = 2c x 2/c)
         h, w, dz, targets = ctx.saved_tensors
         g = (4 * g * (targets >= 0))[:, None]
         dh = (dz @ w.to(dz.dtype)).to(h.dtype).mul_(g) if ctx.needs_input_grad[0] else None

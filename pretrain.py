@@ -15,15 +15,17 @@ the loop packs rows from memory-mapped token arrays, so a step never waits for t
 import bisect
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from model import (GPT, GPTConfig, UserError, add_training_args, catch_stop_signals, compile_ok, compute_cleanup,
-                   compute_init, due, exit_stopped, generate_batch, grad_accum_steps, JsonlLogger, load_checkpoint,
-                   load_tokenizer, lock_stage, make_lanes, next_batches, print0, save_checkpoint, stop_requested, sync,
-                   train_step)
+from model import (GPT, GPTConfig, JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup,
+                   compute_init, evaluate_loss, exit_stopped, fit_threads, generate_batch, load_checkpoint,
+                   load_tokenizer, lock_stage, not_finite, out_of_memory, print0, save_checkpoint,
+                   stop_requested, sync)
 from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
 
 # -----------------------------------------------------------------------------
@@ -39,10 +41,11 @@ def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
     for f in files:
         st = f.stat()
         folder = base_dir() / "data" / "tokens" / tokenizer.hash[:16] / f.parent.name
-        bin_path, idx_path = (folder / f"{f.name}.{st.st_size}.{st.st_mtime_ns}{ext}" for ext in (".bin", ".idx.npy"))
+        name = f"{f.name}.{st.st_size}.{st.st_mtime_ns}"
+        bin_path, idx_path = folder / f"{name}.bin", folder / f"{name}.idx.npy"
         if write and not bin_path.exists():
             folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob(f"{f.name}.*"):  # another version of this file, or a killed run's temp file
+            for old in folder.glob(f"{f.name}.*"):  # another version of the file, or a killed run's temp file
                 old.unlink()
             t0, lengths, tmp = time.time(), [], bin_path.with_suffix(f".tmp{os.getpid()}")
             with open(tmp, "wb") as out:
@@ -51,32 +54,39 @@ def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
                     lengths.append(len(ids))
             np.save(idx_path, np.cumsum([0] + lengths))
             os.replace(tmp, bin_path)  # last: its existence means the shard is complete
-            print0(f"tokenized {f} ({len(lengths):,} documents, {sum(lengths):,} tokens) in {time.time() - t0:.1f} s")
+            print0(f"tokenized {f} ({len(lengths):,} documents, {sum(lengths):,} tokens) in "
+                   f"{time.time() - t0:.1f} s")
         while not bin_path.exists():  # another rank of this node is writing it
             time.sleep(0.2)
-        tokens = np.memmap(bin_path, dtype, mode="r") if bin_path.stat().st_size else np.zeros(0, dtype)  # mmap: >0 B
+        tokens = np.zeros(0, dtype)
+        if bin_path.stat().st_size:  # (an empty file cannot be mapped)
+            tokens = np.memmap(bin_path, dtype, mode="r")
         shards.append((tokens, np.load(idx_path)))
     if sum(len(starts) - 1 for _, starts in shards) == 0:
-        raise UserError(f"no documents in {files[0].parent}: its files are empty; rerun `python data/corpus.py`")
+        raise UserError(f"no documents in {files[0].parent}: its files are empty; rerun "
+                        "`python data/corpus.py`")
     return shards
 
 class Lane:
     """One stream of documents (lane r takes documents r, r + n_lanes, ... of the corpus, which repeats in
-    epochs) packed into rows, best fit: each row takes the longest buffered piece that still fits; when
-    none fits, the longest piece is split and its rest waits in the buffer, to start a later row with
-    <|bos|> (never cropped away). Its state is two numbers per buffered piece: resuming is instant."""
+    epochs) packed into batches of B rows of T+1 tokens, best fit: each row takes the longest buffered piece
+    that still fits; when none fits, the longest piece is split and its rest waits in the buffer, to start
+    a later row with <|bos|> (never cropped away). Its state is two numbers per buffered piece: resuming is
+    instant."""
 
-    def __init__(self, shards, lane, n_lanes, bos, state=None, buffer_size=32):
+    def __init__(self, shards, lane, n_lanes, bos, B, T, device="cpu", state=None, buffer_size=32):
         self.shards, self.lane, self.n_lanes, self.buffer_size = shards, lane, n_lanes, buffer_size
-        self.first = np.cumsum([0] + [len(starts) - 1 for _, starts in shards]).tolist()  # first doc of each shard
+        self.B, self.T, self.device = B, T, torch.device(device)
+        self.first = np.cumsum([0] + [len(starts) - 1 for _, starts in shards]).tolist()  # shards' first docs
         self.per_epoch = len(range(lane, self.first[-1], n_lanes))
         if self.per_epoch == 0:
-            raise UserError(f"the corpus has {self.first[-1]} documents, too few for {n_lanes} lanes (processes x "
-                            "accumulation steps): add documents or lower --total-batch-size")
+            raise UserError(f"the corpus has {self.first[-1]} documents, too few for {n_lanes} lanes "
+                            "(processes x accumulation steps): add documents or lower --total-batch-size")
         self.bos = np.array([bos], shards[0][0].dtype)
         state = state or {"next_pos": 0, "pieces": []}
         self.next_pos = state["next_pos"]
-        self.pieces = [[pos, off, self.doc(pos)[off:]] for pos, off in state["pieces"]]  # [doc position, offset, ids]
+        # the buffer: [doc position, offset, ids] per piece
+        self.pieces = [[pos, off, self.doc(pos)[off:]] for pos, off in state["pieces"]]
 
     def doc(self, pos):  # the ids of this lane's pos-th document
         n = self.lane + self.n_lanes * (pos % self.per_epoch)
@@ -103,11 +113,11 @@ class Lane:
                 p[1], p[2], room = p[1] + room - 1, p[2][room - 1:], 0
         return np.concatenate(parts)
 
-    def batch(self, B, T, device="cpu"):
-        rows = torch.from_numpy(np.stack([self.row(T + 1) for _ in range(B)]).astype(np.int64))
-        if torch.device(device).type == "cuda":
-            rows = rows.pin_memory().to(device, non_blocking=True)
-        return rows[:, :-1].to(device), rows[:, 1:].to(device)
+    def batch(self):  # inputs and targets (B, T)
+        rows = torch.from_numpy(np.stack([self.row(self.T + 1) for _ in range(self.B)]).astype(np.int64))
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        return rows[:, :-1].to(self.device), rows[:, 1:].to(self.device)
 
     def state(self):
         return {"next_pos": self.next_pos, "pieces": [[p[0], p[1]] for p in self.pieces]}
@@ -118,32 +128,49 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     parser = Parser(description="Pretrain the base model.")
     add = parser.add_argument
     # model
-    add("--depth", type=ranged(int, 1), default=20, help="layers; sets width (depth x 64), heads, batch, lrs, horizon")
+    add("--depth", type=ranged(int, 1), default=20,
+        help="layers; sets width (depth x 64), heads, batch, lrs, horizon")
     add("--max-seq-len", type=ranged(int, 2), default=2048, help="context length in tokens")
     # horizon (the first of these that is set wins)
-    add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = from the tokens)")
-    add("--target-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="training tokens (-1 = ratio x params)")
+    add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1,
+        help="optimizer steps (-1 = from the tokens)")
+    add("--target-tokens", type=ranged(int, 1, sentinel=-1), default=-1,
+        help="training tokens (-1 = ratio x params)")
     add("--param-data-ratio", type=ranged(float, 0), default=20, help="tokens per parameter (Chinchilla: 20)")
     # batch
-    add("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="rows per forward pass per process "
-        "(-1 = 32 on a GPU, 8,192 tokens' worth on a CPU, fewer when the total batch is smaller; lower it on OOM)")
-    add("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1, help="tokens per step (-1 = from depth)")
-    # schedule
+    add("--device-batch-size", type=ranged(int, 1, sentinel=-1), default=-1,
+        help="rows per forward pass per process (-1 = 32 on a GPU, 8,192 tokens' worth on a CPU, fewer when "
+        "the total batch is smaller; lower it on OOM)")
+    add("--total-batch-size", type=ranged(int, 1, sentinel=-1), default=-1,
+        help="tokens per step (-1 = from depth)")
+    # optimization
+    add("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
+    add("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the embedding (at width 768)")
+    add("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the head (at width 768)")
     add("--weight-decay", type=ranged(float, 0), default=0.0, help="decoupled weight decay (0 = off)")
     add("--warmup-ratio", type=ranged(float, 0, 1), default=0.0, help="fraction of steps of linear lr warmup")
     add("--warmdown-ratio", type=ranged(float, 0, 1), default=0.2,
         help="fraction of steps of linear lr decay at the end")
-    add("--final-lr-frac", type=ranged(float, 0, 1), default=0.0, help="lr at the end as a fraction of the peak")
-    add("--eval-tokens", type=ranged(int, 1, sentinel=-1), default=-1, help="val tokens per eval (-1 = 10 x batch)")
-    add("--sample-every", type=ranged(int, 1, sentinel=-1), default=2000, help="steps between samples (-1 = at the end)")
+    add("--final-lr-frac", type=ranged(float, 0, 1), default=0.0, help="the last lr, a fraction of the peak")
     add("--compile", type=ranged(int, 0, 1), default=1, help="torch.compile where a compiler works (1/0)")
-    add_training_args(parser, eval_every=250)
+    # evaluation, samples, checkpoints
+    add("--eval-every", type=ranged(int, 1, sentinel=-1), default=250,
+        help="steps between evals (-1 = at the end)")
+    add("--eval-tokens", type=ranged(int, 1, sentinel=-1), default=-1,
+        help="val tokens per eval (-1 = 10 x batch)")
+    add("--sample-every", type=ranged(int, 1, sentinel=-1), default=2000,
+        help="steps between samples (-1 = at the end)")
+    add("--save-every", type=ranged(int, 1, sentinel=-1), default=-1,
+        help="steps between saves (-1 = at the end)")
+    add("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
+    add("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
+    add("--seed", type=ranged(int, 0), default=42, help="random seed: init, data order, samples")
     args = parser.parse_args()
 
     # -------------------------------------------------------------------------
     # Init: processes, tokenizer, the model shape and the batch from the depth dial
-    lock_stage("pretrain")  # one live run per stage
     ddp, rank, local_rank, world, device = compute_init(args.seed)
+    lock_stage("pretrain")  # one live run per stage
     master = rank == 0
     tokenizer = load_tokenizer()
     n_embd = args.depth * 64
@@ -155,30 +182,45 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     num_params = shape_only.num_params()
     matrix_params = num_params - 2 * shape_only.padded_vocab * n_embd
     T, total_batch = args.max_seq_len, args.total_batch_size
-    if total_batch == -1:  # bigger models like bigger batches: ~5e-3 tokens per matrix parameter, a power of 2,
-        total_batch = max(T * world, 2 ** min(19, max(12, round(math.log2(5e-3 * matrix_params)))))  # >= a row each
+    if total_batch == -1:  # bigger models like bigger batches: ~5e-3 tokens a matrix parameter, a power of 2,
+        log2 = min(19, max(12, round(math.log2(5e-3 * matrix_params))))
+        total_batch = max(T * world, 2**log2)  # and at least a row per process
     B = args.device_batch_size
-    if B == -1:  # as many rows as fit the total batch, at most 32 (GPU) or 8,192 tokens (CPU: memory and cache)
+    if B == -1:  # as many rows as fit the total batch, at most 32 (GPU) or 8,192 tokens (CPU: memory, cache)
         B = min(32 if device.type == "cuda" else max(1, 8192 // T), max(1, total_batch // (T * world)))
         while total_batch % (B * T * world):
             B -= 1
-    grad_accum = grad_accum_steps(total_batch, B * T * world, "--total-batch-size")
+    if total_batch % (B * T * world):
+        raise UserError(f"--total-batch-size {total_batch} is not a multiple of {B * T * world}, what one "
+                        "forward pass of all processes takes: change it or --device-batch-size")
+    grad_accum = total_batch // (B * T * world)  # micro-batches per optimizer step
     args.device_batch_size, args.total_batch_size = B, total_batch  # the checkpoint records what was used
     target_tokens = args.target_tokens if args.target_tokens > 0 else int(args.param_data_ratio * num_params)
     num_steps = args.num_steps if args.num_steps > 0 else max(1, target_tokens // total_batch)
 
     # -------------------------------------------------------------------------
     # Model + optimizer (fresh, or from the latest checkpoint with --resume), compiled where a compiler works
-    use_compile = args.compile == 1 and compile_ok(device)
+    use_compile = args.compile == 1 and device.type in ("cpu", "cuda")
+    if use_compile and device.type == "cpu":  # inductor builds CPU kernels with a C++ compiler: is there one?
+        try:
+            import torch._inductor.cpp_builder as cpp
+            cpp.get_cpp_compiler()
+            torch._dynamo.config.suppress_errors = True  # a graph that still fails to build runs eagerly
+        except Exception as e:
+            print0(f"warning: torch.compile needs a C++ compiler ({type(e).__name__}): running eagerly "
+                   "(apt install g++)", file=sys.stderr)
+            use_compile = False
     model = GPT(config).to(device)
     model.init_weights()
-    optimizer = model.setup_optimizer(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.weight_decay,
-                                      use_compile)
+    optimizer = model.setup_optimizer(args.matrix_lr, args.embedding_lr, args.unembedding_lr,
+                                      args.weight_decay, use_compile)
     start_step, resume_meta = 0, None
     if args.resume:
-        model_state, optim_state, resume_meta, rng = load_checkpoint("pretrain", device=device, load_optim=True)
-        if resume_meta["model_config"] != vars(config):  # (make_lanes checks the batch layout)
-            raise UserError(f"--resume needs the model shape of the checkpoint ({resume_meta['args']}): pass its flags")
+        model_state, optim_state, resume_meta, rng = load_checkpoint("pretrain", device=device,
+                                                                      load_optim=True)
+        if resume_meta["model_config"] != vars(config):
+            raise UserError(f"--resume needs the model shape of the checkpoint ({resume_meta['args']}): "
+                            "pass its flags")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(rng["cpu"])
@@ -195,16 +237,23 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
            f"({num_steps * total_batch / num_params:.1f} per parameter)")
 
     # -------------------------------------------------------------------------
-    # Data: token shards (written by one process per node), one lane per micro-batch (model.make_lanes)
+    # Data: token shards (written by one process per node), then one lane per micro-batch: micro-batch m of
+    # rank r always reads lane r * grad_accum + m, so N processes and 1 process with N accumulation steps
+    # see exactly the same rows
     train_shards = token_shards(corpus_files("train"), tokenizer, write=local_rank == 0)
     val_shards = token_shards(corpus_files("val"), tokenizer, write=local_rank == 0)
-    lanes = make_lanes(lambda lane, n, state: Lane(train_shards, lane, n, tokenizer.bos_id, state), rank, world,
-                       grad_accum, resume_meta["lanes"] if resume_meta else None)
+    n_lanes = world * grad_accum
+    states = resume_meta["lanes"] if resume_meta else [None] * n_lanes
+    if len(states) != n_lanes:
+        raise UserError(f"--resume needs the batch layout of the checkpoint ({len(states)} lanes, now "
+                        f"{n_lanes}): use the same batch sizes and number of processes")
+    lanes = [Lane(train_shards, i, n_lanes, tokenizer.bos_id, B, T, device, states[i])
+             for i in range(rank * grad_accum, (rank + 1) * grad_accum)]
     val_steps = max(1, (args.eval_tokens if args.eval_tokens > 0 else 10 * total_batch) // (B * T * world))
 
     def val_batches():  # the same val rows at every evaluation: a fresh lane per rank
-        lane = Lane(val_shards, rank, world, tokenizer.bos_id)
-        return (lane.batch(B, T, device) for _ in range(val_steps))
+        lane = Lane(val_shards, rank, world, tokenizer.bos_id, B, T, device)
+        return (lane.batch() for _ in range(val_steps))
 
     # -------------------------------------------------------------------------
     # Schedules
@@ -223,42 +272,76 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
 
     # -------------------------------------------------------------------------
     # Training loop: eval, sample and save at the top of a step; the last iteration only does those
-    logger = JsonlLogger("pretrain", resume_step=start_step if args.resume else None, enabled=master, world=world)
-    prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "If 5 apples cost 10 dollars,"]
+    logger = JsonlLogger("pretrain", start_step if args.resume else None, enabled=master, world=world)
+    prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):",
+               "If 5 apples cost 10 dollars,"]
     metrics = resume_meta["metrics"] if resume_meta else dict(val_bpb=None, min_val_bpb=float("inf"))
     t_start = time.time()
     catch_stop_signals()  # SIGTERM / Ctrl-C: finish the step, save, stop
     for step in range(start_step, num_steps + 1):
-        last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
-        if due(step, args.eval_every, last) and not stop and not (args.resume and step == start_step):
-            val_bpb = logger.eval(model, val_batches(), step, num_steps, tokenizer.token_bytes)
+        last = step == num_steps
+        stop = stop_requested(device)  # SIGTERM or Ctrl-C on some rank
+        evaluated = args.resume and step == start_step  # (the resumed checkpoint's step was evaluated before)
+        if (last or args.eval_every > 0 and step % args.eval_every == 0) and not stop and not evaluated:
+            model.eval()
+            val_bpb = evaluate_loss(model, val_batches(), tokenizer.token_bytes)["bpb"]
+            model.train()
+            print0(f"step {step}/{num_steps} | val bpb {val_bpb:.4f}")
+            logger.log(step=step, val_bpb=val_bpb)
             metrics = dict(val_bpb=val_bpb, min_val_bpb=min(metrics["min_val_bpb"], val_bpb))
-        if master and due(step, args.sample_every, last) and step > 0 and not stop:
+        sample = last or args.sample_every > 0 and step % args.sample_every == 0
+        if master and sample and step > 0 and not stop:
             orig_model.eval()
             for prompt in prompts:
                 ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
                 out, _ = generate_batch(orig_model, ids, max_tokens=24, temperature=0, tokenizer=tokenizer)
-                print0(f"  sample: {prompt}{tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])!r}")
+                text = tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])
+                print0(f"  sample: {prompt}{text!r}")
             orig_model.train()
-        if (due(step, args.save_every, last) or stop) and step > start_step:
-            meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args), metrics=metrics,
-                        lanes_total=world * grad_accum, total_batch=total_batch, world_size=world, num_steps=num_steps,
-                        train_time=time.time() - t_start)
-            save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, [lane.state() for lane in lanes])
+        if (last or stop or args.save_every > 0 and step % args.save_every == 0) and step > start_step:
+            meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args),
+                        metrics=metrics, lanes_total=n_lanes, total_batch=total_batch, world_size=world,
+                        num_steps=num_steps, train_time=time.time() - t_start)
+            lane_states = [lane.state() for lane in lanes]
+            save_checkpoint("pretrain", step, orig_model, optimizer, meta, args.keep, lane_states)
         if stop:
             exit_stopped(step, step > start_step)
         if last:
             break
 
-        # one optimizer step over grad_accum micro-batches
-        batches, t0, wait = next_batches(lanes, device, B, T, device)
+        # one optimizer step: the mean loss over every target token of the micro-batches of all ranks
+        fit_threads(device)  # on a CPU: one thread per core that other processes leave free
+        sync(device)
+        t0 = time.time()
+        batches = [lane.batch() for lane in lanes]
+        wait = time.time() - t0  # the step's time spent waiting for its data
         lrm = lr_multiplier(step)
         optimizer.set_lr(lrm)
         optimizer.param_groups[0]["momentum"] = muon_momentum(step)  # group 0: the Muon matrices
-        train_loss = train_step(model, optimizer, batches, step)
+        n = sum((y >= 0).sum() for _, y in batches).double()  # target tokens of this rank...
+        if ddp:
+            dist.all_reduce(n)  # ... and of all ranks: every token weighs the same (step() sums gradients)
+        n = n.clamp(min=1)
+        train_loss = torch.zeros((), device=device, dtype=torch.float64)
+        try:
+            for x, y in batches:
+                with amp_ctx(device):
+                    loss = model(x, y, loss_reduction="none").sum() / n
+                loss.backward()
+                train_loss += loss.detach()
+            optimizer.step()
+        except torch.OutOfMemoryError:
+            raise out_of_memory(B) from None
+        model.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(train_loss)
+        train_loss = train_loss.item()
+        if not math.isfinite(train_loss):
+            raise not_finite(train_loss, step)
         sync(device)
-        logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr, time.time() - t0, total_batch,
-                          flops_per_token, wait)
+        logger.train_step(step + 1, num_steps, train_loss, lrm * args.matrix_lr, time.time() - t0,
+                          total_batch, flops_per_token, wait)
 
-    print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, val bpb {metrics['val_bpb']:.4f}")
+    minutes = (time.time() - t_start) / 60
+    print0(f"done: {num_steps} steps in {minutes:.1f} min, val bpb {metrics['val_bpb']:.4f}")
     compute_cleanup()

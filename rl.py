@@ -20,19 +20,21 @@ Reads checkpoints/sft (`python sft.py`), data/chat/gsm8k_train.jsonl and data/ev
 
 import json
 import math
+import random
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import (UserError, add_training_args, amp_ctx, catch_stop_signals, compute_cleanup, due, epoch_order,
-                   exit_stopped, generate_batch, gsm8k_reward, JsonlLogger, load_model, print0, save_checkpoint,
-                   source_of, start_from_checkpoint, stop_requested)
-from tokenizer import DataError, Parser, base_dir, ranged, read_conversations
+from model import (JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup, compute_init,
+                   exit_stopped, generate_batch, gsm8k_reward, load_model, lock_stage, not_finite, print0,
+                   save_checkpoint, stop_requested)
+from tokenizer import Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
-# Reward: model.gsm8k_reward (the number after the reply's '####' against the reference, as evaluate.py scores)
+# Reward: model.gsm8k_reward (the number after the reply's '####' against the reference, as evaluate.py
+# scores it)
 
 def reference(conv):
     """The number a GSM8K answer must end with: the eval file's "answer", else what follows '####' in the
@@ -51,7 +53,8 @@ def load_gsm8k(path):
     for n, conv in enumerate(convs, 1):
         if reference(conv) is None:
             raise UserError(f"{path}: conversation {n} has no reference answer ('#### N' in the assistant's "
-                            "last text part, or an \"answer\" field): fix the line or rerun data/chat_data.py")
+                            "last text part, or an \"answer\" field): fix the line or rerun "
+                            "data/chat_data.py")
     return convs
 
 # -----------------------------------------------------------------------------
@@ -61,7 +64,7 @@ def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1
     """num_samples answers to the user question of conv from one prefill (KV cache shared, calculator on):
     (prompt ids, completions, masks (1 = sampled, 0 = forced by the tool), rewards, decoded replies)."""
     prompt = tokenizer.render_for_completion(conv)  # the reference solution, if any, is dropped
-    max_tokens = min(max_tokens, model.cos.size(1) - len(prompt))  # not past the rotary table (10x the context)
+    max_tokens = min(max_tokens, model.cos.size(1) - len(prompt))  # not past the rotary table (10x context)
     seqs, masks = generate_batch(model, prompt, num_samples=num_samples, max_tokens=max_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed, tokenizer=tokenizer)
     replies = [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]  # no specials
@@ -118,15 +121,18 @@ def read_pairs(path, tokenizer):
             if "prompt" in row:
                 row["conversation"] = {"messages": [{"role": "user", "content": row["prompt"]}]}
             messages = row["conversation"]["messages"]
-            convs = [{"messages": [*messages, {"role": "assistant", "content": row[k]}]} for k in ("chosen", "rejected")]
+            convs = [{"messages": [*messages, {"role": "assistant", "content": row[k]}]}
+                     for k in ("chosen", "rejected")]
             rendered = [tokenizer.render_conversation(conv, max_tokens=10**9) for conv in convs]
             prompt = tokenizer.render_for_completion({"messages": messages})
         except (ValueError, KeyError, TypeError) as e:
             why = e if isinstance(e, ValueError) else f"missing or wrong field {e}"
-            raise DataError(f"{path}:{n}: {why} (each line: " '{"prompt" or "conversation", "chosen", "rejected"})') from None
-        pairs.append((prompt, [ids[len(prompt):] for ids, _ in rendered], [m[len(prompt):] for _, m in rendered]))
+            shape = '{"prompt" or "conversation", "chosen", "rejected"}'
+            raise UserError(f"{path}:{n}: {why} (each line: {shape})") from None
+        answers = [ids[len(prompt):] for ids, _ in rendered]
+        pairs.append((prompt, answers, [mask[len(prompt):] for _, mask in rendered]))
     if not pairs:
-        raise DataError(f"{path}: no preference pairs in it")
+        raise UserError(f"{path}: no preference pairs in it")
     return pairs
 
 if __name__ == "__main__":  # tests import the functions above
@@ -134,36 +140,68 @@ if __name__ == "__main__":  # tests import the functions above
     # Arguments
     parser = Parser(description="Reinforcement learning on GSM8K (group-baseline policy gradient).")
     add = parser.add_argument
-    add("--source-step", type=ranged(int, 0, sentinel=-1), default=-1, help="sft checkpoint step (-1 = latest)")
-    add("--method", default="grpo", choices=["grpo", "dpo"], help="group policy gradient, or DPO on preference pairs")
+    add("--source-step", type=ranged(int, 0, sentinel=-1), default=-1,
+        help="sft checkpoint step (-1 = latest)")
+    add("--method", default="grpo", choices=["grpo", "dpo"],
+        help="group policy gradient, or DPO on preference pairs")
     # rollouts
     add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass)")
-    add("--examples-per-step", type=ranged(int, 1), default=16, help="questions per step (all processes together)")
+    add("--examples-per-step", type=ranged(int, 1), default=16,
+        help="questions per step (all processes together)")
     add("--num-samples", type=ranged(int, 2), default=16, help="answers sampled per question (the group)")
     add("--max-new-tokens", type=ranged(int, 1), default=256, help="longest answer in tokens")
     add("--temperature", type=ranged(float, 0), default=1.0, help="sampling temperature (training and eval)")
     add("--top-k", type=ranged(int, 0), default=50, help="sample among the k likeliest tokens (0 = off)")
     add("--std-norm", action="store_true", help="also divide advantages by the group's std")
     # DPO
-    add("--beta", type=ranged(float, 0.0), default=0.1, help="DPO: strength of the pull towards the reference model")
-    add("--pairs", default="", help="DPO: a JSONL file of preference pairs (default: pairs sampled from GSM8K)")
-    # evaluation
-    add("--eval-examples", type=ranged(int, 0), default=400, help="first N gsm8k_test questions evaluated (0 = none)")
-    add("--eval-samples", type=ranged(int, 1), default=4, help="k answers per eval question: pass@1 and pass@k")
-    add_training_args(parser, init_lr_frac=0.05, eval_every=60, save_every=60)  # the lrs decay linearly to 0
+    add("--beta", type=ranged(float, 0.0), default=0.1,
+        help="DPO: strength of the pull towards the reference model")
+    add("--pairs", default="",
+        help="DPO: a JSONL file of preference pairs (default: pairs sampled from GSM8K)")
+    # optimization: the base model's learning rates x --init-lr-frac, decaying linearly to 0
+    add("--matrix-lr", type=ranged(float, 0), default=0.02, help="Muon learning rate of the block matrices")
+    add("--embedding-lr", type=ranged(float, 0), default=0.2, help="AdamW lr of the embedding (at width 768)")
+    add("--unembedding-lr", type=ranged(float, 0), default=0.004, help="AdamW lr of the head (at width 768)")
+    add("--init-lr-frac", type=ranged(float, 0), default=0.05, help="all learning rates x this")
+    add("--seed", type=ranged(int, 0), default=42, help="random seed: question order, samples")
+    # evaluation, checkpoints
+    add("--eval-every", type=ranged(int, 1, sentinel=-1), default=60,
+        help="steps between evals (-1 = at the end)")
+    add("--eval-examples", type=ranged(int, 0), default=400,
+        help="first N gsm8k_test questions evaluated (0 = none)")
+    add("--eval-samples", type=ranged(int, 1), default=4, help="k answers per eval question: pass@1, pass@k")
+    add("--save-every", type=ranged(int, 1, sentinel=-1), default=60,
+        help="steps between saves (-1 = at the end)")
+    add("--keep", type=ranged(int, 0), default=2, help="checkpoints to keep (0 = all)")
+    add("--resume", action="store_true", help="continue from this stage's latest complete checkpoint")
     args = parser.parse_args()
 
     # -------------------------------------------------------------------------
-    # Init, and the model: the sft checkpoint (or our own latest one with --resume)
-    rank, world, device, model, tokenizer, src_meta, optimizer = start_from_checkpoint(args, "rl", "sft")
+    # Init, and the model: the sft checkpoint (or our own latest one and its optimizer state with --resume)
+    ddp, rank, local_rank, world, device = compute_init(args.seed)
+    lock_stage("rl")  # one live run per stage
+    from_stage, from_step = "sft", None if args.source_step == -1 else args.source_step
+    if args.resume:  # our own latest checkpoint instead, with its optimizer state
+        from_stage, from_step = "rl", None
+    model, tokenizer, src_meta, optim_state = load_model(from_stage, device, from_step,
+                                                         load_optim=args.resume)
+    source = src_meta["source"] if args.resume else dict(stage="sft", step=src_meta["step"])
+    print0(f"loaded {from_stage} step {src_meta['step']}")
+    frac = args.init_lr_frac
+    optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * frac,
+                                      args.unembedding_lr * frac)
+    if args.resume:
+        optimizer.load_state_dict(optim_state)
+    model.train()
     if args.examples_per_step % world:
-        raise UserError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world} processes: "
-                        "change one of them")
+        raise UserError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world} "
+                        "processes: change one of them")
     Q = args.examples_per_step // world  # questions per process per step
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
-    dpo, source = args.method == "dpo", source_of(args, src_meta)
+    dpo = args.method == "dpo"
     if dpo:  # DPO's reference: the frozen model this run started from
-        reference_model = load_model(source["stage"], device, source["step"], tokenizer)[0].requires_grad_(False)
+        reference_model = load_model(source["stage"], device, source["step"], tokenizer)[0]
+        reference_model.requires_grad_(False)
 
     # -------------------------------------------------------------------------
     # Data: the train questions as one stream in a seeded order (reshuffled each epoch); at each step the
@@ -178,11 +216,15 @@ if __name__ == "__main__":  # tests import the functions above
     print0(f"{args.method}: {len(train):,} train {'pairs' if args.pairs else 'questions'}, {len(evals)} eval "
            f"questions; {num_steps} steps of {args.examples_per_step} ({Q} per process x {world})")
 
+    order = {}  # epoch -> a permutation of the train items
+
     def question(pos):
         """The pos-th item of the stream, and its seed: by pos alone, so a resumed run (or another number
         of processes) draws exactly the same answers."""
         epoch, i = divmod(pos, len(train))
-        return train[epoch_order(len(train), args.seed, epoch)[i]], args.seed + pos
+        if epoch not in order:
+            order[epoch] = random.Random(args.seed + epoch).sample(range(len(train)), len(train))
+        return train[order[epoch][i]], args.seed + pos
 
     def evaluate_gsm8k():
         """pass@1 (mean correctness of the k samples) and pass@k (any of the k right) over the eval slice,
@@ -190,78 +232,87 @@ if __name__ == "__main__":  # tests import the functions above
         sums, first = torch.zeros(3, dtype=torch.float64, device=device), None  # pass@1, pass@k, questions
         for i in range(rank, len(evals), world):
             seed = args.seed + 10**9 + i  # apart from the training questions' seeds
-            _, _, _, rewards, replies = rollout(model, tokenizer, evals[i], args.eval_samples, seed, **sampling)
+            _, _, _, rewards, replies = rollout(model, tokenizer, evals[i], args.eval_samples, seed,
+                                                **sampling)
             sums += torch.tensor([sum(rewards) / len(rewards), max(rewards), 1.0], device=device)
             first = first or (evals[i], replies[0], rewards[0])
         if world > 1:
             dist.all_reduce(sums)
         return (sums[0] / sums[2].clamp(min=1)).item(), (sums[1] / sums[2].clamp(min=1)).item(), first
 
-    # -------------------------------------------------------------------------
-    # One question's backward: each returns its numbers, summed over the step's questions and processes
-
-    def grpo_group(conv, seed):
-        """Rollouts, then the policy gradient of the group, unless all its answers are right or all wrong
-        (zero advantage: nothing to learn): [loss, reward sum, completion tokens, samples, zero-adv, tokens]."""
-        prompt, seqs, masks, rewards, _ = rollout(model, tokenizer, conv, args.num_samples, seed, **sampling)
-        n_tok, loss, zero_adv = sum(map(len, seqs)), 0.0, len(set(rewards)) == 1
-        if not zero_adv:
-            x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
-            loss = pg_loss(model, x, y, advantages(rewards, args.std_norm)) / Q  # mean over this process's questions
-            loss.backward()
-        return [float(loss), sum(rewards), n_tok, len(seqs), zero_adv, len(prompt) * len(seqs) + n_tok]
-
     def dpo_pair(item, seed):
-        """The DPO loss of a pair from the file, or of the group's first right and first wrong answer:
-        [loss, margin, right (margin > 0), logp chosen, logp rejected, pairs, skipped groups, tokens]."""
+        """DPO's (prompt, [chosen, rejected], masks): a pair from the file, or the first right and the first
+        wrong of a group of sampled answers (None when they are all right or all wrong)."""
         if args.pairs:
-            prompt, seqs, masks = item
-        else:
-            prompt, seqs, masks, rewards, _ = rollout(model, tokenizer, item, args.num_samples, seed, **sampling)
-            if len(set(rewards)) == 1:
-                return [0, 0, 0, 0, 0, 0, 1, 0]
-            pick = [rewards.index(1.0), rewards.index(0.0)]
-            seqs, masks = [seqs[j] for j in pick], [masks[j] for j in pick]
-        x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
-        logps = sequence_logps(model, x, y)
-        with torch.no_grad():
-            ref_logps = sequence_logps(reference_model, x, y)
-        loss, margin = dpo_loss(logps, ref_logps, args.beta)
-        (loss / Q).backward()
-        return [loss.item(), margin.item(), float(margin > 0), logps[0].item(), logps[1].item(), 1, 0, x.numel()]
+            return item
+        prompt, seqs, masks, rewards, _ = rollout(model, tokenizer, item, args.num_samples, seed, **sampling)
+        if len(set(rewards)) == 1:
+            return None
+        pick = [rewards.index(1.0), rewards.index(0.0)]
+        return prompt, [seqs[j] for j in pick], [masks[j] for j in pick]
 
     # -------------------------------------------------------------------------
     # Training loop: eval and save at the top of a step; the last iteration only does those
     start_step = src_meta["step"] if args.resume else 0
     pos = src_meta["pos"] if args.resume else 0  # questions taken so far by all processes together
-    logger = JsonlLogger("rl", resume_step=start_step if args.resume else None, enabled=rank == 0, world=world)
+    logger = JsonlLogger("rl", start_step if args.resume else None, enabled=rank == 0, world=world)
     flops_per_token = model.estimate_flops()
     metrics, t_start = src_meta.get("metrics", {}) if args.resume else {}, time.time()
     catch_stop_signals()  # SIGTERM / Ctrl-C: finish the step, save, stop
     for step in range(start_step, num_steps + 1):
-        last, stop = step == num_steps, stop_requested(device)  # stop: SIGTERM or Ctrl-C on some rank
-        if evals and due(step, args.eval_every, last) and not stop and (step > start_step or not args.resume):
+        last = step == num_steps
+        stop = stop_requested(device)  # SIGTERM or Ctrl-C on some rank
+        evaluated = args.resume and step == start_step  # (the resumed checkpoint's step was evaluated before)
+        due = last or args.eval_every > 0 and step % args.eval_every == 0
+        if evals and due and not stop and not evaluated:
             pass1, passk, first = evaluate_gsm8k()
             metrics = dict(gsm8k_pass1=pass1, gsm8k_passk=passk)
-            print0(f"step {step}/{num_steps} | gsm8k pass@1 {pass1:.4f} | pass@{args.eval_samples} {passk:.4f}")
+            print0(f"step {step}/{num_steps} | gsm8k pass@1 {pass1:.4f} | pass@{args.eval_samples} "
+                   f"{passk:.4f}")
             if first:
                 conv, reply, reward = first
-                print0(f"  sample: {conv['messages'][0]['content'][:80]!r} -> {reply[:200]!r} (reward {reward:.0f})")
+                question_text = conv["messages"][0]["content"][:80]
+                print0(f"  sample: {question_text!r} -> {reply[:200]!r} (reward {reward:.0f})")
             logger.log(step=step, **metrics)
-        if (due(step, args.save_every, last) or stop) and step > start_step:
-            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args), pos=pos,
-                        num_steps=num_steps, source=source, metrics=metrics, train_time=time.time() - t_start)
+        if (last or stop or args.save_every > 0 and step % args.save_every == 0) and step > start_step:
+            meta = dict(model_config=vars(model.config), tokenizer_hash=tokenizer.hash, args=vars(args),
+                        pos=pos, num_steps=num_steps, source=source, metrics=metrics,
+                        train_time=time.time() - t_start)
             save_checkpoint("rl", step, model, optimizer, meta, keep=args.keep)
         if stop:
             exit_stopped(step, step > start_step)
         if last:
             break
 
+        # one optimizer step over the examples_per_step questions (or pairs) of all processes, Q on each;
+        # each loss is divided by examples_per_step: the optimizer sums the gradients of all processes
         t0 = time.time()
         stats = torch.zeros(8 if dpo else 6, dtype=torch.float64, device=device)
         for i in range(Q):
             item, seed = question(pos + rank * Q + i)
-            stats += torch.tensor((dpo_pair if dpo else grpo_group)(item, seed), dtype=torch.float64, device=device)
+            if dpo:  # [loss, margin, right (margin > 0), logp chosen, logp rejected, pairs, skipped, tokens]
+                if (pair := dpo_pair(item, seed)) is None:
+                    stats[6] += 1
+                    continue
+                x, y = group_batch(*pair, tokenizer.bos_id, device)  # row 0: chosen, row 1: rejected
+                logps = sequence_logps(model, x, y)
+                with torch.no_grad():
+                    ref_logps = sequence_logps(reference_model, x, y)
+                loss, margin = dpo_loss(logps, ref_logps, args.beta)
+                (loss / args.examples_per_step).backward()
+                row = [loss.item(), margin.item(), float(margin > 0), logps[0].item(), logps[1].item(), 1, 0,
+                       x.numel()]
+            else:  # [loss, reward sum, completion tokens, samples, zero-advantage groups, tokens]
+                prompt, seqs, masks, rewards, _ = rollout(model, tokenizer, item, args.num_samples, seed,
+                                                          **sampling)
+                n_tok, loss, zero_adv = sum(map(len, seqs)), 0.0, len(set(rewards)) == 1
+                if not zero_adv:  # all right or all wrong: no advantage, nothing to learn from this group
+                    x, y = group_batch(prompt, seqs, masks, tokenizer.bos_id, device)
+                    loss = pg_loss(model, x, y, advantages(rewards, args.std_norm)) / args.examples_per_step
+                    loss.backward()
+                    loss = loss.item()
+                row = [loss, sum(rewards), n_tok, len(seqs), zero_adv, len(prompt) * len(seqs) + n_tok]
+            stats += torch.tensor(row, dtype=torch.float64, device=device)
         pos += args.examples_per_step
         if world > 1:
             dist.all_reduce(stats)
@@ -272,19 +323,17 @@ if __name__ == "__main__":  # tests import the functions above
                                          logp_rejected=rejected / n, skipped=int(skipped))
         else:
             loss, reward_sum, n_tok, n_samples, zero_adv, tokens = stats.tolist()
-            learned = zero_adv < args.examples_per_step  # some process has a gradient (the others join with zeros)
-            loss, extra = loss / world, dict(reward=reward_sum / n_samples, seq_len=n_tok / n_samples,
-                                             zero_adv=int(zero_adv))
+            learned = zero_adv < args.examples_per_step  # some process has a gradient (the rest join with 0s)
+            extra = dict(reward=reward_sum / n_samples, seq_len=n_tok / n_samples, zero_adv=int(zero_adv))
         if not math.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss} at step {step}: stopped; the last good checkpoint is intact. "
-                             "Lower --init-lr-frac and rerun")
+            raise not_finite(loss, step, "--init-lr-frac")
         lrm = 1.0 - step / num_steps  # linear decay to 0
         if learned:
             optimizer.set_lr(lrm)
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        logger.train_step(step + 1, num_steps, loss, lrm * args.matrix_lr * args.init_lr_frac, time.time() - t0,
-                          int(tokens), flops_per_token, **extra)
+        logger.train_step(step + 1, num_steps, loss, lrm * args.matrix_lr * args.init_lr_frac,
+                          time.time() - t0, int(tokens), flops_per_token, **extra)
 
     print0(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min, {metrics}")
     compute_cleanup()

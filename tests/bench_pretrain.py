@@ -43,7 +43,7 @@ def worker(cfg):
     import torch
     tricks = cfg["trick"].split(",") if cfg["trick"] else []
     os.environ["FLATCHAT_DTYPE"] = cfg["dtype"]  # as run.sh sets it: model.py's optimizer follows it
-    if "- malloc/THP switch" in tricks:  # model.py's switch finds no libc and no huge pages
+    if "- malloc/THP switch" in tricks:  # a model.py that switches at import time finds no libc, no huge pages
         import ctypes
         os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
         ctypes.CDLL = lambda *a, **k: (_ for _ in ()).throw(OSError("no libc in this variant"))
@@ -51,6 +51,8 @@ def worker(cfg):
     spec = importlib.util.spec_from_file_location("model", Path(cfg["src"]) / "model.py")
     M = sys.modules["model"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(M)
+    if hasattr(M, "keep_freed_memory") and "- malloc/THP switch" not in tricks:
+        M.keep_freed_memory()  # what compute_init does on a CPU, before the first tensor
     for trick in tricks:
         patch(M, trick)
     torch.manual_seed(0)
@@ -92,7 +94,8 @@ def patch(M, trick):
     import torch
     import torch.nn.functional as F
     if trick == "- fused loss":
-        M.softcap_cross_entropy = lambda h, w, t, grad: F.cross_entropy(15 * torch.tanh(F.linear(h, w).float() / 15),
+        cap = M.SOFTCAP
+        M.softcap_cross_entropy = lambda h, w, t, grad: F.cross_entropy(cap * torch.tanh(F.linear(h, w).float() / cap),
                                                                         t, ignore_index=-1, reduction="none")
     elif trick == "- bf16 Newton-Schulz":
         ns = M.newton_schulz

@@ -303,6 +303,27 @@ def test_loss_is_the_soft_capped_cross_entropy_and_ignores_minus_one():
     assert m(x).abs().max() <= 15.0
 
 
+def test_one_softcap_constant_drives_both_loss_paths(monkeypatch):
+    """SOFTCAP changed: the fused CPU loss (GPT.forward on a CPU) and the plain loss of GPT.logits (the GPU
+    path) move together, to the cross-entropy of the new cap's logits, in value and gradient."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(37, 8, dtype=torch.float64) * 8).requires_grad_()  # raw logits of ~20: every cap bites
+    y = torch.randint(-1, 37, (40,))
+    def plain(cap):  # F.cross_entropy of GPT.logits, with lm_head's weight w
+        m = M.GPT(M.GPTConfig(sequence_len=8, vocab_size=37, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)).double()
+        m.lm_head.weight.data[:37] = w.detach()
+        return F.cross_entropy(m.logits(h.detach()[None])[0], y, ignore_index=-1, reduction="none")
+    fused15 = M.softcap_cross_entropy(h, w, y, False).detach()
+    for cap in (5, 30):
+        monkeypatch.setattr(M, "SOFTCAP", cap)
+        ref = F.cross_entropy(cap * torch.tanh(h @ w.t() / cap), y, ignore_index=-1, reduction="none")
+        assert torch.allclose(plain(cap).double(), ref.detach(), atol=1e-5)  # (logits() computes in fp32)
+        assert torch.autograd.gradcheck(lambda h, w: M.SoftcapCrossEntropy.apply(h, w, y, True, 16), (h, w))
+        assert torch.allclose(M.SoftcapCrossEntropy.apply(h, w, y, True, 16), ref)
+        assert not torch.allclose(ref, fused15)  # the cap made a difference
+
+
 def test_fused_cpu_loss_equals_the_plain_loss_in_value_and_gradient():
     """model.py's Speed section: SoftcapCrossEntropy against F.cross_entropy of the soft-capped logits,
     in float64 (gradcheck, 3 row chunks, ignored targets) and under bf16 autocast with negative weights."""

@@ -169,17 +169,17 @@ def test_lanes_pack_best_fit_like_the_plain_rule_resume_exactly_and_stay_disjoin
     starts = np.cumsum([0] + [len(d) for d in docs])
     shards = [(np.concatenate(docs[:60]), starts[:61]), (np.concatenate(docs[60:]), starts[60:] - starts[60])]
     for lane, n_lanes in ((0, 1), (1, 3)):
-        L = pretrain.Lane(shards, lane, n_lanes, bos=999)
+        L = pretrain.Lane(shards, lane, n_lanes, 999, B=4, T=64)
         rows = [L.row(65).tolist() for _ in range(40)]  # past one epoch of the lane: the corpus repeats
         assert rows == reference_rows(docs, lane, n_lanes, 999, 65, 40)
-    a = pretrain.Lane(shards, 0, 2, bos=999)
+    a = pretrain.Lane(shards, 0, 2, 999, B=4, T=64)
     for _ in range(7):
         a.row(65)
-    b = pretrain.Lane(shards, 0, 2, bos=999, state=a.state())  # resume: the same next rows
+    b = pretrain.Lane(shards, 0, 2, 999, B=4, T=64, state=a.state())  # resume: the same next rows
     assert [a.row(65).tolist() for _ in range(5)] == [b.row(65).tolist() for _ in range(5)]
-    x, y = pretrain.Lane(shards, 1, 2, bos=999).batch(4, 64)
+    x, y = pretrain.Lane(shards, 1, 2, 999, B=4, T=64).batch()
     assert x.shape == y.shape == (4, 64) and (x[:, 0] == 999).all() and torch.equal(x[:, 1:], y[:, :-1])
-    lane0, lane1 = pretrain.Lane(shards, 0, 2, bos=1), pretrain.Lane(shards, 1, 2, bos=1)
+    lane0, lane1 = pretrain.Lane(shards, 0, 2, 1, B=4, T=64), pretrain.Lane(shards, 1, 2, 1, B=4, T=64)
     lane0.row(500), lane1.row(500)
     docs0 = {lane0.lane + 2 * (p[0] % lane0.per_epoch) for p in lane0.pieces}
     docs1 = {lane1.lane + 2 * (p[0] % lane1.per_epoch) for p in lane1.pieces}

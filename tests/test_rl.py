@@ -317,10 +317,10 @@ def test_dpo_pairs_from_a_file_count_only_the_reply_and_bad_lines_are_named(rl_h
     assert (y[:, :len(prompt) - 1] == -1).all()  # the earlier turns, the assistant's 'hello there' too, count nothing
     assert [int((row >= 0).sum()) for row in y] == [len(s) for s in seqs]
     path.write_text(path.read_text() + '{"prompt": "3 + 3?", "chosen": "#### 6"}\n')
-    with pytest.raises(rl.DataError, match=r"pairs.jsonl:3: missing or wrong field 'rejected'"):
+    with pytest.raises(rl.UserError, match=r"pairs.jsonl:3: missing or wrong field 'rejected'"):
         rl.read_pairs(path, tok)
     path.write_text('{"conversation": {"messages": [{"role": "robot", "content": "x"}]}, "chosen": "a", "rejected": "b"}\n')
-    with pytest.raises(rl.DataError, match=r"pairs.jsonl:1: message 0 has role 'robot'"):
+    with pytest.raises(rl.UserError, match=r"pairs.jsonl:1: message 0 has role 'robot'"):
         rl.read_pairs(path, tok)
 
 

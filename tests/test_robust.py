@@ -219,6 +219,36 @@ def test_a_conversation_with_a_wrong_role_names_its_file_and_line(tiny_home, tmp
         assert re.search(r"identity.jsonl:2: message 1 has role 'robot' where 'assistant' was expected", proc.stderr)
 
 
+def test_every_script_reports_a_user_error_as_one_line_and_exit_2(tiny_home, tmp_path):
+    """One error class (tokenizer.UserError) and one convention: `error: ...`, exit 2, in the data scripts, the
+    tokenizer's command line, a stage whose NaN loss stops it, and the evaluator."""
+    home = fresh_home(tiny_home, tmp_path / "home")
+    cases = [(["data/chat_data.py", "--only", "nope"], "--only: unknown nope"),
+             (["data/corpus.py", "--mirror", str(tmp_path / "missing")], "mirror folder .*missing does not exist"),
+             (["evaluate.py", "--stage", "sft"], r"no checkpoint in .*sft: create it with `python sft.py`"),
+             (["pretrain.py", *TINY, "--num-steps", 3, "--matrix-lr", "1e30", "--embedding-lr", "1e30"],
+              "loss is nan at step")]
+    for cmd, message in cases:
+        proc = run_script(*cmd, home=home, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines[-1].startswith("error: ") and re.search(message, lines[-1]), proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+    empty = tmp_path / "empty"
+    (empty / "data/pretrain/train").mkdir(parents=True)
+    proc = run_script("tokenizer.py", "train", home=empty, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: no corpus files in {empty / 'data/pretrain/train'}: create them with `python data/corpus.py`"]
+
+
+def test_importing_a_module_changes_nothing_in_the_process():
+    """model.py's setup (the excepthook, the allocator switch) runs in compute_init, not at import."""
+    code = ("import os, sys; hook = sys.excepthook; import model, tokenizer, torch; "
+            "print(sys.excepthook is hook, 'THP_MEM_ALLOC_ENABLE' in os.environ, "
+            "torch._dynamo.config.suppress_errors)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"]
+
+
 # -----------------------------------------------------------------------------
 # every numeric flag of every script: a bad value is one line, exit 2, and nothing on disk changes
 
