@@ -31,7 +31,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Sparkline, Static, TabbedContent, TabPane
 
 from model import STAGE_COMMANDS, UserError, autodetect_device, generate, latest_step, load_model
-from tokenizer import SPECIAL_TOKENS, Parser, base_dir, exit_on_user_error, ranged
+from tokenizer import SPECIAL_TOKENS, Parser, base_dir, check_home, exit_on_user_error, ranged
 
 # -----------------------------------------------------------------------------
 # Backend: pick and load a checkpoint, build the prompt, stream a reply, tail a log
@@ -487,6 +487,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="--serve: the port (0 = any free one)")
     args = parser.parse_args()
     exit_on_user_error()  # a UserError (no checkpoint, another tokenizer): one line, exit 2, before any TUI starts
+    check_home(write=False)
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                     penalties=dict(repetition=args.repetition_penalty, presence=args.presence_penalty,

@@ -39,9 +39,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, generate_batch, gsm8k_reward,
-                   load_model, print0)
-from tokenizer import Parser, base_dir, corpus_files, corpus_texts, exit_on_user_error, ranged, render_mc
+from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, fit_threads,
+                   generate_batch, gsm8k_reward, load_model, print0)
+from tokenizer import (Parser, base_dir, check_home, corpus_files, corpus_texts, exit_on_user_error, ranged,
+                       render_mc)
 
 # -----------------------------------------------------------------------------
 # Helpers: every task needs only model(idx) -> logits; each rank takes a strided slice of the items
@@ -193,6 +194,7 @@ def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
 
 def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
     """The assistant's replies (calculator on), decoded without the special tokens."""
+    fit_threads(model.get_device())  # on a CPU: one thread per core that other processes leave free
     T = model.config.sequence_len
     ids = tokenizer.render_for_completion(conv)[-max(T - max_tokens, T // 2):]  # room for the reply
     seqs, _ = generate_batch(model, ids, num_samples=num_samples, max_tokens=max_tokens,
@@ -484,6 +486,7 @@ if __name__ == "__main__":
     parser.add_argument("--report", action="store_true", help="only rebuild report.md from report/ and logs/")
     args = parser.parse_args()
     exit_on_user_error()  # a UserError: one line, exit 2
+    check_home()
     home = base_dir()
     if args.report:
         print(f"wrote {write_report(home)}")
@@ -537,14 +540,22 @@ if __name__ == "__main__":
         print0(f"{key} | {'pass@1' if key == 'humaneval' else 'acc'} {m[key]:.4f} over {len(items)} items")
 
     # -------------------------------------------------------------------------
-    # This stage's metrics (merged with earlier runs on the same step) and the report card
+    # This stage's metrics (merged with earlier evaluations of the same checkpoint) and the report card; the
+    # metrics of another checkpoint, and the card that showed them, go to report/previous/ first
     if rank == 0:
         d = home / "report"
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"metrics_{args.stage}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        old = old if old.get("step") == meta["step"] else {}
-        m = {**old, **m, "step": meta["step"], "eval_seconds": old.get("eval_seconds", 0) + time.time() - t0}
+        if old and (old.get("step"), old.get("saved_at")) != (meta["step"], meta.get("saved_at")):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            (d / "previous").mkdir(exist_ok=True)
+            shutil.copy2(path, d / "previous" / f"metrics_{args.stage}-{stamp}.json")
+            if (home / "report.md").exists():
+                shutil.copy2(home / "report.md", d / "previous" / f"report-{stamp}.md")
+            old = {}
+        m = {**old, **m, "step": meta["step"], "saved_at": meta.get("saved_at"),
+             "eval_seconds": old.get("eval_seconds", 0) + time.time() - t0}
         m["chatcore"], m["chatcore_k"] = chatcore(m)
         path.write_text(json.dumps(m, indent=1))
         (d / "system.md").write_text(system_section(tokenizer))

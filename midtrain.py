@@ -66,7 +66,7 @@ args = parser.parse_args()
 # -----------------------------------------------------------------------------
 # Init, and the model: the base checkpoint (or our own latest one and its optimizer state with --resume)
 ddp, rank, local_rank, world, device = compute_init(args.seed)
-lock_stage("midtrain")  # one live run per stage
+lock_stage("midtrain", args.resume)  # one live run per stage; an earlier run is kept
 from_stage, from_step = "pretrain", None if args.source_step == -1 else args.source_step
 if args.resume:  # our own latest checkpoint instead, with its optimizer state
     from_stage, from_step = "midtrain", None

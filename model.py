@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from tokenizer import Tokenizer, UserError, base_dir, exit_on_user_error
+from tokenizer import Tokenizer, UserError, base_dir, check_home, exit_on_user_error
 
 # -----------------------------------------------------------------------------
 # The transformer
@@ -427,7 +427,6 @@ def generate(model, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=N
     tool's <|output_start|>result<|output_end|> is forced (mask 0; sampled tokens: mask 1). Finished rows
     yield -1 until all are done. penalties: penalize()'s keywords, on the tokens this call generated."""
     device = model.get_device()
-    fit_threads(device)
     rng = torch.Generator(device=device).manual_seed(seed)
     names = ("<|assistant_end|>", "<|bos|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
              "<|output_end|>")
@@ -509,9 +508,10 @@ def sync(device):  # wait for the GPU's queued work, so that a timer measures it
 
 def compute_init(seed=42):
     """Set up one process: (ddp, rank, local_rank, world_size, device). Distributed only under torchrun.
-    Call it before the first tensor: it turns a UserError into one line and exit 2, and on a CPU switches
-    the allocator (keep_freed_memory), which PyTorch reads at its first allocation."""
+    Call it before the first tensor: it turns a UserError into one line and exit 2, checks the base dir,
+    and on a CPU switches the allocator (keep_freed_memory), which PyTorch reads at its first allocation."""
     exit_on_user_error()
+    check_home()
     device_type = autodetect_device()
     if device_type == "cpu":
         keep_freed_memory()
@@ -668,6 +668,13 @@ def _write_checkpoint(stage, step, model, optimizer, meta, keep):
         raise UserError(f"could not write {tmp / name}: {why} (a checkpoint needs ~{need:,.0f} MB, "
                         f"{free:,.0f} MB are free on {root}); the latest complete checkpoint is untouched: "
                         "free some space and rerun with --resume") from None
+    if stage in _earlier:  # the first save of a fresh run: the earlier run's checkpoints move aside, whole
+        aside = _earlier.pop(stage)
+        aside = aside.with_name(f"{aside.name}-{os.getpid()}") if aside.exists() else aside
+        aside.mkdir(parents=True)
+        for d in root.glob("step_*"):
+            os.rename(d, aside / d.name)
+        print0(f"moved the earlier run's checkpoints to {aside}")
     old = root / f".old_step_{step:06d}_{os.getpid()}"
     if final.exists():  # re-saving the same step: move the old one aside first
         os.rename(final, old)
@@ -733,10 +740,13 @@ def _check(d, meta, names):
 def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
     """(model_state, optim_state or None, meta, rng) of checkpoint `step`, or of the newest that verifies
     (a damaged one is passed over with a warning)."""
-    found = [c for c in _complete(stage, warn=True) if step is None or c[1] == step]
+    every = _complete(stage, warn=True)
+    found = [c for c in every if step is None or c[1] == step]
+    if not found and every:
+        raise UserError(f"no checkpoint at step {step} in {stage_dir(stage)}: its steps are "
+                        f"{', '.join(str(c[1]) for c in sorted(every, key=lambda c: c[1]))}")
     if not found:
-        what = "no checkpoint" if step is None else f"no checkpoint at step {step}"
-        raise UserError(f"{what} in {stage_dir(stage)}: create it with `{STAGE_COMMANDS[stage]}`")
+        raise UserError(f"no checkpoint in {stage_dir(stage)}: create it with `{STAGE_COMMANDS[stage]}`")
     names = ["model.pt", "rng.pt", "adapters.pt"] + (["optim.pt"] if load_optim else [])
     for _, _, d in reversed(found):
         meta = json.loads((d / "meta.json").read_text())
@@ -796,10 +806,13 @@ def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     return model, tokenizer, meta, optim_state
 
 _held = []  # this process's stage locks, released by the kernel when it exits (a SIGKILL included)
+_earlier = {}  # stage -> where its earlier run's checkpoints go at this (fresh) run's first save
 
-def lock_stage(stage):
+def lock_stage(stage, resume=False):
     """Refuse to start while another live run writes checkpoints/<stage> (a killed run's lock is gone with
-    it); then clear what killed saves left (temp dirs)."""
+    it); clear what killed saves left (temp dirs). A fresh run (not --resume) over an earlier run's
+    checkpoints says so: its first save moves them to checkpoints/previous/<stage>-<time>/ (nothing an
+    earlier run made is deleted; --keep prunes only the checkpoints of the run it writes)."""
     if dist_rank() != 0:
         return
     root = stage_dir(stage)
@@ -818,6 +831,14 @@ def lock_stage(stage):
     _held.append(f)
     for d in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
         shutil.rmtree(d, ignore_errors=True)
+    found = _complete(stage)
+    if found and not resume:
+        meta = json.loads((found[-1][2] / "meta.json").read_text())
+        c, when = meta["model_config"], time.strftime("%Y-%m-%d %H:%M", time.localtime(found[-1][0]))
+        _earlier[stage] = root.parent / "previous" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print0(f"note: {root} holds an earlier run (latest: step {meta['step']}, depth {c['n_layer']}, width "
+               f"{c['n_embd']}, saved {when}); this fresh run moves it to {_earlier[stage]} at its first "
+               "save (--resume continues it instead)", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # Stop signals: SIGTERM (a preempted node) or Ctrl-C finish the step, save, and exit
@@ -861,29 +882,45 @@ def exit_stopped(step, saved):
 # Speed: what a CPU step needs beyond torch.compile. Each piece is measured in tests/bench_pretrain.py
 # (it stays for >= 10% of a cpu-preset step, or for the memory it saves) and tested against the plain code.
 
-_load = {}  # fit_threads' last reading: (busy ticks of all cores, this process's ticks, all ticks)
+_load = {}  # the last /proc reading, when the thread count first stopped fitting, the counts used so far
 
-def fit_threads(device):
-    """On a CPU, one thread per core that no other process kept busy since the last call: a thread sharing
-    its core with a busy process stalls every parallel region (steps 7-40x slower on 2 cores, not 2x).
-    OMP_NUM_THREADS set by the user wins."""
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not os.path.exists("/proc/stat"):
-        return
+def free_cores():
+    """How many of this process's cores no other process kept busy since the last call (None: no reading)."""
     with open("/proc/stat") as f:
         ticks = [int(t) for t in f.readline().split()[1:]]
     with open("/proc/self/stat") as f:
         mine = sum(int(t) for t in f.read().rsplit(")", 1)[1].split()[11:15])  # utime stime cutime cstime
-    now = (sum(ticks) - ticks[3] - ticks[4], mine, sum(ticks))  # not idle, not iowait
-    if "last" in _load and now[2] > _load["last"][2]:
-        busy, ours, total = (a - b for a, b in zip(now, _load["last"]))
-        cores = len(os.sched_getaffinity(0))
-        others = max(0.0, busy - ours) / total * os.cpu_count()  # cores kept busy by other processes
-        threads = max(1, min(cores, cores - round(others)))
-        if threads != torch.get_num_threads():
-            print0(f"threads: {torch.get_num_threads()} -> {threads} (other processes keep {others:.1f} of "
-                   f"{cores} cores busy)")
-            torch.set_num_threads(threads)
+    now, last = (sum(ticks) - ticks[3] - ticks[4], mine, sum(ticks)), _load.get("last")  # not idle, iowait
     _load["last"] = now
+    if last is None or now[2] <= last[2]:
+        return None
+    busy, ours, total = (a - b for a, b in zip(now, last))
+    cores = len(os.sched_getaffinity(0))
+    others = max(0.0, busy - ours) / total * os.cpu_count()  # cores kept busy by other processes
+    return max(1, min(cores, cores - round(others)))
+
+def fit_threads(device, hold=0.0):
+    """On a CPU, one thread per core that other processes leave free: a thread sharing its core with a busy
+    process stalls every parallel region (steps 7-40x slower on 2 cores, not 2x). Under torch.compile a
+    thread count is built into the kernels: a count not used before recompiles (30-40 s on the cpu preset),
+    so it is taken only once the load has held for `hold` seconds (rent until renting cost what buying
+    does); a count already compiled is taken at once. OMP_NUM_THREADS set by the user wins."""
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not os.path.exists("/proc/stat"):
+        return
+    used = _load.setdefault("used", {torch.get_num_threads()})
+    want, now = free_cores(), time.monotonic()
+    if want is None or want == torch.get_num_threads():
+        _load["since"] = None
+        return
+    _load["since"] = _load.get("since") or now
+    if want in used or now - _load["since"] >= hold:
+        if not _load.get("said"):  # said once, on stderr (never into a server's stdout)
+            print0(f"threads: {torch.get_num_threads()} -> {want} (other processes keep cores busy; later "
+                   "changes are not printed)", file=sys.stderr)
+            _load["said"] = True
+        torch.set_num_threads(want)
+        used.add(want)
+        _load["since"] = None
 
 def keep_freed_memory():
     """Every step frees and re-allocates large tensors (activations, the loss's (N, V) logits). Here glibc

@@ -15,6 +15,7 @@ the loop packs rows from memory-mapped token arrays, so a step never waits for t
 import bisect
 import math
 import os
+import socket
 import sys
 import time
 
@@ -31,11 +32,28 @@ from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
 # -----------------------------------------------------------------------------
 # Data: the corpus as token shards, then documents packed into rows of T+1 tokens that start with <|bos|>
 
+def stale(path, current):
+    """Is path an older version of a corpus file's shard (not `current`), or the temp file of a killed run
+    on this node? (Another node's temp file on a shared disk may be that node's work in progress.)"""
+    if ".tmp-" not in path.name:
+        return not path.name.startswith(current + ".")
+    host, _, pid = path.name.rpartition(".tmp-")[2].rpartition("-")
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        pass
+    return False
+
 def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
     """[(tokens, starts)] per corpus file: its documents' ids in one memory-mapped array, and where each
     document starts (documents + 1 offsets). Encoded once by num_proc processes into data/tokens/<tokenizer
     hash>/, named after the file's size and mtime (an edited corpus is encoded again), written under a temp
-    name then renamed (a killed run leaves no half shard). write=False (other ranks) waits for them."""
+    name (this node's) then renamed: a killed or failed run leaves no half shard, and older versions are
+    deleted only once the new one is complete. write=False (other ranks of a node) waits for them."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     shards = []
     for f in files:
@@ -45,15 +63,20 @@ def token_shards(files, tokenizer, write=True, num_proc=os.cpu_count()):
         bin_path, idx_path = folder / f"{name}.bin", folder / f"{name}.idx.npy"
         if write and not bin_path.exists():
             folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob(f"{f.name}.*"):  # another version of the file, or a killed run's temp file
-                old.unlink()
-            t0, lengths, tmp = time.time(), [], bin_path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as out:
-                for ids in tokenizer.map("encode", list(iter_documents(f)), num_proc, chunksize=4):
-                    out.write(np.asarray(ids, dtype).tobytes())
-                    lengths.append(len(ids))
-            np.save(idx_path, np.cumsum([0] + lengths))
-            os.replace(tmp, bin_path)  # last: its existence means the shard is complete
+            t0, lengths = time.time(), []
+            tmp = folder / f"{name}.tmp-{socket.gethostname()}-{os.getpid()}"
+            try:
+                with open(tmp, "wb") as out:
+                    for ids in tokenizer.map("encode", list(iter_documents(f)), num_proc, chunksize=4):
+                        out.write(np.asarray(ids, dtype).tobytes())
+                        lengths.append(len(ids))
+                np.save(idx_path, np.cumsum([0] + lengths))
+                os.replace(tmp, bin_path)  # last: its existence means the shard is complete
+            finally:
+                tmp.unlink(missing_ok=True)
+            for old in folder.glob(f"{f.name}.*"):
+                if stale(old, name):
+                    old.unlink()
             print0(f"tokenized {f} ({len(lengths):,} documents, {sum(lengths):,} tokens) in "
                    f"{time.time() - t0:.1f} s")
         while not bin_path.exists():  # another rank of this node is writing it
@@ -170,7 +193,7 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     # -------------------------------------------------------------------------
     # Init: processes, tokenizer, the model shape and the batch from the depth dial
     ddp, rank, local_rank, world, device = compute_init(args.seed)
-    lock_stage("pretrain")  # one live run per stage
+    lock_stage("pretrain", args.resume)  # one live run per stage; an earlier run is kept
     master = rank == 0
     tokenizer = load_tokenizer()
     n_embd = args.depth * 64
@@ -197,6 +220,12 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     args.device_batch_size, args.total_batch_size = B, total_batch  # the checkpoint records what was used
     target_tokens = args.target_tokens if args.target_tokens > 0 else int(args.param_data_ratio * num_params)
     num_steps = args.num_steps if args.num_steps > 0 else max(1, target_tokens // total_batch)
+
+    # -------------------------------------------------------------------------
+    # Data: the corpus as token shards (written by one process per node), read before a model is built, so
+    # that a bad line in it costs seconds, not a model
+    train_shards = token_shards(corpus_files("train"), tokenizer, write=local_rank == 0)
+    val_shards = token_shards(corpus_files("val"), tokenizer, write=local_rank == 0)
 
     # -------------------------------------------------------------------------
     # Model + optimizer (fresh, or from the latest checkpoint with --resume), compiled where a compiler works
@@ -237,11 +266,8 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
            f"({num_steps * total_batch / num_params:.1f} per parameter)")
 
     # -------------------------------------------------------------------------
-    # Data: token shards (written by one process per node), then one lane per micro-batch: micro-batch m of
-    # rank r always reads lane r * grad_accum + m, so N processes and 1 process with N accumulation steps
-    # see exactly the same rows
-    train_shards = token_shards(corpus_files("train"), tokenizer, write=local_rank == 0)
-    val_shards = token_shards(corpus_files("val"), tokenizer, write=local_rank == 0)
+    # Lanes: one per micro-batch: micro-batch m of rank r always reads lane r * grad_accum + m, so N
+    # processes and 1 process with N accumulation steps see exactly the same rows
     n_lanes = world * grad_accum
     states = resume_meta["lanes"] if resume_meta else [None] * n_lanes
     if len(states) != n_lanes:
@@ -310,7 +336,9 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
             break
 
         # one optimizer step: the mean loss over every target token of the micro-batches of all ranks
-        fit_threads(device)  # on a CPU: one thread per core that other processes leave free
+        # on a CPU, one thread per core that other processes leave free; compiled, a new count must hold for
+        # as long as a recompile costs (a cold cpu-preset compile: 30-40 s) before it is taken
+        fit_threads(device, hold=40 if use_compile else 0)
         sync(device)
         t0 = time.time()
         batches = [lane.batch() for lane in lanes]

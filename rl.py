@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import (JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup, compute_init,
-                   exit_stopped, generate_batch, gsm8k_reward, load_model, lock_stage, not_finite, print0,
-                   save_checkpoint, stop_requested)
+                   exit_stopped, fit_threads, generate_batch, gsm8k_reward, load_model, lock_stage, not_finite,
+                   print0, save_checkpoint, stop_requested)
 from tokenizer import Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ if __name__ == "__main__":  # tests import the functions above
     # -------------------------------------------------------------------------
     # Init, and the model: the sft checkpoint (or our own latest one and its optimizer state with --resume)
     ddp, rank, local_rank, world, device = compute_init(args.seed)
-    lock_stage("rl")  # one live run per stage
+    lock_stage("rl", args.resume)  # one live run per stage; an earlier run is kept
     from_stage, from_step = "sft", None if args.source_step == -1 else args.source_step
     if args.resume:  # our own latest checkpoint instead, with its optimizer state
         from_stage, from_step = "rl", None
@@ -286,6 +286,7 @@ if __name__ == "__main__":  # tests import the functions above
 
         # one optimizer step over the examples_per_step questions (or pairs) of all processes, Q on each;
         # each loss is divided by examples_per_step: the optimizer sums the gradients of all processes
+        fit_threads(device)  # on a CPU: one thread per core that other processes leave free
         t0 = time.time()
         stats = torch.zeros(8 if dpo else 6, dtype=torch.float64, device=device)
         for i in range(Q):

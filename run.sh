@@ -7,6 +7,7 @@
 #   bash run.sh --from midtrain          # this stage and every later one
 #   STAGES="sft rl" bash run.sh          # the same as naming them
 #   FORCE=1 bash run.sh                  # rerun stages whose output already exists
+#   PYTHON=venv/bin/python bash run.sh   # the interpreter to use (default: python, else python3)
 #   TORCHRUN_ARGS="--nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=host0:29500" bash run.sh
 #
 # Stages, in order: data tokenizer pretrain midtrain sft rl eval. Each training stage is followed by its
@@ -16,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export FLATCHAT_HOME="${FLATCHAT_HOME:-$HOME/.cache/flatchat}"
 export PYTHONUNBUFFERED=1
+PY="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 ALL="data tokenizer pretrain midtrain sft rl eval"
 
 # --- arguments
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
     --from) FROM="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) case " $ALL " in
          *" $1 "*) NAMED="$NAMED $1"; shift ;;
          *) echo "run.sh: unknown stage or flag '$1' (stages: $ALL)"; exit 2 ;;
@@ -33,13 +35,13 @@ while [ $# -gt 0 ]; do
 done
 
 # --- hardware: N GPUs -> torchrun with N processes and the gpu preset; none -> python and the cpu preset
-NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$NGPU" -gt 0 ]; then
   PRESET="${PRESET:-gpu}"
-  LAUNCH="torchrun ${TORCHRUN_ARGS:---standalone} --nproc_per_node=$NGPU"
+  LAUNCH="$PY -m torch.distributed.run ${TORCHRUN_ARGS:---standalone} --nproc_per_node=$NGPU"  # torchrun
 else
   PRESET="${PRESET:-cpu}"
-  LAUNCH="python"
+  LAUNCH="$PY"
 fi
 
 # --- presets: the flags of every stage (a flag left out takes the script's default)
@@ -56,8 +58,8 @@ case "$PRESET" in
   cpu)
     # bf16 autocast where the CPU multiplies bf16 natively (AVX-512 bf16 or AMX): ~2x the steps of fp32 in the
     # same time; torch.compile wherever inductor finds a working C++ compiler (else eager, ~1.15x slower steps)
-    BF16=$(python -c "import torch; print(int(torch.ops.mkldnn._is_mkldnn_bf16_supported()))" 2>/dev/null || echo 0)
-    HAVE_CXX=$(python -c "import torch._inductor.cpp_builder as c; c.get_cpp_compiler(); print(1)" 2>/dev/null || echo 0)
+    BF16=$("$PY" -c "import torch; print(int(torch.ops.mkldnn._is_mkldnn_bf16_supported()))" 2>/dev/null || echo 0)
+    HAVE_CXX=$("$PY" -c "import torch._inductor.cpp_builder as c; c.get_cpp_compiler(); print(1)" 2>/dev/null || echo 0)
     if [ "$BF16" = 1 ]; then
       export FLATCHAT_DTYPE="${FLATCHAT_DTYPE:-bf16}"  # FLATCHAT_DTYPE=fp32 picks the fp32 path anywhere
       WHY="this CPU multiplies bf16 natively"
@@ -108,6 +110,9 @@ train() {  # train STAGE FLAGS...: a training stage, then the evaluation of its 
   run $stage $LAUNCH $stage.py "$@" && run eval_$stage $LAUNCH evaluate.py --stage $stage $EVAL
 }
 
+if ! mkdir -p "$FLATCHAT_HOME/logs" 2>/dev/null || [ ! -w "$FLATCHAT_HOME/logs" ]; then
+  echo "run.sh: error: cannot write in $FLATCHAT_HOME/logs: set FLATCHAT_HOME to a folder you can write" >&2; exit 2
+fi
 MIRROR_NOTE="${FLATCHAT_DATA_MIRROR:+, data mirror $FLATCHAT_DATA_MIRROR}"
 echo "flatchat: preset $PRESET, $NGPU GPUs, base dir $FLATCHAT_HOME$MIRROR_NOTE${WHY:+; $WHY}"
 T_START=$SECONDS
@@ -118,13 +123,13 @@ for stage in $ALL; do
     echo "=== $stage: output exists, skipped (name the stage or set FORCE=1 to rerun it)"; continue
   fi
   case "$stage" in
-    data) run data python data/corpus.py $DATA && run chat_data python data/chat_data.py $CHAT ;;
-    tokenizer) run tokenizer python tokenizer.py train $TOK && run tokenizer_eval python tokenizer.py eval ;;
+    data) run data "$PY" data/corpus.py $DATA && run chat_data "$PY" data/chat_data.py $CHAT ;;
+    tokenizer) run tokenizer "$PY" tokenizer.py train $TOK && run tokenizer_eval "$PY" tokenizer.py eval ;;
     pretrain) train pretrain $PRE ;;
     midtrain) train midtrain $MID ;;
     sft) train sft $SFT ;;
     rl) train rl $RL ;;
-    eval) run report python evaluate.py --report ;;
+    eval) run report "$PY" evaluate.py --report ;;
   esac
 done
 echo "=== all done in $(( (SECONDS - T_START) / 60 )) min $(( (SECONDS - T_START) % 60 )) s"

@@ -68,7 +68,7 @@ args = parser.parse_args()
 # -----------------------------------------------------------------------------
 # Init, and the model: the source checkpoint (or our own latest one and its optimizer state with --resume)
 ddp, rank, local_rank, world, device = compute_init(args.seed)
-lock_stage("sft")  # one live run per stage
+lock_stage("sft", args.resume)  # one live run per stage; an earlier run is kept
 from_stage, from_step = args.source, None if args.source_step == -1 else args.source_step
 if args.resume:  # our own latest checkpoint instead, with its optimizer state
     from_stage, from_step = "sft", None

@@ -61,6 +61,22 @@ def base_dir():
     """Where a run keeps everything it makes: $FLATCHAT_HOME, else ~/.cache/flatchat."""
     return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat")
 
+def check_home(write=True):
+    """A UserError unless the base dir is a folder (made if missing) that this process can write (write=False:
+    read), checked before a script reads or writes anything in it."""
+    home, fix = base_dir(), "set FLATCHAT_HOME to a folder you can write (unset: ~/.cache/flatchat)"
+    if home.exists() and not home.is_dir():
+        raise UserError(f"the base dir {home} ($FLATCHAT_HOME) is a file, not a folder: {fix}")
+    if not write:
+        return
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home / f".write_test.{os.getpid()}", "w"):
+            pass
+        os.unlink(home / f".write_test.{os.getpid()}")
+    except OSError as e:
+        raise UserError(f"cannot write in the base dir {home} ({e.strerror}): {fix}") from None
+
 class Parser(argparse.ArgumentParser):
     """Every script's argparse: the defaults in --help, and a bad flag is one line (what is wrong), exit 2."""
 
@@ -637,6 +653,7 @@ if __name__ == "__main__":
                    help="chars read per corpus file (-1 = all)")
     args = parser.parse_args()
     exit_on_user_error()
+    check_home()
     if args.cmd == "train":
         t0 = time.time()
         texts = corpus_texts(corpus_files("train"), args.max_chars, args.doc_cap)

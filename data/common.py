@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
-from tokenizer import Parser, UserError, exit_on_user_error, ranged  # noqa: E402,F401  (argparse, one-line errors)
+from tokenizer import Parser, UserError, base_dir, check_home, exit_on_user_error, ranged  # noqa: E402,F401
 
 def data_dir():
     """$FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
-    return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat") / "data"
+    return base_dir() / "data"
 
 def mirror():
     """The offline mirror folder ($FLATCHAT_DATA_MIRROR, set by --mirror); None = download."""
@@ -33,6 +33,7 @@ def parse_args(parser):
                         "(default: $FLATCHAT_DATA_MIRROR; unset = download)")
     args = parser.parse_args()
     exit_on_user_error()  # a UserError: one line, exit 2
+    check_home()
     if args.mirror:
         os.environ["FLATCHAT_DATA_MIRROR"] = args.mirror
     mirror()

@@ -4,13 +4,14 @@ talking to the next only through files on disk, ending in a report card with eve
 import os
 import re
 import subprocess
+import sys
 
 from conftest import ROOT, read_log
 
 
 def test_smoke_preset_runs_every_stage_and_writes_the_report_card(tmp_path):
     home = tmp_path / "home"
-    env = {**os.environ, "FLATCHAT_HOME": str(home)}
+    env = {**os.environ, "FLATCHAT_HOME": str(home), "PYTHON": sys.executable}  # the tests' interpreter
     proc = subprocess.run(["bash", str(ROOT / "run.sh"), "--preset", "smoke"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

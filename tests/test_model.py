@@ -432,3 +432,29 @@ def _plain(state):
     model = GPT(CFG)
     model.load_state_dict(state)
     return model.eval()
+
+
+def test_thread_fitting_waits_out_a_passing_load_before_a_recompile(monkeypatch):
+    """fit_threads: a thread count not compiled before is taken only once the load has held for `hold`
+    seconds; a count already used is taken at once; with hold 0 (eager) at once; said once, on stderr."""
+    readings, clock = [], [0.0]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(M, "free_cores", lambda: readings.pop(0))
+    monkeypatch.setattr(M.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(M, "_load", {})
+    monkeypatch.setattr(M.os.path, "exists", lambda path: True)
+    threads = [2]
+    monkeypatch.setattr(M.torch, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(M.torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
+    cpu = torch.device("cpu")
+    for t, free, want in [(0, 1, 2), (20, 1, 2), (35, 2, 2), (36, 1, 2), (70, 1, 2), (77, 1, 1),  # held 41 s
+                          (80, 2, 2), (81, 1, 1), (90, None, 1)]:  # 2 and 1 both compiled: at once
+        clock[0] = t
+        readings.append(free)
+        M.fit_threads(cpu, hold=40)
+        assert threads[0] == want, (t, free)
+    M._load.clear()
+    readings.append(1)
+    threads[0] = 2
+    M.fit_threads(cpu)  # eager: no compile to pay for
+    assert threads[0] == 1

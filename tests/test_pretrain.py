@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +51,30 @@ def test_compile_without_a_cxx_compiler_falls_back_to_eager(tiny_home, tmp_path)
     proc = run_script("pretrain.py", *TINY, "--num-steps", 2, "--compile", 1, home=home,
                       env={"CXX": str(tmp_path / "no-such-g++")})
     assert len(train_losses(home)) == 2 and "InvalidCxxCompiler" in proc.stderr
+
+
+def test_a_busy_core_moves_an_eager_run_at_once_and_costs_a_compiled_run_no_recompile(tiny_home, tmp_path):
+    """Another process keeps a core busy through the whole run. The eager run fits its threads at once (so
+    the load is seen); the compiled run would recompile for a new thread count, and the load has not held
+    as long as a compile costs (model.fit_threads' hold): it keeps its count and compiles once."""
+    home = fresh_home(tiny_home, tmp_path / "home")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1)
+        runs = {}
+        for compiled in (0, 1):
+            proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *map(str, TINY), "--num-steps", "8",
+                                   "--eval-every", "-1", "--compile", str(compiled)],
+                                  env={**env, "FLATCHAT_HOME": str(home), "TORCH_LOGS": "recompiles"},
+                                  cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[compiled] = proc.stdout + proc.stderr
+    finally:
+        busy.kill()
+    assert re.search(r"threads: \d+ -> \d+", runs[0])
+    assert "MFLOP/token, compiled" in runs[1]
+    assert "GLOBAL_STATE changed: num_threads" not in runs[1] and "threads:" not in runs[1]
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tiny_home, tmp_path):
@@ -142,11 +168,15 @@ def test_token_shards_are_the_encoded_documents_and_are_reused_until_the_corpus_
     tok = Tokenizer.load(home / "tokenizer")
     files = corpus_files("train")
     shutil.rmtree(home / "data" / "tokens", ignore_errors=True)  # copied from tiny_home: encode afresh
-    stale = home / "data" / "tokens" / tok.hash[:16] / "train" / f"{files[0].name}.1.2.tmp999"  # a killed run's
+    folder = home / "data" / "tokens" / tok.hash[:16] / "train"
+    stale = folder / f"{files[0].name}.1.2.tmp-{socket.gethostname()}-999999999"  # a killed run's, this node
+    busy = folder / f"{files[0].name}.1.2.tmp-othernode-1"  # another node's, maybe still writing
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a shard")
+    busy.write_bytes(b"half a shard")
     (tokens, starts), = pretrain.token_shards(files, tok, num_proc=2)
-    assert not stale.exists()
+    assert not stale.exists() and busy.exists()
+    busy.unlink()
     docs = list(iter_documents(files[0]))
     assert len(starts) == len(docs) + 1
     assert all(tokens[starts[i]:starts[i + 1]].tolist() == tok.encode(d) for i, d in enumerate(docs))
@@ -159,6 +189,21 @@ def test_token_shards_are_the_encoded_documents_and_are_reused_until_the_corpus_
     (tokens, starts), = pretrain.token_shards(files, tok, num_proc=1)
     assert tokens[starts[-2]:].tolist() == tok.encode("A new document at the end.")
     assert not shard.exists() and len(list(shard.parent.iterdir())) == 2  # the old version is gone: .bin + .idx.npy
+
+
+def test_a_broken_corpus_stops_before_the_model_and_keeps_the_good_cache(tiny_home, tmp_path):
+    """The train shard replaced by random bytes: one line naming the file, before any model is built, the
+    token cache of the good file untouched and no temp file left."""
+    home = fresh_home(tiny_home, tmp_path / "home", share=("tokenizer",))
+    shutil.copytree(tiny_home / "data" / "pretrain", home / "data" / "pretrain")
+    run_script("pretrain.py", *TINY, "--num-steps", 1, home=home)
+    cache = sorted(p.name for p in (home / "data" / "tokens").rglob("*"))
+    shard = home / "data/pretrain/train/shard_00000.jsonl"
+    shard.write_bytes(bytes(__import__("random").Random(0).randrange(256) for _ in range(5000)))
+    proc = run_script("pretrain.py", *TINY, "--num-steps", 1, home=home, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {shard}:1: ")
+    assert "model:" not in proc.stdout  # stopped before the model was built
+    assert sorted(p.name for p in (home / "data" / "tokens").rglob("*")) == cache
 
 
 def test_lanes_pack_best_fit_like_the_plain_rule_resume_exactly_and_stay_disjoint():

@@ -3,6 +3,7 @@ run per stage, a full disk during a save, damaged checkpoints, bad input files a
 one line that names the file and the fix, and nothing on disk is lost or torn."""
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -170,6 +171,59 @@ def test_a_fresh_run_keeps_the_log_of_the_run_before_it(tiny_home, tmp_path):
     kept = list((home / "logs/previous").glob("pretrain-*.jsonl"))
     assert len(kept) == 1 and kept[0].read_text() == before
     assert (home / "checkpoints/pretrain/step_000006/meta.json").exists()
+
+
+def sha_listing(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_moves_the_earlier_run_aside_at_its_first_save_and_prunes_only_its_own(tiny_home, tmp_path):
+    """The accident: a trial run of another shape, with the default --keep, in a finished home. It says what
+    is there before it starts, moves it to checkpoints/previous/ only at its first save (a run stopped before
+    it leaves it in place), and --keep prunes only its own checkpoints; --resume moves nothing."""
+    home = fresh_home(tiny_home, tmp_path / "home")
+    run_script("pretrain.py", *TINY, "--num-steps", 4, home=home)
+    real = sha_listing(home / "checkpoints/pretrain")
+    trial = ["--depth", 1, "--max-seq-len", 64, "--device-batch-size", 4, "--total-batch-size", 512, "--compile", 0,
+             "--eval-tokens", 2048, "--sample-every", -1, "--keep", 1, "--save-every", 2]
+    proc = run_script("pretrain.py", *trial, "--num-steps", 6, "--eval-every", 1000, home=home, env={
+        "FLATCHAT_DEVICE": "nope"}, check=False)  # fails before its first save (no such device)
+    assert proc.returncode != 0 and sha_listing(home / "checkpoints/pretrain") == real
+    proc = run_script("pretrain.py", *trial, "--num-steps", 6, home=home)
+    assert re.search(r"holds an earlier run \(latest: step 4, depth 2, width 128, saved [-\d: ]+\)", proc.stderr)
+    aside, = (home / "checkpoints/previous").iterdir()
+    assert aside.name.startswith("pretrain-") and sha_listing(aside) == real
+    assert sorted(p.name for p in (home / "checkpoints/pretrain").glob("step_*")) == ["step_000006"]
+    proc = run_script("pretrain.py", *trial, "--num-steps", 8, "--resume", home=home)
+    assert "earlier run" not in proc.stderr and len(list((home / "checkpoints/previous").iterdir())) == 1
+    assert sorted(p.name for p in (home / "checkpoints/pretrain").glob("step_*")) == ["step_000008"]
+    chat = run_script("chat.py", "--stage", "pretrain", "--step", 5, "-p", "hi", home=home, check=False)
+    assert chat.returncode == 2 and chat.stderr.strip().splitlines() == [
+        f"error: no checkpoint at step 5 in {home / 'checkpoints/pretrain'}: its steps are 8"]
+
+
+def test_a_home_that_is_a_file_or_read_only_is_one_line_everywhere(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    for cmd in (["pretrain.py"], ["sft.py"], ["evaluate.py", "--report"], ["chat.py", "-p", "hi"],
+                ["tokenizer.py", "train"], ["data/corpus.py"], ["data/chat_data.py", "--only", "identity"]):
+        proc = run_script(*cmd, home=home, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: the base dir {home} ($FLATCHAT_HOME) is a file, not a folder: set FLATCHAT_HOME to a folder "
+            "you can write (unset: ~/.cache/flatchat)"], (cmd, proc.stderr)
+    proc = subprocess.run(["bash", str(ROOT / "run.sh"), "--preset", "smoke"], capture_output=True, text=True,
+                          env={**os.environ, "FLATCHAT_HOME": str(home)})
+    assert proc.returncode == 2 and "run.sh: error: cannot write in" in proc.stderr and proc.stdout == ""
+    home.unlink()
+    home.mkdir()  # a folder on a read-only mount (root ignores file modes), where user namespaces work
+    ro = f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && exec {sys.executable} {ROOT}/pretrain.py"
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", ro], capture_output=True, text=True,
+                          env={**os.environ, "FLATCHAT_HOME": str(home)})
+    if "unshare" not in proc.stderr:
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: cannot write in the base dir {home} (Read-only file system): set FLATCHAT_HOME to a folder you "
+            "can write (unset: ~/.cache/flatchat)"], proc.stderr
 
 
 def test_no_gpu_names_the_cause_and_never_advises_deleting_a_good_file(tiny_home, tmp_path):

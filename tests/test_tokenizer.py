@@ -18,6 +18,7 @@ from tokenizer import UserError, Tokenizer  # noqa: E402
 
 MIRROR = Path(os.environ.get("FLATCHAT_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 PROSE = MIRROR / "pretrain" / "offline-prose"
+NO_TIKTOKEN = "tiktoken (the reference encoder) is a test dependency: pip install -r requirements.txt"
 
 
 def mirror_sample(chars_per_file=40_000):
@@ -189,7 +190,7 @@ def test_encode_follows_tiktoken_rules_on_odd_merges():
     assert odd.encode("abcd") == [259]  # bpe alone would stop at a|bc|d
     assert odd.encode("abc") == [260] and odd.encode("xabc") == [120, 260]  # a+bc merges as abc
     assert odd.encode("xabcd") == [120, 259]  # x|a|bc|d -> x|abc|d -> x|abcd
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = pytest.importorskip("tiktoken", reason=NO_TIKTOKEN)
     enc = tiktoken.Encoding("odd", pat_str=odd.pattern, special_tokens={},
                             mergeable_ranks={odd.decode_bytes([i]): i for i in range(261)})
     for s in ["abcd", "abc", "xabc", "xabcd", "abcdabcabbcd", "bcd dabc"]:
@@ -197,7 +198,7 @@ def test_encode_follows_tiktoken_rules_on_odd_merges():
 
 
 def test_ids_equal_tiktoken(tok, sample):
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = pytest.importorskip("tiktoken", reason=NO_TIKTOKEN)
     ranks = {bytes(tok.decode_bytes([i])): i for i in range(256 + len(tok.merges))}
     enc = tiktoken.Encoding("flatchat-test", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
     rng = random.Random(2)
