@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
-from tokenizer import Parser, UserError, exit_on_user_error, ranged  # noqa: E402,F401  (argparse, one-line errors)
+from tokenizer import Parser, UserError, exit_on_user_error, iter_documents, ranged  # noqa: E402,F401
+# (argparse, one-line errors, and the reader of .jsonl / .parquet corpus files that pretrain.py uses)
 
 def data_dir():
     """$FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""
