@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tokenizer.py
-from tokenizer import Parser, UserError, base_dir, check_home, exit_on_user_error, ranged  # noqa: E402,F401
+from tokenizer import (Parser, UserError, base_dir, check_home, exit_on_user_error, iter_documents,  # noqa: E402,F401
+                       ranged)  # argparse, one-line errors, and the reader of .jsonl / .parquet corpora
 
 def data_dir():
     """$FLATCHAT_HOME/data, default ~/.cache/flatchat/data."""

@@ -149,7 +149,7 @@ def test_bad_input_lines_stop_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(UserError, match="bad.jsonl:2"):
-        list(corpus.jsonl_docs(bad))
+        list(corpus.iter_documents(bad))  # the reader of .jsonl sources (tokenizer.py's)
     with pytest.raises(UserError, match="bad.jsonl:2"):
         chat_data.read_jsonl(bad)
 
