@@ -7,10 +7,11 @@ chat.py: talk to a flatchat checkpoint in the terminal or over an OpenAI-compati
     python chat.py --serve --port 8000        # an OpenAI-compatible API at http://127.0.0.1:8000/v1
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
-Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r cycle
-the temperature / top-k / repetition penalty, ctrl+s loads the next stage that has a checkpoint, ctrl+q quits.
-ctrl+l toggles the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval rows, tailed
-live from logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: it continues each message as text.
+Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r
+cycle the temperature / top-k / repetition penalty, ctrl+s loads the next stage that has a checkpoint, ctrl+q
+quits; earlier turns that no longer fit the context are dimmed, with a note. ctrl+l toggles the Training tab:
+per stage a curve of the loss (rl: the reward), the latest step, lr, tok/s, eta and eval rows, tailed live
+from logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: it continues each message as text.
 """
 
 import codecs
@@ -44,12 +45,12 @@ def load(stage=None, step=None, device="cpu"):
     return stage, *load_model(stage, device, step)[:3]
 
 def build_prompt(tok, messages, context, room, chat=True):
-    """Prompt ids of the conversation, at most `context - room` tokens so the reply has `room` left.
-    Too long: the oldest user/assistant pairs go first; one turn alone still too long keeps its end."""
+    """(prompt ids, messages left out): at most `context - room` tokens so the reply has `room` left. Too
+    long: the oldest user/assistant pairs are left out; one turn alone still too long keeps its end."""
     budget = max(context - room, 4)
     if not chat:  # base model: continue the last message as a document
         ids = [tok.bos_id] + tok.encode(messages[-1]["content"])
-        return ids[:1] + ids[1:][-(budget - 1):]
+        return ids[:1] + ids[1:][-(budget - 1):], 0
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     ids = tok.render_for_completion({"messages": system + turns})
@@ -58,7 +59,7 @@ def build_prompt(tok, messages, context, room, chat=True):
         ids = tok.render_for_completion({"messages": system + turns})
     if len(ids) > budget:  # keep <|bos|><|user_start|> and the turn's end, which primes the reply
         ids = ids[:2] + ids[-(budget - 2):]
-    return ids
+    return ids, len(messages) - len(system) - len(turns)
 
 class Reply:
     """Generated ids -> the text to show as they arrive, and the message parts for the history. An incremental
@@ -67,9 +68,9 @@ class Reply:
     MARKS = {"<|python_start|>": ("python", "[calc: "), "<|python_end|>": ("python_end", ""),
              "<|output_start|>": ("python_output", " = "), "<|output_end|>": ("text", "]")}
 
-    def __init__(self, tok, prompt_len=0):
+    def __init__(self, tok, prompt_len=0, dropped=0):  # dropped: the earlier messages its prompt left out
         self.tok, self.kind, self.text, self.parts, self.n, self.done = tok, "text", "", [], 0, False
-        self.prompt_len, self.t0, self.t_first = prompt_len, time.time(), None
+        self.prompt_len, self.dropped, self.t0, self.t_first = prompt_len, dropped, time.time(), None
         self.marks = {tok.encode_special(name): v for name, v in self.MARKS.items()}
         self.stops = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
         self.specials = {tok.encode_special(name) for name in SPECIAL_TOKENS}
@@ -114,8 +115,9 @@ def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.
     """Yields (new text, Reply) per token; the prompt (`ids`, else built from `messages`) leaves the reply room
     and the context's end stops it. penalties: model.penalize's repetition / presence / frequency."""
     context = model.config.sequence_len
-    ids = ids or build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
-    reply = Reply(tok, len(ids))
+    room = min(max_tokens, context // 2)
+    ids, dropped = (ids, 0) if ids else build_prompt(tok, messages, context, room, chat)
+    reply = Reply(tok, len(ids), dropped)
     for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))), top_k=top_k or None,
                               temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok, penalties=penalties):
         yield reply.add(tokens[0]), reply
@@ -140,6 +142,8 @@ def tail_jsonl(path, offset):
             rows.append(json.loads(line))
     return [r for r in rows if isinstance(r, dict) and "step" in r], offset + end, False
 
+PLOTTED = ("reward", "margin", "loss")  # a training row's sparkline value: rl's reward (GRPO) or margin (DPO)
+
 def fmt_row(row):
     """`step 120/2000 | loss 3.4120 | lr 1.20e-03 | 52,000 tok/s | eta 3m20s`, or `eval @ step 100: ...`."""
     if "loss" not in row:
@@ -147,6 +151,7 @@ def fmt_row(row):
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k not in ("step", "time"))
     total = row.get("num_steps")
     line = f"step {row['step']}" + (f"/{total}" if total else "") + f" | loss {row['loss']:.4f}"
+    line += "".join(f" | {k} {row[k]:.4f}" for k in PLOTTED[:2] if k in row)
     line += f" | lr {row['lr']:.2e}" if "lr" in row else ""
     line += f" | {row['tok_per_s']:,.0f} tok/s" if "tok_per_s" in row else ""
     eta = (total - row["step"]) * row.get("dt", 0) if total else None
@@ -164,6 +169,7 @@ class ChatApp(App):
     .user { color: $accent; text-style: bold; margin-top: 1; }
     .assistant { padding-left: 2; }
     .note { color: $text-muted; margin-top: 1; }
+    .forgotten { text-opacity: 50%; }
     #status { height: 1; background: $boost; padding: 0 1; }
     #stages { height: 1fr; }
     .stage { height: auto; margin-bottom: 1; }
@@ -172,7 +178,8 @@ class ChatApp(App):
     BINDINGS = [Binding("escape", "stop", "stop")] + [Binding(*b, priority=True) for b in [  # even in the input
         ("ctrl+n", "new_chat", "new chat"), ("ctrl+t", "cycle('temperature')", "temperature"),
         ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"),
-        ("ctrl+s", "next_stage", "stage"), ("ctrl+l", "toggle_view", "chat/training")]]
+        ("ctrl+s", "next_stage", "stage"), ("ctrl+l", "toggle_view", "chat/training"),
+        ("ctrl+q", "quit", "quit")]]
     CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0],  # what ^t, ^o, ^r cycle
                "repetition": [1.0, 1.1, 1.2, 1.5]}
 
@@ -183,8 +190,9 @@ class ChatApp(App):
         self.penalties = dict(penalties or {})  # presence, frequency (flags); repetition: ^r cycles it
         self.repetition = self.penalties.pop("repetition", 1.0)
         self.messages, self.replies, self.speed, self.prompt_len, self.chat_id = [], 0, "", 0, 0
+        self.forgotten = 0  # the earlier messages that no longer fit the context (dimmed)
         self.busy, self.stop_event = False, threading.Event()
-        self.log_dir, self.logs = base_dir() / "logs", {}  # stage -> its offset, losses, evals, widgets
+        self.log_dir, self.logs = base_dir() / "logs", {}  # stage -> offset, sparkline values, evals, widgets
 
     def compose(self):
         with TabbedContent(initial="chat"):
@@ -253,16 +261,27 @@ class ChatApp(App):
         if chat_id is not None:
             if chat_id == self.chat_id:  # not after ctrl+n started another conversation
                 self.messages.append(reply.message() if reply else {"role": "assistant", "content": ""})
+                if reply and reply.dropped > self.forgotten:  # the conversation outgrew the context
+                    self.forget(reply.dropped, out)
             self.busy = False
         self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
         self.show_status()
+
+    def forget(self, n, out):
+        """Dim the first n messages, which the model no longer sees, and say so above the reply `out`."""
+        for widget in self.query(".user, .assistant").nodes[self.forgotten:n]:
+            widget.add_class("forgotten")
+        note = f"context full: the model no longer sees the first {n} messages (dimmed); ctrl+n starts afresh"
+        self.query_one("#messages").mount(Static(note, classes="note", markup=False), before=out)
+        self.forgotten = n
 
     def action_stop(self):
         self.stop_event.set()
 
     def action_new_chat(self):
         self.stop_event.set()
-        self.messages, self.chat_id, self.prompt_len, self.speed = [], self.chat_id + 1, 0, ""
+        self.messages, self.chat_id, self.forgotten = [], self.chat_id + 1, 0
+        self.prompt_len, self.speed = 0, ""
         self.query_one("#messages", VerticalScroll).remove_children()
         self.show_status()
 
@@ -305,14 +324,14 @@ class ChatApp(App):
                 widgets = (Static(path.stem, markup=False), Sparkline([]), Static("", markup=False))
                 self.query_one("#stages").mount(Vertical(*widgets, classes="stage"))
                 self.query_one("#nologs").display = False
-                self.logs[path.stem] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
+                self.logs[path.stem] = dict(offset=0, values=[], evals=[], line="", widgets=widgets)
             log = self.logs[path.stem]
             try:
                 rows, log["offset"], restarted = tail_jsonl(path, log["offset"])
             except OSError:  # deleted between glob and open
                 continue
             if restarted:
-                log["losses"], log["evals"] = [], []
+                log["values"], log["evals"] = [], []
             for row in rows:
                 try:
                     line = fmt_row(row)
@@ -322,19 +341,20 @@ class ChatApp(App):
                     log["evals"].append(line)
                     continue
                 log["line"] = line
-                if isinstance(row["loss"], (int, float)) and math.isfinite(row["loss"]):
-                    log["losses"].append(row["loss"])
+                value = next(row[k] for k in PLOTTED if k in row)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    log["values"].append(value)
             if rows or restarted:
                 title, spark, evals = log["widgets"]
                 title.update(f"{path.stem}  {log['line']}")
-                spark.data = log["losses"][-2000:]
+                spark.data = log["values"][-2000:]
                 evals.update("\n".join(log["evals"][-8:]))
 
 # -----------------------------------------------------------------------------
 # An OpenAI-compatible HTTP server (python chat.py --serve): /v1/chat/completions, /v1/completions, /v1/models
 
-def error(message):  # OpenAI's JSON error body
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+def error(message, code=None):  # OpenAI's JSON error body
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
 
 # The numbers a request may set, OpenAI's name -> (lowest, highest); null or absent: the default
 RANGES = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, 10**6), "presence_penalty": (-2, 2),
@@ -356,6 +376,9 @@ class API(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
             if route not in ("/v1/chat/completions", "/v1/completions"):
                 return self.send(404, error(f"no route POST {self.path}"))
+            if isinstance(body, dict) and body.get("model") not in (None, self.server.name):  # OpenAI's 404
+                why = f"The model `{body['model']}` does not exist: this server has `{self.server.name}`"
+                return self.send(404, error(why, "model_not_found"))
             ids, kw = self.request_args(body, chat := route == "/v1/chat/completions")
         except ValueError as e:  # a bad request (invalid JSON too): 400, and what is wrong with it
             return self.send(400, error(str(e)))
@@ -364,18 +387,16 @@ class API(BaseHTTPRequestHandler):
 
     def request_args(self, body, chat):
         """A request's prompt ids and the rest of answer()'s arguments, checked: a ValueError says what is wrong."""
-        name, tok, context = self.server.name, self.server.tok, self.server.model.config.sequence_len
+        tok, context = self.server.tok, self.server.model.config.sequence_len
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
         body = {k: v for k, v in body.items() if v is not None}  # null: the default, as in OpenAI's API
-        if body.get("model", name) != name:
-            raise ValueError(f"unknown model {body['model']!r}: this server has {name!r} (GET /v1/models)")
         if chat:
             messages = body.get("messages")
             if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
                     and messages[-1].get("role") == "user"):
                 raise ValueError("'messages' must be a list of {role, content} ending with a user message")
-            ids = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: ValueError
+            ids, _ = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: 400
         elif isinstance(body.get("prompt"), str):
             ids = [tok.bos_id] + tok.encode(body["prompt"])
         else:
@@ -407,8 +428,9 @@ class API(BaseHTTPRequestHandler):
         head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(16**12):012x}", object=kind,
                     created=int(time.time()), model=self.server.name)
 
-        def piece(text, reason=None):  # a response, or a streamed chunk, with one choice
-            out = {"delta" if stream else "message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        def piece(text, reason=None, role="assistant"):  # a response, or a streamed chunk, with one choice
+            message = {"role": role, "content": text} if role else {"content": text}
+            out = {"delta" if stream else "message": message} if chat else {"text": text}
             return {**head, "choices": [{"index": 0, "finish_reason": reason, **out}]}
         text, sent, cut, reply = "", 0, -1, None
         hold = max(map(len, stop), default=1) - 1  # held back while it may be the start of a stop string
@@ -417,6 +439,8 @@ class API(BaseHTTPRequestHandler):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
+                if chat:  # as OpenAI streams it: the role in the first chunk alone
+                    self.event(piece(""))
             for new, reply in stream_reply(self.server.model, self.server.tok, [], ids=ids, **kw):
                 if self.gone():
                     return
@@ -425,14 +449,14 @@ class API(BaseHTTPRequestHandler):
                     text = text[:cut]
                     break
                 if stream and len(text) - hold > sent:
-                    self.event(piece(text[sent:len(text) - hold]))
+                    self.event(piece(text[sent:len(text) - hold], role=None))
                     sent = len(text) - hold
             n = reply.n if reply else 0
             reason = "stop" if cut >= 0 or n < kw["max_tokens"] else "length"
             if not stream:
                 usage = dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n)
                 return self.send(200, {**piece(text, reason), "usage": usage})
-            self.event(piece(text[sent:], reason))
+            self.event(piece(text[sent:], reason, None))
             self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):  # the client went away: its generation stops here
             pass
