@@ -5,6 +5,7 @@ chat.py: talk to a flatchat checkpoint in the terminal or over an OpenAI-compati
     python chat.py --stage sft --step 800     # TUI on a chosen checkpoint
     python chat.py -p "What is 12*3?"         # one reply on stdout, no TUI (for scripts and pipes)
     python chat.py --serve --port 8000        # an OpenAI-compatible API at http://127.0.0.1:8000/v1
+    python chat.py --export onnx              # the model as ONNX and the tokenizer for tiktoken, in onnx/
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
 Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r
@@ -14,17 +15,23 @@ per stage a curve of the loss (rl: the reward), the latest step, lr, tok/s, eta 
 from logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: it continues each message as text.
 """
 
+import base64
 import codecs
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import random
 import select
 import socket
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import torch
 from textual import work
 from textual.app import App
 from textual.binding import Binding
@@ -484,7 +491,63 @@ def make_server(stage, model, tok, host="127.0.0.1", port=8000):
     return server
 
 # -----------------------------------------------------------------------------
-# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then --serve, the TUI or -p
+# Export (python chat.py --export DIR): the model as ONNX, its KV cache in and out; the tokenizer for tiktoken
+
+class Step(torch.nn.Module):
+    """The exported graph: (input_ids, past_keys, past_values) -> (logits, keys, values), where the past is
+    (L, B, H_kv, T_past, D). It is GPT.forward's KV cache too (pos and insert(), as model.KVCache's)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past_keys, past_values):
+        self.past, self.pos, self.keys, self.values = (past_keys, past_values), past_keys.size(3), [], []
+        logits = self.model(input_ids, kv_cache=self)  # (B, T, V), soft-capped
+        return logits, torch.stack(self.keys), torch.stack(self.values)
+
+    def insert(self, layer, k, v):  # k, v (B, H_kv, T, D) -> (B, H_kv, T_past + T, D), kept for the outputs
+        self.keys.append(torch.cat([self.past[0][layer], k], dim=2))
+        self.values.append(torch.cat([self.past[1][layer], v], dim=2))
+        return self.keys[-1], self.values[-1]
+
+def export(model, tok, meta, folder):
+    """folder/model.onnx: Step, with dynamic batch, T and T_past axes; tokenizer.tiktoken: each token's bytes
+    in base64 and its id, as tiktoken.load.load_tiktoken_bpe reads them; config.json: the split pattern, the
+    special tokens' ids and the model's config."""
+    try:  # torch.onnx's exporter (torch.export underneath) writes the graph with onnxscript and onnx
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"--export needs the {e.name} package: pip install onnx onnxscript") from None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--export {folder}: {e.strerror}: name a folder you can write") from None
+    c, model = model.config, model.cpu()  # traced on the CPU (plain attention): the graph runs anywhere
+    ids = torch.zeros(1, 3, dtype=torch.long)  # examples: only their shapes matter
+    past = torch.zeros(c.n_layer, 1, c.n_kv_head, 2, c.n_embd // c.n_head)
+    B, T, T_past = (torch.export.Dim(name) for name in ("batch", "seq", "past"))
+    shapes = dict(input_ids={0: B, 1: T}, past_keys={1: B, 3: T_past}, past_values={1: B, 3: T_past})
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on what it does without (torchvision)
+    with torch.no_grad(), warnings.catch_warnings(action="ignore"):  # past twice would be one input: a clone
+        torch.onnx.export(Step(model).eval(), (ids, past, past.clone()), folder / "model.onnx", dynamo=True,
+                          input_names=["input_ids", "past_keys", "past_values"], verbose=False,
+                          output_names=["logits", "keys", "values"], dynamic_shapes=shapes,
+                          external_data=model.num_params() > 5e8)  # protobuf's 2 GB cap: weights beside it
+    n = 256 + len(tok.merges)  # every token but the special ones
+    ranks = "".join(f"{base64.b64encode(tok.decode_bytes([i])).decode()} {i}\n" for i in range(n))
+    (folder / "tokenizer.tiktoken").write_text(ranks)
+    specials = {name: tok.encode_special(name) for name in tok.special_tokens}
+    config = dict(pattern=tok.pattern, special_tokens=specials, model_config=vars(c), stage=meta["stage"],
+                  step=meta["step"], tokenizer_hash=tok.hash,  # tiktoken caches files by path: a new
+                  tiktoken_sha256=hashlib.sha256(ranks.encode()).hexdigest())  # one is known by its hash
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    size = sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6
+    print(f"wrote {folder}: model.onnx ({size:.1f} MB), tokenizer.tiktoken, config.json")
+
+# -----------------------------------------------------------------------------
+# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then --export, --serve, TUI or -p
 
 if __name__ == "__main__":
     parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI), answer one prompt, or serve it.")
@@ -509,13 +572,17 @@ if __name__ == "__main__":
     parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible HTTP API")
     parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="--serve: the port (0 = any free one)")
+    parser.add_argument("--export", metavar="DIR", type=Path,
+                        help="write the model (ONNX) and the tokenizer (tiktoken) to DIR, then exit (README)")
     args = parser.parse_args()
     exit_on_user_error()  # a UserError (no checkpoint, another tokenizer): one line, exit 2, before any TUI starts
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                     penalties=dict(repetition=args.repetition_penalty, presence=args.presence_penalty,
                                    frequency=args.frequency_penalty))
-    if args.serve:
+    if args.export:
+        export(model, tok, meta, args.export)
+    elif args.serve:
         server = make_server(stage, model, tok, args.host, args.port)
         print(f"serving {server.name} at http://{args.host}:{server.server_port}/v1 (OpenAI API: /chat/completions, "
               "/completions, /models); ctrl+c stops", flush=True)
