@@ -5,25 +5,33 @@ chat.py: talk to a flatchat checkpoint in the terminal or over an OpenAI-compati
     python chat.py --stage sft --step 800     # TUI on a chosen checkpoint
     python chat.py -p "What is 12*3?"         # one reply on stdout, no TUI (for scripts and pipes)
     python chat.py --serve --port 8000        # an OpenAI-compatible API at http://127.0.0.1:8000/v1
+    python chat.py --export onnx              # the model as ONNX and the tokenizer for tiktoken, in onnx/
     FLATCHAT_HOME=/path/to/run python chat.py # another run's base directory
 
-Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r cycle
-the temperature / top-k / repetition penalty, ctrl+s loads the next stage that has a checkpoint, ctrl+q quits.
-ctrl+l toggles the Training tab: per stage a loss curve, the latest step, lr, tok/s, eta and eval rows, tailed
-live from logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: it continues each message as text.
+Chat tab: enter sends, escape stops the reply, ctrl+n starts a new conversation, ctrl+t / ctrl+o / ctrl+r
+cycle the temperature / top-k / repetition penalty, ctrl+s loads the next stage that has a checkpoint, ctrl+q
+quits; earlier turns that no longer fit the context are dimmed, with a note. ctrl+l toggles the Training tab:
+per stage a curve of the loss (rl: the reward), the latest step, lr, tok/s, eta and eval rows, tailed live
+from logs/*.jsonl. A base (pretrain) checkpoint knows no chat format: it continues each message as text.
 """
 
+import base64
 import codecs
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import random
 import select
 import socket
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import torch
 from textual import work
 from textual.app import App
 from textual.binding import Binding
@@ -44,12 +52,12 @@ def load(stage=None, step=None, device="cpu"):
     return stage, *load_model(stage, device, step)[:3]
 
 def build_prompt(tok, messages, context, room, chat=True):
-    """Prompt ids of the conversation, at most `context - room` tokens so the reply has `room` left.
-    Too long: the oldest user/assistant pairs go first; one turn alone still too long keeps its end."""
+    """(prompt ids, messages left out): at most `context - room` tokens so the reply has `room` left. Too
+    long: the oldest user/assistant pairs are left out; one turn alone still too long keeps its end."""
     budget = max(context - room, 4)
     if not chat:  # base model: continue the last message as a document
         ids = [tok.bos_id] + tok.encode(messages[-1]["content"])
-        return ids[:1] + ids[1:][-(budget - 1):]
+        return ids[:1] + ids[1:][-(budget - 1):], 0
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     ids = tok.render_for_completion({"messages": system + turns})
@@ -58,7 +66,7 @@ def build_prompt(tok, messages, context, room, chat=True):
         ids = tok.render_for_completion({"messages": system + turns})
     if len(ids) > budget:  # keep <|bos|><|user_start|> and the turn's end, which primes the reply
         ids = ids[:2] + ids[-(budget - 2):]
-    return ids
+    return ids, len(messages) - len(system) - len(turns)
 
 class Reply:
     """Generated ids -> the text to show as they arrive, and the message parts for the history. An incremental
@@ -67,9 +75,9 @@ class Reply:
     MARKS = {"<|python_start|>": ("python", "[calc: "), "<|python_end|>": ("python_end", ""),
              "<|output_start|>": ("python_output", " = "), "<|output_end|>": ("text", "]")}
 
-    def __init__(self, tok, prompt_len=0):
+    def __init__(self, tok, prompt_len=0, dropped=0):  # dropped: the earlier messages its prompt left out
         self.tok, self.kind, self.text, self.parts, self.n, self.done = tok, "text", "", [], 0, False
-        self.prompt_len, self.t0, self.t_first = prompt_len, time.time(), None
+        self.prompt_len, self.dropped, self.t0, self.t_first = prompt_len, dropped, time.time(), None
         self.marks = {tok.encode_special(name): v for name, v in self.MARKS.items()}
         self.stops = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
         self.specials = {tok.encode_special(name) for name in SPECIAL_TOKENS}
@@ -114,8 +122,9 @@ def stream_reply(model, tok, messages, chat=True, max_tokens=256, temperature=0.
     """Yields (new text, Reply) per token; the prompt (`ids`, else built from `messages`) leaves the reply room
     and the context's end stops it. penalties: model.penalize's repetition / presence / frequency."""
     context = model.config.sequence_len
-    ids = ids or build_prompt(tok, messages, context, min(max_tokens, context // 2), chat)
-    reply = Reply(tok, len(ids))
+    room = min(max_tokens, context // 2)
+    ids, dropped = (ids, 0) if ids else build_prompt(tok, messages, context, room, chat)
+    reply = Reply(tok, len(ids), dropped)
     for tokens, _ in generate(model, ids, max_tokens=max(1, min(max_tokens, context - len(ids))), top_k=top_k or None,
                               temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok, penalties=penalties):
         yield reply.add(tokens[0]), reply
@@ -140,6 +149,8 @@ def tail_jsonl(path, offset):
             rows.append(json.loads(line))
     return [r for r in rows if isinstance(r, dict) and "step" in r], offset + end, False
 
+PLOTTED = ("reward", "margin", "loss")  # a training row's sparkline value: rl's reward (GRPO) or margin (DPO)
+
 def fmt_row(row):
     """`step 120/2000 | loss 3.4120 | lr 1.20e-03 | 52,000 tok/s | eta 3m20s`, or `eval @ step 100: ...`."""
     if "loss" not in row:
@@ -147,6 +158,7 @@ def fmt_row(row):
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k not in ("step", "time"))
     total = row.get("num_steps")
     line = f"step {row['step']}" + (f"/{total}" if total else "") + f" | loss {row['loss']:.4f}"
+    line += "".join(f" | {k} {row[k]:.4f}" for k in PLOTTED[:2] if k in row)
     line += f" | lr {row['lr']:.2e}" if "lr" in row else ""
     line += f" | {row['tok_per_s']:,.0f} tok/s" if "tok_per_s" in row else ""
     eta = (total - row["step"]) * row.get("dt", 0) if total else None
@@ -164,6 +176,7 @@ class ChatApp(App):
     .user { color: $accent; text-style: bold; margin-top: 1; }
     .assistant { padding-left: 2; }
     .note { color: $text-muted; margin-top: 1; }
+    .forgotten { text-opacity: 50%; }
     #status { height: 1; background: $boost; padding: 0 1; }
     #stages { height: 1fr; }
     .stage { height: auto; margin-bottom: 1; }
@@ -172,7 +185,8 @@ class ChatApp(App):
     BINDINGS = [Binding("escape", "stop", "stop")] + [Binding(*b, priority=True) for b in [  # even in the input
         ("ctrl+n", "new_chat", "new chat"), ("ctrl+t", "cycle('temperature')", "temperature"),
         ("ctrl+o", "cycle('top_k')", "top-k"), ("ctrl+r", "cycle('repetition')", "repetition"),
-        ("ctrl+s", "next_stage", "stage"), ("ctrl+l", "toggle_view", "chat/training")]]
+        ("ctrl+s", "next_stage", "stage"), ("ctrl+l", "toggle_view", "chat/training"),
+        ("ctrl+q", "quit", "quit")]]
     CHOICES = {"temperature": [0.0, 0.3, 0.6, 0.9, 1.2], "top_k": [1, 5, 20, 50, 200, 0],  # what ^t, ^o, ^r cycle
                "repetition": [1.0, 1.1, 1.2, 1.5]}
 
@@ -183,8 +197,9 @@ class ChatApp(App):
         self.penalties = dict(penalties or {})  # presence, frequency (flags); repetition: ^r cycles it
         self.repetition = self.penalties.pop("repetition", 1.0)
         self.messages, self.replies, self.speed, self.prompt_len, self.chat_id = [], 0, "", 0, 0
+        self.forgotten = 0  # the earlier messages that no longer fit the context (dimmed)
         self.busy, self.stop_event = False, threading.Event()
-        self.log_dir, self.logs = base_dir() / "logs", {}  # stage -> its offset, losses, evals, widgets
+        self.log_dir, self.logs = base_dir() / "logs", {}  # stage -> offset, sparkline values, evals, widgets
 
     def compose(self):
         with TabbedContent(initial="chat"):
@@ -253,16 +268,27 @@ class ChatApp(App):
         if chat_id is not None:
             if chat_id == self.chat_id:  # not after ctrl+n started another conversation
                 self.messages.append(reply.message() if reply else {"role": "assistant", "content": ""})
+                if reply and reply.dropped > self.forgotten:  # the conversation outgrew the context
+                    self.forget(reply.dropped, out)
             self.busy = False
         self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
         self.show_status()
+
+    def forget(self, n, out):
+        """Dim the first n messages, which the model no longer sees, and say so above the reply `out`."""
+        for widget in self.query(".user, .assistant").nodes[self.forgotten:n]:
+            widget.add_class("forgotten")
+        note = f"context full: the model no longer sees the first {n} messages (dimmed); ctrl+n starts afresh"
+        self.query_one("#messages").mount(Static(note, classes="note", markup=False), before=out)
+        self.forgotten = n
 
     def action_stop(self):
         self.stop_event.set()
 
     def action_new_chat(self):
         self.stop_event.set()
-        self.messages, self.chat_id, self.prompt_len, self.speed = [], self.chat_id + 1, 0, ""
+        self.messages, self.chat_id, self.forgotten = [], self.chat_id + 1, 0
+        self.prompt_len, self.speed = 0, ""
         self.query_one("#messages", VerticalScroll).remove_children()
         self.show_status()
 
@@ -305,14 +331,14 @@ class ChatApp(App):
                 widgets = (Static(path.stem, markup=False), Sparkline([]), Static("", markup=False))
                 self.query_one("#stages").mount(Vertical(*widgets, classes="stage"))
                 self.query_one("#nologs").display = False
-                self.logs[path.stem] = dict(offset=0, losses=[], evals=[], line="", widgets=widgets)
+                self.logs[path.stem] = dict(offset=0, values=[], evals=[], line="", widgets=widgets)
             log = self.logs[path.stem]
             try:
                 rows, log["offset"], restarted = tail_jsonl(path, log["offset"])
             except OSError:  # deleted between glob and open
                 continue
             if restarted:
-                log["losses"], log["evals"] = [], []
+                log["values"], log["evals"] = [], []
             for row in rows:
                 try:
                     line = fmt_row(row)
@@ -322,19 +348,20 @@ class ChatApp(App):
                     log["evals"].append(line)
                     continue
                 log["line"] = line
-                if isinstance(row["loss"], (int, float)) and math.isfinite(row["loss"]):
-                    log["losses"].append(row["loss"])
+                value = next(row[k] for k in PLOTTED if k in row)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    log["values"].append(value)
             if rows or restarted:
                 title, spark, evals = log["widgets"]
                 title.update(f"{path.stem}  {log['line']}")
-                spark.data = log["losses"][-2000:]
+                spark.data = log["values"][-2000:]
                 evals.update("\n".join(log["evals"][-8:]))
 
 # -----------------------------------------------------------------------------
 # An OpenAI-compatible HTTP server (python chat.py --serve): /v1/chat/completions, /v1/completions, /v1/models
 
-def error(message):  # OpenAI's JSON error body
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+def error(message, code=None):  # OpenAI's JSON error body
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
 
 # The numbers a request may set, OpenAI's name -> (lowest, highest); null or absent: the default
 RANGES = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, 10**6), "presence_penalty": (-2, 2),
@@ -356,6 +383,9 @@ class API(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
             if route not in ("/v1/chat/completions", "/v1/completions"):
                 return self.send(404, error(f"no route POST {self.path}"))
+            if isinstance(body, dict) and body.get("model") not in (None, self.server.name):  # OpenAI's 404
+                why = f"The model `{body['model']}` does not exist: this server has `{self.server.name}`"
+                return self.send(404, error(why, "model_not_found"))
             ids, kw = self.request_args(body, chat := route == "/v1/chat/completions")
         except ValueError as e:  # a bad request (invalid JSON too): 400, and what is wrong with it
             return self.send(400, error(str(e)))
@@ -364,18 +394,16 @@ class API(BaseHTTPRequestHandler):
 
     def request_args(self, body, chat):
         """A request's prompt ids and the rest of answer()'s arguments, checked: a ValueError says what is wrong."""
-        name, tok, context = self.server.name, self.server.tok, self.server.model.config.sequence_len
+        tok, context = self.server.tok, self.server.model.config.sequence_len
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
         body = {k: v for k, v in body.items() if v is not None}  # null: the default, as in OpenAI's API
-        if body.get("model", name) != name:
-            raise ValueError(f"unknown model {body['model']!r}: this server has {name!r} (GET /v1/models)")
         if chat:
             messages = body.get("messages")
             if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
                     and messages[-1].get("role") == "user"):
                 raise ValueError("'messages' must be a list of {role, content} ending with a user message")
-            ids = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: ValueError
+            ids, _ = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: 400
         elif isinstance(body.get("prompt"), str):
             ids = [tok.bos_id] + tok.encode(body["prompt"])
         else:
@@ -407,8 +435,9 @@ class API(BaseHTTPRequestHandler):
         head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(16**12):012x}", object=kind,
                     created=int(time.time()), model=self.server.name)
 
-        def piece(text, reason=None):  # a response, or a streamed chunk, with one choice
-            out = {"delta" if stream else "message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        def piece(text, reason=None, role="assistant"):  # a response, or a streamed chunk, with one choice
+            message = {"role": role, "content": text} if role else {"content": text}
+            out = {"delta" if stream else "message": message} if chat else {"text": text}
             return {**head, "choices": [{"index": 0, "finish_reason": reason, **out}]}
         text, sent, cut, reply = "", 0, -1, None
         hold = max(map(len, stop), default=1) - 1  # held back while it may be the start of a stop string
@@ -417,6 +446,8 @@ class API(BaseHTTPRequestHandler):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
+                if chat:  # as OpenAI streams it: the role in the first chunk alone
+                    self.event(piece(""))
             for new, reply in stream_reply(self.server.model, self.server.tok, [], ids=ids, **kw):
                 if self.gone():
                     return
@@ -425,14 +456,14 @@ class API(BaseHTTPRequestHandler):
                     text = text[:cut]
                     break
                 if stream and len(text) - hold > sent:
-                    self.event(piece(text[sent:len(text) - hold]))
+                    self.event(piece(text[sent:len(text) - hold], role=None))
                     sent = len(text) - hold
             n = reply.n if reply else 0
             reason = "stop" if cut >= 0 or n < kw["max_tokens"] else "length"
             if not stream:
                 usage = dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n)
                 return self.send(200, {**piece(text, reason), "usage": usage})
-            self.event(piece(text[sent:], reason))
+            self.event(piece(text[sent:], reason, None))
             self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):  # the client went away: its generation stops here
             pass
@@ -460,7 +491,63 @@ def make_server(stage, model, tok, host="127.0.0.1", port=8000):
     return server
 
 # -----------------------------------------------------------------------------
-# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then --serve, the TUI or -p
+# Export (python chat.py --export DIR): the model as ONNX, its KV cache in and out; the tokenizer for tiktoken
+
+class Step(torch.nn.Module):
+    """The exported graph: (input_ids, past_keys, past_values) -> (logits, keys, values), where the past is
+    (L, B, H_kv, T_past, D). It is GPT.forward's KV cache too (pos and insert(), as model.KVCache's)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past_keys, past_values):
+        self.past, self.pos, self.keys, self.values = (past_keys, past_values), past_keys.size(3), [], []
+        logits = self.model(input_ids, kv_cache=self)  # (B, T, V), soft-capped
+        return logits, torch.stack(self.keys), torch.stack(self.values)
+
+    def insert(self, layer, k, v):  # k, v (B, H_kv, T, D) -> (B, H_kv, T_past + T, D), kept for the outputs
+        self.keys.append(torch.cat([self.past[0][layer], k], dim=2))
+        self.values.append(torch.cat([self.past[1][layer], v], dim=2))
+        return self.keys[-1], self.values[-1]
+
+def export(model, tok, meta, folder):
+    """folder/model.onnx: Step, with dynamic batch, T and T_past axes; tokenizer.tiktoken: each token's bytes
+    in base64 and its id, as tiktoken.load.load_tiktoken_bpe reads them; config.json: the split pattern, the
+    special tokens' ids and the model's config."""
+    try:  # torch.onnx's exporter (torch.export underneath) writes the graph with onnxscript and onnx
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"--export needs the {e.name} package: pip install onnx onnxscript") from None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--export {folder}: {e.strerror}: name a folder you can write") from None
+    c, model = model.config, model.cpu()  # traced on the CPU (plain attention): the graph runs anywhere
+    ids = torch.zeros(1, 3, dtype=torch.long)  # examples: only their shapes matter
+    past = torch.zeros(c.n_layer, 1, c.n_kv_head, 2, c.n_embd // c.n_head)
+    B, T, T_past = (torch.export.Dim(name) for name in ("batch", "seq", "past"))
+    shapes = dict(input_ids={0: B, 1: T}, past_keys={1: B, 3: T_past}, past_values={1: B, 3: T_past})
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on what it does without (torchvision)
+    with torch.no_grad(), warnings.catch_warnings(action="ignore"):  # past twice would be one input: a clone
+        torch.onnx.export(Step(model).eval(), (ids, past, past.clone()), folder / "model.onnx", dynamo=True,
+                          input_names=["input_ids", "past_keys", "past_values"], verbose=False,
+                          output_names=["logits", "keys", "values"], dynamic_shapes=shapes,
+                          external_data=model.num_params() > 5e8)  # protobuf's 2 GB cap: weights beside it
+    n = 256 + len(tok.merges)  # every token but the special ones
+    ranks = "".join(f"{base64.b64encode(tok.decode_bytes([i])).decode()} {i}\n" for i in range(n))
+    (folder / "tokenizer.tiktoken").write_text(ranks)
+    specials = {name: tok.encode_special(name) for name in tok.special_tokens}
+    config = dict(pattern=tok.pattern, special_tokens=specials, model_config=vars(c), stage=meta["stage"],
+                  step=meta["step"], tokenizer_hash=tok.hash,  # tiktoken caches files by path: a new
+                  tiktoken_sha256=hashlib.sha256(ranks.encode()).hexdigest())  # one is known by its hash
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    size = sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6
+    print(f"wrote {folder}: model.onnx ({size:.1f} MB), tokenizer.tiktoken, config.json")
+
+# -----------------------------------------------------------------------------
+# Arguments, load the checkpoint (a missing one exits 2 before any TUI starts), then --export, --serve, TUI or -p
 
 if __name__ == "__main__":
     parser = Parser(description="Chat with a flatchat checkpoint (Textual TUI), answer one prompt, or serve it.")
@@ -485,6 +572,8 @@ if __name__ == "__main__":
     parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible HTTP API")
     parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000, help="--serve: the port (0 = any free one)")
+    parser.add_argument("--export", metavar="DIR", type=Path,
+                        help="write the model (ONNX) and the tokenizer (tiktoken) to DIR, then exit (README)")
     args = parser.parse_args()
     exit_on_user_error()  # a UserError (no checkpoint, another tokenizer): one line, exit 2, before any TUI starts
     check_home(write=False)
@@ -492,7 +581,9 @@ if __name__ == "__main__":
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                     penalties=dict(repetition=args.repetition_penalty, presence=args.presence_penalty,
                                    frequency=args.frequency_penalty))
-    if args.serve:
+    if args.export:
+        export(model, tok, meta, args.export)
+    elif args.serve:
         server = make_server(stage, model, tok, args.host, args.port)
         print(f"serving {server.name} at http://{args.host}:{server.server_port}/v1 (OpenAI API: /chat/completions, "
               "/completions, /models); ctrl+c stops", flush=True)

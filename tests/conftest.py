@@ -78,6 +78,36 @@ def run_script(script, *args, home, check=True, env=None, timeout=300, torchrun=
     return proc
 
 
+def learned_by_heart(home, text, conversation, vocab_size=300, steps=60, stages=(("sft", 1),)):
+    """A tokenizer trained on `text` and a tiny model (2 layers, context 64) that learned the assistant turns
+    of `conversation` by heart, saved in home as the checkpoints `stages` [(stage, step)]: (model, tokenizer)."""
+    import torch
+    import model as M
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train([text], vocab_size, num_proc=1)
+    tok.save(home / "tokenizer")
+    torch.manual_seed(0)
+    config = M.GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                         n_embd=64)
+    model = M.GPT(config)
+    model.init_weights()
+    ids, mask = tok.render_conversation(conversation)
+    x = torch.tensor([ids[:-1]])
+    y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLATCHAT_HOME", str(home))
+        for stage, step in stages:
+            meta = dict(model_config=vars(config), tokenizer_hash=tok.hash)
+            M.save_checkpoint(stage, step, model, None, meta)
+    return model.eval(), tok
+
+
 def read_log(home, stage):
     return [json.loads(line) for line in (Path(home) / "logs" / f"{stage}.jsonl").read_text().splitlines()]
 

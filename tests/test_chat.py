@@ -14,7 +14,7 @@ import torch
 
 import chat
 import model as M
-from conftest import ROOT
+from conftest import ROOT, learned_by_heart
 from tokenizer import Tokenizer
 
 TEXT = ("Once upon a time there was a little cat. The cat liked to play in the sun with her friend the dog. "
@@ -32,25 +32,7 @@ def home(tmp_path_factory):
     multi-byte characters in its reply), sequence_len 64. One torch thread: tiny ops on shared cores."""
     home, threads = tmp_path_factory.mktemp("chat_home"), torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLATCHAT_HOME", str(home))
-        tok = Tokenizer.train([TEXT], 300, num_proc=1)
-        tok.save(home / "tokenizer")
-        torch.manual_seed(0)
-        config = M.GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
-        model = M.GPT(config)
-        model.init_weights()
-        ids, mask = tok.render_conversation(CONV)
-        x = torch.tensor([ids[:-1]])
-        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]])
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(60):
-            loss = model(x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        for stage, step in (("pretrain", 3), ("sft", 1)):  # the same weights: ctrl+s has a stage to go to
-            M.save_checkpoint(stage, step, model, None, dict(model_config=vars(config), tokenizer_hash=tok.hash))
+    learned_by_heart(home, TEXT, CONV, stages=(("pretrain", 3), ("sft", 1)))  # ctrl+s has a stage to go to
     yield home
     torch.set_num_threads(threads)
 
@@ -97,19 +79,21 @@ def test_trimming_keeps_bos_turn_boundaries_and_room_for_the_reply(loaded):
         messages += [{"role": "user", "content": f"question {i} about the cat"},
                      {"role": "assistant", "content": f"answer {i}: the dog"}]
     messages.append({"role": "user", "content": "last one?"})
-    ids = chat.build_prompt(tok, messages, context=64, room=32)
+    ids, dropped = chat.build_prompt(tok, messages, context=64, room=32)
     assert len(ids) <= 32 and ids[0] == tok.bos_id
     suffixes = [tok.render_for_completion({"messages": messages[k:]}) for k in range(0, len(messages), 2)]
     assert ids in suffixes  # whole turns dropped from the front, nothing cut inside one
     assert ids == next(s for s in suffixes if len(s) <= 32)  # and only as many as needed
+    assert ids == suffixes[dropped // 2] and dropped > 0 and dropped % 2 == 0  # and it says how many
+    assert chat.build_prompt(tok, messages, context=10**6, room=0) == (suffixes[0], 0)  # all of it fits
     # a single user turn longer than the context keeps its end, which primes the reply
-    ids = chat.build_prompt(tok, [{"role": "user", "content": TEXT}], context=64, room=32)
+    ids, dropped = chat.build_prompt(tok, [{"role": "user", "content": TEXT}], context=64, room=32)
     full = tok.render_for_completion({"messages": [{"role": "user", "content": TEXT}]})
-    assert len(ids) == 32 and ids[:2] == full[:2] and ids[2:] == full[-30:]
+    assert len(ids) == 32 and ids[:2] == full[:2] and ids[2:] == full[-30:] and dropped == 0
     assert ids[-1] == tok.encode_special("<|assistant_start|>")
     # a base model continues the text: <|bos|> and its end
-    ids = chat.build_prompt(tok, [{"role": "user", "content": TEXT}], context=64, room=32, chat=False)
-    assert ids == [tok.bos_id] + tok.encode(TEXT)[-31:]
+    ids, dropped = chat.build_prompt(tok, [{"role": "user", "content": TEXT}], context=64, room=32, chat=False)
+    assert ids == [tok.bos_id] + tok.encode(TEXT)[-31:] and dropped == 0
 
 
 def test_tail_jsonl_reads_complete_lines_only(tmp_path):
@@ -190,10 +174,50 @@ def test_tui_long_conversation_is_trimmed_not_crashed(loaded):
         for i in range(12):  # ~500 tokens of history against a 64-token context
             app.messages += [{"role": "user", "content": f"tell me about the little cat number {i} in the sun"},
                              {"role": "assistant", "content": f"The cat {i} liked to play with her friend the dog."}]
+            app.add_message(app.messages[-2]["content"], "user")
+            app.add_message(app.messages[-1]["content"], "assistant")
         assert len(app.tok.render_for_completion({"messages": app.messages + [{"role": "user", "content": "x"}]})) > 500
         shown = await send(app, pilot, "again")
-        assert len(shown) == 1 and len(app.messages) == 26
+        assert len(shown) == 13 and len(app.messages) == 26
         assert 0 < app.prompt_len <= 32 and "context" in str(app.query_one("#status").content)
+        # the turns the model no longer sees are dimmed on screen, and a note says how many
+        seen = [str(w.content) for w in app.query(".user, .assistant") if not w.has_class("forgotten")]
+        assert app.forgotten == 24 and seen == ["again", shown[-1]]
+        assert [str(w.content) for w in app.query(".note")] == [
+            "context full: the model no longer sees the first 24 messages (dimmed); ctrl+n starts afresh"]
+    run_app(loaded, steps)
+
+
+def test_tui_says_when_earlier_turns_fall_out_of_the_context(loaded):
+    def dimmed(app):
+        return [w.has_class("forgotten") for w in app.query(".user, .assistant")]
+
+    async def steps(app, pilot):
+        await send(app, pilot, "what is 12*3?")  # ~30 tokens with its reply: the prompt may take 32
+        assert app.forgotten == 0 and not app.query(".note")
+        for n in (2, 4):  # each new question leaves out the exchange before it
+            await send(app, pilot, "what is 12*3?")
+            assert app.forgotten == n and dimmed(app) == [True] * n + [False, False]
+            note = app.query(".note").last()
+            assert str(note.content) == (f"context full: the model no longer sees the first {n} messages (dimmed); "
+                                         "ctrl+n starts afresh")
+            shown = list(app.query_one("#messages").children)
+            assert shown.index(note) == shown.index(app.query(".assistant").last()) - 1  # just above its reply
+        await pilot.press("ctrl+n")
+        assert app.forgotten == 0 and not app.query(".note")
+    run_app(loaded, steps)
+
+
+def test_footer_names_ctrl_q_and_ctrl_q_quits(loaded):
+    from textual.widgets._footer import FooterKey
+
+    async def steps(app, pilot):
+        await pilot.pause()
+        keys = {(k.key, k.description) for k in app.query(FooterKey)}
+        assert ("ctrl+q", "quit") in keys and ("ctrl+n", "new chat") in keys
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert app.return_code == 0  # the app exited
     run_app(loaded, steps)
 
 
@@ -213,6 +237,29 @@ def test_training_view_shows_rows_appended_after_start(loaded, home):
         title, spark, evals = app.logs["pretrain"]["widgets"]
         assert str(title.content) == "pretrain  step 7/10 | loss 3.2500 | lr 1.00e-02 | 1,234 tok/s | eta 0m01s"
         assert list(spark.data) == [5.5, 3.25] and "val_bpb 1.875" in str(evals.content)
+    run_app(loaded, steps)
+    log.unlink()
+
+
+def test_training_view_plots_what_rl_optimises(loaded, home):
+    log = home / "logs" / "rl.jsonl"
+    log.parent.mkdir(exist_ok=True)
+    grpo = [{"step": s, "loss": 0.0, "lr": 0.01, "dt": 1.0, "tok_per_s": 900.0, "reward": r, "zero_adv": 4}
+            for s, r in enumerate([0.0, 0.25, 0.0, 0.5], 1)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in grpo))
+
+    async def steps(app, pilot):
+        await pilot.press("ctrl+l")
+        await pilot.pause(0.2)
+        title, spark, _ = app.logs["rl"]["widgets"]
+        assert list(spark.data) == [0.0, 0.25, 0.0, 0.5]  # the reward, not the loss (0 on most RL steps)
+        assert "loss 0.0000 | reward 0.5000" in str(title.content)
+        dpo = [{"step": s, "loss": 0.69 - s / 100, "lr": 0.01, "margin": m, "accuracy": 1.0} for s, m in
+               enumerate([0.1, 0.3, 0.2], 1)]
+        log.write_text("".join(json.dumps(r) + "\n" for r in dpo))  # a DPO run replaces it
+        await pilot.pause(1.2)
+        assert list(spark.data) == [0.1, 0.3, 0.2]  # the reward margin DPO's loss widens
+        assert "margin 0.2000" in str(title.content)
     run_app(loaded, steps)
     log.unlink()
 
@@ -308,6 +355,7 @@ def test_openai_client_gets_the_tuis_reply_whole_and_streamed(api, loaded):
     assert "[calc: 12*3 = 36]" in want and r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 5
     chunks = list(client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0, max_tokens=40, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert [c.choices[0].delta.role for c in chunks] == ["assistant"] + [None] * (len(chunks) - 1)  # as OpenAI
     assert chunks[-1].choices[0].finish_reason == "stop" and len(chunks) > 3  # token by token
     r = client.chat.completions.create(model="flatchat-sft", messages=QUESTION, temperature=0, max_tokens=3)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
@@ -326,7 +374,6 @@ def test_bad_requests_get_a_400_in_openais_error_format_and_the_server_goes_on(a
     import requests
     url, _ = api
     bad = {"invalid JSON": "{not json", "wrong roles": {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]},
-           "unknown model": {"model": "gpt-9", "messages": QUESTION},
            "prompt longer than the context": {"messages": [{"role": "user", "content": "the cat " * 200}]},
            "max_tokens 0": {"messages": QUESTION, "max_tokens": 0}, "max_tokens past the context": {"messages": QUESTION, "max_tokens": 10**6},
            "temperature 5": {"messages": QUESTION, "temperature": 5}, "no messages": {"messages": []},
@@ -339,6 +386,39 @@ def test_bad_requests_get_a_400_in_openais_error_format_and_the_server_goes_on(a
         assert error["type"] == "invalid_request_error" and error["message"], name
     assert requests.post(f"{url}/completions", json={"prompt": 5}, timeout=30).status_code == 400
     assert requests.post(f"{url}/chat/completions", json={"messages": QUESTION, "max_tokens": 4}, timeout=30).status_code == 200
+
+
+def test_unknown_model_is_a_404_model_not_found_as_openai_answers_it(api):
+    import openai
+    import requests
+    url, _ = api
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=QUESTION)
+    assert e.value.status_code == 404 and e.value.code == "model_not_found"
+    for route, body in (("chat/completions", {"messages": QUESTION}), ("completions", {"prompt": "hi"})):
+        r = requests.post(f"{url}/{route}", json={"model": "gpt-9", "stream": True, **body}, timeout=30)
+        assert r.status_code == 404 and r.headers["Content-Type"] == "application/json"
+        assert r.json() == {"error": {"message": "The model `gpt-9` does not exist: this server has `flatchat-sft`",
+                                      "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+    r = requests.post(f"{url}/chat/completions", json={"model": None, "messages": QUESTION, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200  # null or absent: the model this server has
+
+
+def test_streamed_chunks_carry_the_role_in_the_first_delta_only(api):
+    import requests
+    url, _ = api
+    with requests.post(f"{url}/chat/completions", json={"messages": QUESTION, "stream": True, "temperature": 0},
+                       stream=True, timeout=30) as r:
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""}  # before the first token, as OpenAI sends it
+    assert len(deltas) > 3 and all(set(d) == {"content"} for d in deltas[1:])
+    with requests.post(f"{url}/completions", json={"prompt": "Once", "stream": True, "max_tokens": 4},
+                       stream=True, timeout=30) as r:  # text completions have no roles
+        events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data: {")]
+    assert events and all(set(e["choices"][0]) == {"index", "finish_reason", "text"} for e in events)
 
 
 def test_sixteen_clients_at_once_are_all_answered(api, loaded):
