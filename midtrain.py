@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from model import (JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup, compute_init,
-                   evaluate_loss, exit_stopped, fit_threads, generate_batch, load_adapters, load_model,
-                   lock_stage, not_finite, out_of_memory, print0, save_checkpoint, stop_requested, sync)
+                   distributed, evaluate_loss, exit_stopped, fit_threads, generate_batch, load_adapters,
+                   load_model, lock_stage, not_finite, out_of_memory, print0, save_checkpoint, stop_requested,
+                   sync)
 from tokenizer import Parser, ranged, read_mixture
 
 # -----------------------------------------------------------------------------
@@ -91,6 +92,9 @@ optimizer = model.setup_optimizer(args.matrix_lr * frac, args.embedding_lr * fra
 if args.resume:
     optimizer.load_state_dict(optim_state)
 model.train()
+step_model = model  # what the training step runs
+if ddp:  # torchrun: the gradients are summed over the ranks during the backward pass
+    step_model = distributed(model, device)
 B, T = args.device_batch_size, args.max_seq_len
 if args.total_batch_size % (B * T * world):
     raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of {B * T * world}, what "
@@ -225,13 +229,15 @@ for step in range(start_step, num_steps + 1):
     optimizer.set_lr(lrm)
     n = sum((y >= 0).sum() for _, y in batches).double()  # target tokens of this rank...
     if ddp:
-        dist.all_reduce(n)  # ... and of all ranks: each token weighs the same (the optimizer sums gradients)
+        dist.all_reduce(n)  # ... and of all ranks: every token weighs the same (DDP sums the gradients)
     n = n.clamp(min=1)
     train_loss = torch.zeros((), device=device, dtype=torch.float64)
     try:
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
+            if ddp:  # sum over the ranks in the last micro-batch's backward pass only
+                step_model.require_backward_grad_sync = i == len(batches) - 1
             with amp_ctx(device):
-                loss = model(x, y, loss_reduction="none").sum() / n
+                loss = step_model(x, y, loss_reduction="none").sum() / n
             loss.backward()
             train_loss += loss.detach()
         optimizer.step()

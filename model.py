@@ -57,8 +57,8 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
 
-def norm(x):  # RMSNorm without a learnable scale
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x):  # RMSNorm without a learnable scale, in x's dtype (CUDA autocast would return fp32)
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 def rotary(x, cos, sin):  # x (B, T, H, D); cos, sin (1, T, 1, D/2): pairs (x1[i], x2[i]) turn by the angles
     x1, x2 = x.chunk(2, dim=-1)
@@ -142,6 +142,9 @@ class GPT(nn.Module):
             block.mlp.c_proj.weight.zero_()
         self.wte.weight.normal_(0.0, 1.0)
         self.lm_head.weight.normal_(0.0, 0.001)  # near-uniform first predictions
+        cos, sin = rotary_tables(self.cos.size(1), 2 * self.cos.size(-1))  # (built on "meta": not there yet)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def get_device(self):
         return self.wte.weight.device
@@ -159,8 +162,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
         assert t0 + T <= self.cos.size(1), f"sequence of {t0 + T} tokens is past the rotary table"
-        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        cos, sin = self.cos.narrow(1, t0, T), self.sin.narrow(1, t0, T)
         x = norm(self.wte(idx))  # (B, T, C)
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):  # a GPU's residual stream in bf16, as its matmuls
+            x = x.to(torch.get_autocast_dtype("cuda"))
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
@@ -178,7 +183,7 @@ class GPT(nn.Module):
         return loss.sum() / (targets >= 0).sum().clamp(min=1)  # 0, not nan, when no token has a target
 
     def logits(self, x):  # (B, T, V) in fp32 for the softmax, soft-capped
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = self.lm_head(x).narrow(-1, 0, self.config.vocab_size).float()  # the padding columns cut
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
@@ -264,8 +269,8 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
 
 class MuonAdamW(torch.optim.Optimizer):
     """compile=True runs both updates through torch.compile (one fused kernel chain per shape); the
-    step and lr go in as 0-d tensors, so a new value never recompiles. Under torchrun, step() first sums
-    the gradients of all ranks: each rank's loss is already divided by the target tokens of all ranks."""
+    step and lr go in as 0-d tensors, so a new value never recompiles. Under torchrun the gradients it
+    steps with are the sums over all ranks (distributed() or sum_gradients() below)."""
 
     def __init__(self, param_groups, compile=False):
         defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
@@ -279,14 +284,6 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        if dist.is_initialized() and dist.get_world_size() > 1:  # sum the gradients in one flat buffer
-            params = [p for g in self.param_groups for p in g["params"]]
-            for p in params:  # a rank with nothing to learn this step still joins, with zeros
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            flat = torch.cat([p.grad.flatten() for p in params])
-            dist.all_reduce(flat)
-            sums = flat.split([p.numel() for p in params])
-            torch._foreach_copy_([p.grad for p in params], [g.view_as(p) for g, p in zip(sums, params)])
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             lr = torch.tensor(group["lr"])
@@ -320,8 +317,8 @@ class MuonAdamW(torch.optim.Optimizer):
 def evaluate_loss(model, batches, token_bytes=None):
     """Mean loss over the targets != -1 of (x, y) batches and, given each token's byte length, bits per
     byte: the summed loss (nats) of the targets over their bytes / ln 2 (vocab-size independent; special
-    tokens have 0 bytes and count in neither sum). Summed over all ranks."""
-    device = model.get_device()
+    tokens have 0 bytes and count in neither sum). Summed over all ranks. model: also a wrapped one."""
+    device = next(model.parameters()).device
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # nats, targets, nats of byte tokens, bytes
     nbytes_of = torch.as_tensor(token_bytes, device=device) if token_bytes is not None else None
     for x, y in batches:
@@ -520,13 +517,39 @@ def compute_init(seed=42):
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
-    if device_type == "cuda":
+    if device_type == "cuda":  # a GPU's allocator grows its segments: less fragmentation, fewer OOMs
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     torch.manual_seed(seed)
     return ddp, rank, local_rank, world, device
+
+def distributed(model, device):
+    """The model wrapped for torchrun: DistributedDataParallel sums the gradients of all ranks, bucket by
+    bucket while the backward pass runs (summed, not averaged as by default: each rank's loss is already its
+    share of the mean over the tokens of all ranks). Its require_backward_grad_sync skips the sum in the
+    micro-batches before the last of a step."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids, broadcast_buffers=False,
+                                              gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, _sum_bucket)
+    return ddp
+
+def _sum_bucket(state, bucket):
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+def sum_gradients(model):
+    """Sum every gradient over the ranks in one flat buffer, where a rank may have had no backward pass
+    (rl.py: nothing to learn from its questions; DistributedDataParallel would wait for it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # a rank with nothing to learn this step joins with zeros
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    sums = flat.split([p.numel() for p in params])
+    torch._foreach_copy_([p.grad for p in params], [s.view_as(p) for s, p in zip(sums, params)])
 
 def compute_cleanup():
     if dist.is_initialized():
@@ -577,19 +600,25 @@ class JsonlLogger:
 
     def train_step(self, step, num_steps, loss, lr, dt, tokens, flops_per_token, wait=0.0, **extra):
         """The one line per step every stage prints (wait: seconds the step waited for its data), and the
-        same numbers as a log row; after the first step, the peak GPU memory."""
+        same numbers as a log row; on a GPU the row has the peak memory allocated and reserved (the caching
+        allocator's: what running out depends on), printed after the first step."""
         tok_per_s = tokens / dt
         flops, peak = flops_per_token * tok_per_s, peak_flops() * self.world
         speed = f"mfu {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
         more = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in extra.items())
         print0(f"step {step}/{num_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:,.0f} ms | "
                f"wait {wait * 1000:,.0f} ms | {tok_per_s:,.0f} tok/s | {speed}{more}")
-        if not self.stepped and torch.cuda.is_available():
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            print0(f"peak GPU memory after the first step: {peak:.1f} GiB")
+        if peak:
+            extra["mfu"] = flops / peak
+        if torch.cuda.is_available():
+            extra["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            extra["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            if not self.stepped:
+                print0(f"peak GPU memory after the first step: {extra['gpu_peak_gib']:.1f} GiB allocated, "
+                       f"{extra['gpu_reserved_gib']:.1f} GiB reserved")
         self.stepped = True
         self.log(step=step, num_steps=num_steps, loss=loss, lr=lr, dt=dt, wait=wait, tok_per_s=tok_per_s,
-                 gflops=flops / 1e9, **({"mfu": flops / peak} if peak else {}), **extra)
+                 gflops=flops / 1e9, **extra)
 
 # dense bf16 tensor-core FLOP/s per GPU, for MFU (the first name contained in the device's name wins)
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
@@ -764,7 +793,8 @@ def load_checkpoint(stage, step=None, device="cpu", load_optim=False):
     def load(name, dev):
         return torch.load(d / name, map_location=dev, weights_only=True) if (d / name).exists() else None
     try:  # weights_only: tensors only, never code (a file of pickled code fails here and says so)
-        optim = load("optim.pt", device) if load_optim else None
+        optim = load("optim.pt", "cpu") if load_optim else None  # load_state_dict moves the moments to the
+        # parameters' device and leaves AdamW's step counters on the CPU, where they were
         return load("model.pt", device), optim, meta, load("rng.pt", "cpu")
     except Exception as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"

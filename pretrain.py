@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 
 from model import (GPT, GPTConfig, JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup,
-                   compute_init, evaluate_loss, exit_stopped, fit_threads, generate_batch, load_checkpoint,
-                   load_tokenizer, lock_stage, not_finite, out_of_memory, print0, save_checkpoint,
-                   stop_requested, sync)
+                   compute_init, distributed, evaluate_loss, exit_stopped, fit_threads, generate_batch,
+                   load_checkpoint, load_tokenizer, lock_stage, not_finite, out_of_memory, print0,
+                   save_checkpoint, stop_requested, sync)
 from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
 
 # -----------------------------------------------------------------------------
@@ -145,6 +145,36 @@ class Lane:
     def state(self):
         return {"next_pos": self.next_pos, "pieces": [[p[0], p[1]] for p in self.pieces]}
 
+# -----------------------------------------------------------------------------
+# The model's shape from the depth, and how many rows of a micro-batch fit a GPU (its default device batch)
+
+def depth_dial(depth):
+    """(width, heads): width 64 x depth rounded up to whole heads of 128 (nanochat's rule: every depth
+    works, the attention runs on heads of 128), one head of the whole width below 128."""
+    head_dim = min(128, depth * 64)
+    width = -(-depth * 64 // head_dim) * head_dim
+    return width, width // head_dim
+
+def micro_batch_bytes(config, rows, act_bytes=2):
+    """(kept, peak) bytes of one micro-batch of `rows` rows in a training step, from the shapes, for eager
+    PyTorch (compiled code keeps less). kept: what the forward pass keeps for the backward pass, per token 18
+    tensors of width C a layer (attention 11, MLP 7, the 4C-wide ones counted 4 times) and 4 more, at
+    act_bytes (2 under bf16 autocast), plus 2 fp32 copies of the V logits (tanh's output, log-softmax's);
+    peak adds the logits' fp32 gradient and two temporaries of the backward pass. tests/test_pretrain.py
+    checks `kept` against what autograd really saves."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    tokens = rows * config.sequence_len
+    kept = tokens * ((18 * L + 4) * C * act_bytes + 2 * 4 * V)
+    return kept, kept + tokens * 3 * 4 * V
+
+def fit_device_batch(config, num_params, free_bytes, most=32):
+    """The largest power of 2 of rows, at most `most`, whose peak fits 90% of free_bytes beside the weights,
+    their gradients and the optimizer's state (16 bytes a parameter at most, fp32)."""
+    rows = most
+    while rows > 1 and 16 * num_params + micro_batch_bytes(config, rows)[1] > 0.9 * free_bytes:
+        rows //= 2
+    return rows
+
 if __name__ == "__main__":  # tests and benchmarks import the data code above
     # -------------------------------------------------------------------------
     # Arguments
@@ -176,6 +206,7 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
         help="fraction of steps of linear lr decay at the end")
     add("--final-lr-frac", type=ranged(float, 0, 1), default=0.0, help="the last lr, a fraction of the peak")
     add("--compile", type=ranged(int, 0, 1), default=1, help="torch.compile where a compiler works (1/0)")
+    add("--bench", action="store_true", help="a benchmark: steps only, no evaluation, samples or checkpoints")
     # evaluation, samples, checkpoints
     add("--eval-every", type=ranged(int, 1, sentinel=-1), default=250,
         help="steps between evals (-1 = at the end)")
@@ -196,23 +227,31 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     lock_stage("pretrain", args.resume)  # one live run per stage; an earlier run is kept
     master = rank == 0
     tokenizer = load_tokenizer()
-    n_embd = args.depth * 64
-    n_head = max(1, (n_embd + 127) // 128)  # head dim 128
+    n_embd, n_head = depth_dial(args.depth)
     config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=args.depth,
                        n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
-    with torch.device("meta"):  # count parameters without allocating them
-        shape_only = GPT(config)
-    num_params = shape_only.num_params()
-    matrix_params = num_params - 2 * shape_only.padded_vocab * n_embd
+    with torch.device("meta"):  # the model without memory: its shape now, its weights on the device below
+        model = GPT(config)
+    num_params = model.num_params()
+    matrix_params = num_params - 2 * model.padded_vocab * n_embd
     T, total_batch = args.max_seq_len, args.total_batch_size
     if total_batch == -1:  # bigger models like bigger batches: ~5e-3 tokens a matrix parameter, a power of 2,
         log2 = min(19, max(12, round(math.log2(5e-3 * matrix_params))))
         total_batch = max(T * world, 2**log2)  # and at least a row per process
     B = args.device_batch_size
-    if B == -1:  # as many rows as fit the total batch, at most 32 (GPU) or 8,192 tokens (CPU: memory, cache)
-        B = min(32 if device.type == "cuda" else max(1, 8192 // T), max(1, total_batch // (T * world)))
+    if B == -1:
+        most = max(1, 8192 // T)  # a CPU: at most 8,192 tokens (memory and cache)
+        if device.type == "cuda":  # a GPU: as many rows as its free memory holds, by the estimate
+            free = torch.cuda.mem_get_info(device)[0]
+            most = fit_device_batch(config, num_params, free)
+        B = min(most, max(1, total_batch // (T * world)))  # and no more rows than the total batch holds
         while total_batch % (B * T * world):
             B -= 1
+        if device.type == "cuda":
+            need = micro_batch_bytes(config, B)[1] / 2**30
+            print0(f"device batch: {B} rows, ~{need:.1f} GiB of activations and logits (estimated, eager) "
+                   f"beside {16 * num_params / 2**30:.1f} GiB of weights and optimizer state, of "
+                   f"{free / 2**30:.1f} GiB free")
     if total_batch % (B * T * world):
         raise UserError(f"--total-batch-size {total_batch} is not a multiple of {B * T * world}, what one "
                         "forward pass of all processes takes: change it or --device-batch-size")
@@ -239,7 +278,7 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
             print0(f"warning: torch.compile needs a C++ compiler ({type(e).__name__}): running eagerly "
                    "(apt install g++)", file=sys.stderr)
             use_compile = False
-    model = GPT(config).to(device)
+    model = model.to_empty(device=device)  # the weights straight on the device, no CPU copy
     model.init_weights()
     optimizer = model.setup_optimizer(args.matrix_lr, args.embedding_lr, args.unembedding_lr,
                                       args.weight_decay, use_compile)
@@ -254,7 +293,10 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(rng["cpu"])
         start_step = resume_meta["step"]
-    orig_model = model  # uncompiled, for sampling with the KV cache and for saving
+    orig_model = model  # plain: for sampling with the KV cache and for saving
+    if ddp:  # torchrun: the gradients are summed over the ranks during the backward pass
+        ddp_model = distributed(model, device)
+        model = ddp_model
     if use_compile:
         model = torch.compile(model, dynamic=False)
     flops_per_token = orig_model.estimate_flops()
@@ -308,7 +350,8 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
         last = step == num_steps
         stop = stop_requested(device)  # SIGTERM or Ctrl-C on some rank
         evaluated = args.resume and step == start_step  # (the resumed checkpoint's step was evaluated before)
-        if (last or args.eval_every > 0 and step % args.eval_every == 0) and not stop and not evaluated:
+        due = last or args.eval_every > 0 and step % args.eval_every == 0
+        if due and not stop and not evaluated and not args.bench:
             model.eval()
             val_bpb = evaluate_loss(model, val_batches(), tokenizer.token_bytes)["bpb"]
             model.train()
@@ -316,7 +359,7 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
             logger.log(step=step, val_bpb=val_bpb)
             metrics = dict(val_bpb=val_bpb, min_val_bpb=min(metrics["min_val_bpb"], val_bpb))
         sample = last or args.sample_every > 0 and step % args.sample_every == 0
-        if master and sample and step > 0 and not stop:
+        if master and sample and step > 0 and not stop and not args.bench:
             orig_model.eval()
             for prompt in prompts:
                 ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
@@ -324,7 +367,8 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
                 text = tokenizer.decode([t for t in out[0] if t != tokenizer.bos_id])
                 print0(f"  sample: {prompt}{text!r}")
             orig_model.train()
-        if (last or stop or args.save_every > 0 and step % args.save_every == 0) and step > start_step:
+        due = last or stop or args.save_every > 0 and step % args.save_every == 0
+        if due and step > start_step and not args.bench:
             meta = dict(model_config=vars(config), tokenizer_hash=tokenizer.hash, args=vars(args),
                         metrics=metrics, lanes_total=n_lanes, total_batch=total_batch, world_size=world,
                         num_steps=num_steps, train_time=time.time() - t_start)
@@ -348,11 +392,13 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
         optimizer.param_groups[0]["momentum"] = muon_momentum(step)  # group 0: the Muon matrices
         n = sum((y >= 0).sum() for _, y in batches).double()  # target tokens of this rank...
         if ddp:
-            dist.all_reduce(n)  # ... and of all ranks: every token weighs the same (step() sums gradients)
+            dist.all_reduce(n)  # ... and of all ranks: every token weighs the same (DDP sums the gradients)
         n = n.clamp(min=1)
         train_loss = torch.zeros((), device=device, dtype=torch.float64)
         try:
-            for x, y in batches:
+            for i, (x, y) in enumerate(batches):
+                if ddp:  # sum over the ranks in the last micro-batch's backward pass only
+                    ddp_model.require_backward_grad_sync = i == len(batches) - 1
                 with amp_ctx(device):
                     loss = model(x, y, loss_reduction="none").sum() / n
                 loss.backward()
@@ -371,5 +417,6 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
                           total_batch, flops_per_token, wait)
 
     minutes = (time.time() - t_start) / 60
-    print0(f"done: {num_steps} steps in {minutes:.1f} min, val bpb {metrics['val_bpb']:.4f}")
+    val = "--bench: no evaluation" if args.bench else f"val bpb {metrics['val_bpb']:.4f}"
+    print0(f"done: {num_steps} steps in {minutes:.1f} min, {val}")
     compute_cleanup()

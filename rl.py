@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from model import (JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup, compute_init,
                    exit_stopped, fit_threads, generate_batch, gsm8k_reward, load_model, lock_stage, not_finite,
-                   print0, save_checkpoint, stop_requested)
+                   print0, save_checkpoint, stop_requested, sum_gradients)
 from tokenizer import Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ if __name__ == "__main__":  # tests import the functions above
             break
 
         # one optimizer step over the examples_per_step questions (or pairs) of all processes, Q on each;
-        # each loss is divided by examples_per_step: the optimizer sums the gradients of all processes
+        # each loss is divided by examples_per_step: the gradients of all processes are summed
         fit_threads(device)  # on a CPU: one thread per core that other processes leave free
         t0 = time.time()
         stats = torch.zeros(8 if dpo else 6, dtype=torch.float64, device=device)
@@ -330,6 +330,8 @@ if __name__ == "__main__":  # tests import the functions above
             raise not_finite(loss, step, "--init-lr-frac")
         lrm = 1.0 - step / num_steps  # linear decay to 0
         if learned:
+            if world > 1:  # the gradients of all processes, summed (a process with nothing to learn: zeros)
+                sum_gradients(model)
             optimizer.set_lr(lrm)
             optimizer.step()
         model.zero_grad(set_to_none=True)

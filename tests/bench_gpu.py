@@ -1,8 +1,9 @@
 """
-Benchmark: does the data pipeline keep a GPU fed, and how fast is a GPU step. Not collected by pytest.
+Benchmark: can the data pipeline keep a GPU fed. Not collected by pytest. (The GPU step itself:
+tests/gpu_check.py.)
 
     python tests/bench_gpu.py --prepare DIR     # a FLATCHAT_HOME with the mirror's cpu corpus + a 32768 tokenizer
-    python tests/bench_gpu.py --home DIR        # on a CPU: the loader alone; on a GPU: also pretrain.py itself
+    python tests/bench_gpu.py --home DIR        # the loader, cold and warm, beside the previous one
 
 On a CPU it measures what one process of pretrain.py's loader can supply, in tokens/s of (B, T+1) rows:
   - cold: from a FLATCHAT_HOME without token shards, the one-time tokenization into data/tokens/ included
@@ -12,15 +13,11 @@ On a CPU it measures what one process of pretrain.py's loader can supply, in tok
     side by side on the same documents;
 and compares them with what a model consumes: the cpu preset here (~6k tok/s), a depth-12 rank on an H100
 (~500k tok/s) and a depth-20 one (~130k tok/s).
-On a GPU it also runs pretrain.py for --steps steps at depth 12 and 20, seq 2048, bf16 + compile, and reads
-its log: median tok/s, MFU and data wait after the first 5 steps, and the peak GPU memory it printed.
 """
 
 import argparse
 import os
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -63,7 +60,7 @@ def time_batches(make_lane, B, T, n):
     lane = make_lane()
     t1 = time.perf_counter()
     for _ in range(n):
-        lane.batch(B, T)
+        lane.batch(B, T) if getattr(lane, "B", None) is None else lane.batch()  # (the old Lane takes B, T)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -84,9 +81,9 @@ def loader_bench(home, rev, B, T, batches):
         rows.append((f"shards, cold: the corpus tokenized on {procs} process(es)", seconds * procs, n_tokens,
                      f"{n_tokens:,} tokens in {seconds:.1f} s"))
     dropped = subprocess.run(["sh", "-c", "sync && echo 1 > /proc/sys/vm/drop_caches"], capture_output=True).returncode == 0
-    build, first = time_batches(lambda: pretrain.Lane(shards, 0, 1, tok.bos_id), B, T, batches)
+    build, first = time_batches(lambda: pretrain.Lane(shards, 0, 1, tok.bos_id, B, T), B, T, batches)
     rows.append((f"shards: {batches} batches" + (" (page cache dropped)" if dropped else ""), build + first, batches * per_batch, ""))
-    build, warm = time_batches(lambda: pretrain.Lane(shards, 0, 1, tok.bos_id), B, T, batches)
+    build, warm = time_batches(lambda: pretrain.Lane(shards, 0, 1, tok.bos_id, B, T), B, T, batches)
     rows.append((f"shards, warm: {batches} batches", build + warm, batches * per_batch, ""))
     OldLane = old_lane_class(rev, Tokenizer.load(home / "tokenizer"))  # a fresh tokenizer: an empty chunk cache
     build, cold = time_batches(lambda: OldLane(files, 0, 1), B, T, batches)
@@ -104,32 +101,6 @@ def cpu_name():
         return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
 
 
-def gpu_bench(home, steps):
-    """pretrain.py at depth 12 and 20 for `steps` steps: median tok/s, MFU, wait share; peak memory."""
-    import torch
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for depth in (12, 20):
-        run_home = home.parent / f"bench_d{depth}"
-        shutil.rmtree(run_home, ignore_errors=True)
-        run_home.mkdir()
-        for d in ("data", "tokenizer"):
-            (run_home / d).symlink_to(home / d)
-        t0 = time.time()
-        out = run(sys.executable, "pretrain.py", "--depth", depth, "--max-seq-len", 2048, "--device-batch-size", 32,
-                  "--total-batch-size", 131072, "--num-steps", steps, "--eval-every", -1, "--eval-tokens", 131072,
-                  "--sample-every", -1, "--save-every", -1, env={"FLATCHAT_HOME": str(run_home)}).stdout
-        import json
-        rows = [json.loads(l) for l in (run_home / "logs" / "pretrain.jsonl").read_text().splitlines()]
-        steady = [r for r in rows if "loss" in r][5:]
-        med = lambda key: statistics.median(r[key] for r in steady)
-        peak = re.search(r"peak GPU memory after the first step: ([\d.]+) GiB", out)
-        print(f"depth {depth}: {steps} steps in {time.time() - t0:.0f} s (compile included); medians after the first 5: "
-              f"{med('dt') * 1000:,.0f} ms/step, {med('tok_per_s'):,.0f} tok/s, mfu {100 * med('mfu'):.1f}%, "
-              f"wait {med('wait') * 1000:.1f} ms ({100 * med('wait') / med('dt'):.2f}% of the step), "
-              f"peak memory {peak[1] if peak else '?'} GiB")
-        print("  " + "\n  ".join(out.splitlines()[-3:]))
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Loader throughput (CPU) and pretraining throughput (GPU).")
     parser.add_argument("--prepare", default="", help="build a FLATCHAT_HOME here (mirror corpus, vocab 32768) and stop")
@@ -138,13 +109,9 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=32, help="rows per batch (B)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per row (T)")
     parser.add_argument("--batches", type=int, default=20, help="batches timed per loader")
-    parser.add_argument("--steps", type=int, default=30, help="GPU: pretraining steps per depth")
     args = parser.parse_args()
     if args.prepare:
         prepare(Path(args.prepare).resolve())
         sys.exit(0)
     home = Path(args.home).resolve()
-    import torch
-    if torch.cuda.is_available():
-        gpu_bench(home, args.steps)
     loader_bench(home, args.rev, args.batch, args.seq, args.batches)
