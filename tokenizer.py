@@ -62,20 +62,25 @@ def base_dir():
     return Path(os.environ.get("FLATCHAT_HOME") or Path.home() / ".cache" / "flatchat")
 
 def check_home(write=True):
-    """A UserError unless the base dir is a folder (made if missing) that this process can write (write=False:
-    read), checked before a script reads or writes anything in it."""
+    """A UserError unless the base dir is a folder (or can be made) that this process can write (write=False:
+    read), checked before a script reads or writes anything; nothing is created here."""
     home, fix = base_dir(), "set FLATCHAT_HOME to a folder you can write (unset: ~/.cache/flatchat)"
     if home.exists() and not home.is_dir():
         raise UserError(f"the base dir {home} ($FLATCHAT_HOME) is a file, not a folder: {fix}")
     if not write:
         return
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        with open(home / f".write_test.{os.getpid()}", "w"):
-            pass
-        os.unlink(home / f".write_test.{os.getpid()}")
-    except OSError as e:
-        raise UserError(f"cannot write in the base dir {home} ({e.strerror}): {fix}") from None
+    there = next(p for p in [home, *home.parents] if p.exists())  # the home, or where it will be made
+    if there.is_dir():
+        test = there / f".flatchat_write_test.{os.getpid()}"
+        try:
+            test.touch()
+            test.unlink()
+            return
+        except OSError as e:
+            why = e.strerror
+    else:
+        why = f"{there} is a file"
+    raise UserError(f"cannot write in the base dir {home} ({why}): {fix}")
 
 class Parser(argparse.ArgumentParser):
     """Every script's argparse: the defaults in --help, and a bad flag is one line (what is wrong), exit 2."""
