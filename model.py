@@ -319,7 +319,7 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
 class MuonAdamW(torch.optim.Optimizer):
     """compile=True runs both updates through torch.compile (one fused kernel chain per shape); the
     step and lr go in as 0-d tensors, so a new value never recompiles. Under torchrun the gradients it
-    steps with are the sums over all ranks (distributed() or sum_gradients() below)."""
+    steps with are the sums over all ranks (distributed() below, or rl.py's sum_gradients)."""
 
     def __init__(self, param_groups, compile=False):
         defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
@@ -589,17 +589,6 @@ def distributed(model, device):
 def _sum_bucket(state, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
-def sum_gradients(model):
-    """Sum every gradient over the ranks in one flat buffer, where a rank may have had no backward pass
-    (rl.py: nothing to learn from its questions; DistributedDataParallel would wait for it)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # a rank with nothing to learn this step joins with zeros
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    sums = flat.split([p.numel() for p in params])
-    torch._foreach_copy_([p.grad for p in params], [s.view_as(p) for s, p in zip(sums, params)])
-
 def compute_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -863,12 +852,6 @@ def check_tokenizer(meta, tokenizer, where):
                         f"than {base_dir() / 'tokenizer'} ({ours}): retrain the stages from "
                         "`python pretrain.py` on, or restore the tokenizer it was trained with")
 
-def load_tokenizer():
-    path = base_dir() / "tokenizer" / "tokenizer.json"
-    if not path.exists():
-        raise UserError(f"no tokenizer at {path}: create it with `python tokenizer.py train`")
-    return Tokenizer.load(path)
-
 def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     """(model, tokenizer, meta, optimizer state or None) from a checkpoint, after checking it fits the
     tokenizer; the optimizer's state (for --resume) only with load_optim."""
@@ -876,7 +859,7 @@ def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}"
                         f"{', a CPU-only build' if torch.version.cuda is None else ''}): use --device cpu")
-    tokenizer = tokenizer or load_tokenizer()
+    tokenizer = tokenizer or Tokenizer.load(base_dir() / "tokenizer")
     model_state, optim_state, meta, _ = load_checkpoint(stage, step, device, load_optim)
     check_tokenizer(meta, tokenizer, stage_dir(stage) / f"step_{meta['step']:06d}")
     model = GPT(GPTConfig(**meta["model_config"])).to(device)

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from model import (GPT, GPTConfig, JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup,
                    compute_init, distributed, evaluate_loss, exit_stopped, fit_threads, generate_batch,
-                   load_checkpoint, load_tokenizer, lock_stage, not_finite, out_of_memory, print0,
+                   load_checkpoint, lock_stage, not_finite, out_of_memory, print0,
                    save_checkpoint, stop_requested, sync)
-from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
+from tokenizer import Parser, Tokenizer, base_dir, corpus_files, iter_documents, ranged
 
 # -----------------------------------------------------------------------------
 # Data: the corpus as token shards, then documents packed into rows of T+1 tokens that start with <|bos|>
@@ -228,7 +228,7 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     ddp, rank, local_rank, world, device = compute_init(args.seed)
     lock_stage("pretrain", args.resume)  # one live run per stage; an earlier run is kept
     master = rank == 0
-    tokenizer = load_tokenizer()
+    tokenizer = Tokenizer.load(base_dir() / "tokenizer")
     n_embd, n_head = depth_dial(args.depth)
     if args.experts_per_token > args.num_experts:
         raise UserError(f"--experts-per-token {args.experts_per_token} is more than --num-experts "
