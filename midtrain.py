@@ -51,6 +51,9 @@ add("--lora-alpha", type=ranged(float, 0), default=16.0, help="the adapters' upd
 add("--lora-targets", default="q,k,v,o", help="comma list of q, k, v, o (attention) and mlp")
 add("--lora-lr", type=ranged(float, 0), default=1e-3, help="AdamW learning rate of the adapters")
 # data
+add("--chat-file", action="append", default=[], metavar="PATH[:WEIGHT]",
+    help="your own conversations beside the mixture (JSONL of {messages} or {prompt, response}), each row "
+    "WEIGHT times a pass; every 50th is val; repeatable")
 add("--skip-bad", action="store_true", help="skip bad conversation lines (counted), not stop")
 add("--dump-batches", default="", help="append each micro-batch (x, y) to this JSONL file")
 add("--seed", type=ranged(int, 0), default=42, help="random seed: data order")
@@ -112,9 +115,9 @@ MIXTURE = {
     "dolly": 1,  # short instructions
 }
 print0("mixture:")
-train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0)
+train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0, args.chat_file)
 print0("validation:")
-val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, print0)
+val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, print0, args.chat_file)
 train_rows, val_rows = tokenizer.render_all(train_convs, T + 1), tokenizer.render_all(val_convs, T + 1)
 
 class Lane:

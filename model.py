@@ -47,6 +47,7 @@ from tokenizer import Tokenizer, UserError, base_dir, check_home, exit_on_user_e
 # The transformer
 
 SOFTCAP = 15  # logits are squashed into (-SOFTCAP, SOFTCAP): both loss paths (GPT.logits, Speed) read it
+MOE_AUX = 0.01  # weight of a mixture of experts' load-balancing loss in the training loss (Switch: 0.01)
 
 @dataclass
 class GPTConfig:
@@ -56,6 +57,8 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
+    num_experts: int = 1  # MLPs per block: 1 = dense, more = a mixture of experts (MoE)
+    experts_per_token: int = 1  # how many of them each token goes through (MoE)
 
 def norm(x):  # RMSNorm without a learnable scale, in x's dtype (CUDA autocast would return fp32)
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
@@ -109,11 +112,40 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
+class MoE(nn.Module):
+    """A mixture of experts: num_experts MLPs (stacked weights) and a router that sends each token to the
+    experts_per_token of them it scores highest; their outputs are mixed by those scores' softmax. Each
+    forward pass keeps `aux`, Switch Transformer's load-balancing loss: num_experts x the sum over experts
+    of (the share of routes to it) x (its mean router probability), 1 when the load is even. The experts
+    see as many tokens as the routing sends them: shapes that change every step, so this runs eagerly."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, self.k = config.num_experts, config.n_embd, config.experts_per_token
+        self.router = nn.Linear(C, E, bias=False)
+        self.c_fc = nn.Parameter(torch.empty(E, 4 * C, C))  # expert e: c_fc[e] (4C, C), c_proj[e] (C, 4C)
+        self.c_proj = nn.Parameter(torch.empty(E, C, 4 * C))
+        self.aux = None
+
+    def forward(self, x):  # x (B, T, C)
+        flat = x.reshape(-1, x.size(-1))  # (N, C)
+        probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
+        weights, experts = probs.topk(self.k, dim=-1)  # (N, K): the chosen experts, by score
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e in range(self.c_fc.size(0)):
+            token, slot = (experts == e).nonzero(as_tuple=True)  # the tokens routed to expert e
+            h = F.relu(flat[token] @ self.c_fc[e].t()).square() @ self.c_proj[e].t()
+            out.index_add_(0, token, h * weights[token, slot, None])
+        share = F.one_hot(experts, probs.size(-1)).float().mean(dim=(0, 1))  # of the routes, to each expert
+        self.aux = probs.size(-1) * (share * probs.mean(dim=0)).sum()
+        return out.view_as(x)
+
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if config.num_experts == 1 else MoE(config)
 
     def forward(self, x, cos, sin, kv_cache):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
@@ -136,10 +168,17 @@ class GPT(nn.Module):
     def init_weights(self):
         s = 3**0.5 * self.config.n_embd**-0.5  # uniform with std 1/sqrt(n_embd)
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 lin.weight.uniform_(-s, s)
             block.attn.c_proj.weight.zero_()  # every block starts as the identity
-            block.mlp.c_proj.weight.zero_()
+            mlp = block.mlp
+            if isinstance(mlp, MoE):
+                mlp.router.weight.uniform_(-s, s)
+                mlp.c_fc.uniform_(-s, s)
+                mlp.c_proj.zero_()
+            else:
+                mlp.c_fc.weight.uniform_(-s, s)
+                mlp.c_proj.weight.zero_()
         self.wte.weight.normal_(0.0, 1.0)
         self.lm_head.weight.normal_(0.0, 0.001)  # near-uniform first predictions
         cos, sin = rotary_tables(self.cos.size(1), 2 * self.cos.size(-1))  # (built on "meta": not there yet)
@@ -152,9 +191,14 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def active_params(self):  # what a token passes through: all but the experts it is not routed to (MoE)
+        c = self.config
+        return self.num_params() - (c.num_experts - c.experts_per_token) * 8 * c.n_embd**2 * c.n_layer
+
     def estimate_flops(self):  # per token, forward + backward: 6 per matmul weight, plus attention scores
         c = self.config
-        return 6 * (self.num_params() - self.wte.weight.numel()) + 12 * c.n_layer * c.n_embd * c.sequence_len
+        matmuls = self.active_params() - self.wte.weight.numel()
+        return 6 * matmuls + 12 * c.n_layer * c.n_embd * c.sequence_len
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """Logits (B, T, V) without targets; with them the loss: "mean" over the targets that are not -1,
@@ -178,6 +222,9 @@ class GPT(nn.Module):
             loss = F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), ignore_index=-1,
                                    reduction="none")
         loss = loss.view(B, T)
+        if self.training and self.config.num_experts > 1:  # MoE: + the mean load-balancing loss, on every
+            aux = sum(block.mlp.aux for block in self.blocks) / len(self.blocks)  # target token
+            loss = loss + MOE_AUX * aux * (targets >= 0)
         if loss_reduction == "none":
             return loss
         return loss.sum() / (targets >= 0).sum().clamp(min=1)  # 0, not nan, when no token has a target
@@ -205,6 +252,8 @@ class GPT(nn.Module):
         names = {"q": ("attn", "c_q"), "k": ("attn", "c_k"), "v": ("attn", "c_v"), "o": ("attn", "c_proj")}
         if not set(targets) <= {*names, "mlp"}:
             raise UserError(f"--lora-targets {','.join(targets)}: a comma list of q, k, v, o and mlp")
+        if "mlp" in targets and self.config.num_experts > 1:
+            raise UserError("--lora-targets mlp: this model's MLPs are a mixture of experts: adapt q,k,v,o")
         pairs = [names[t] for t in targets if t != "mlp"]
         pairs += [("mlp", "c_fc"), ("mlp", "c_proj")] if "mlp" in targets else []
         self.requires_grad_(False)
@@ -270,7 +319,7 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
 class MuonAdamW(torch.optim.Optimizer):
     """compile=True runs both updates through torch.compile (one fused kernel chain per shape); the
     step and lr go in as 0-d tensors, so a new value never recompiles. Under torchrun the gradients it
-    steps with are the sums over all ranks (distributed() or sum_gradients() below)."""
+    steps with are the sums over all ranks (distributed() below, or rl.py's sum_gradients)."""
 
     def __init__(self, param_groups, compile=False):
         defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
@@ -540,17 +589,6 @@ def distributed(model, device):
 def _sum_bucket(state, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
-def sum_gradients(model):
-    """Sum every gradient over the ranks in one flat buffer, where a rank may have had no backward pass
-    (rl.py: nothing to learn from its questions; DistributedDataParallel would wait for it)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # a rank with nothing to learn this step joins with zeros
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    sums = flat.split([p.numel() for p in params])
-    torch._foreach_copy_([p.grad for p in params], [s.view_as(p) for s, p in zip(sums, params)])
-
 def compute_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -814,12 +852,6 @@ def check_tokenizer(meta, tokenizer, where):
                         f"than {base_dir() / 'tokenizer'} ({ours}): retrain the stages from "
                         "`python pretrain.py` on, or restore the tokenizer it was trained with")
 
-def load_tokenizer():
-    path = base_dir() / "tokenizer" / "tokenizer.json"
-    if not path.exists():
-        raise UserError(f"no tokenizer at {path}: create it with `python tokenizer.py train`")
-    return Tokenizer.load(path)
-
 def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     """(model, tokenizer, meta, optimizer state or None) from a checkpoint, after checking it fits the
     tokenizer; the optimizer's state (for --resume) only with load_optim."""
@@ -827,7 +859,7 @@ def load_model(stage, device, step=None, tokenizer=None, load_optim=False):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}"
                         f"{', a CPU-only build' if torch.version.cuda is None else ''}): use --device cpu")
-    tokenizer = tokenizer or load_tokenizer()
+    tokenizer = tokenizer or Tokenizer.load(base_dir() / "tokenizer")
     model_state, optim_state, meta, _ = load_checkpoint(stage, step, device, load_optim)
     check_tokenizer(meta, tokenizer, stage_dir(stage) / f"step_{meta['step']:06d}")
     model = GPT(GPTConfig(**meta["model_config"])).to(device)

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from model import (GPT, GPTConfig, JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup,
                    compute_init, distributed, evaluate_loss, exit_stopped, fit_threads, generate_batch,
-                   load_checkpoint, load_tokenizer, lock_stage, not_finite, out_of_memory, print0,
+                   load_checkpoint, lock_stage, not_finite, out_of_memory, print0,
                    save_checkpoint, stop_requested, sync)
-from tokenizer import Parser, base_dir, corpus_files, iter_documents, ranged
+from tokenizer import Parser, Tokenizer, base_dir, corpus_files, iter_documents, ranged
 
 # -----------------------------------------------------------------------------
 # Data: the corpus as token shards, then documents packed into rows of T+1 tokens that start with <|bos|>
@@ -184,6 +184,8 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     add("--depth", type=ranged(int, 1), default=20,
         help="layers; sets width (depth x 64), heads, batch, lrs, horizon")
     add("--max-seq-len", type=ranged(int, 2), default=2048, help="context length in tokens")
+    add("--num-experts", type=ranged(int, 1), default=1, help="MLPs a block (1 = dense, more: experts)")
+    add("--experts-per-token", type=ranged(int, 1), default=1, help="experts each token goes through (MoE)")
     # horizon (the first of these that is set wins)
     add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1,
         help="optimizer steps (-1 = from the tokens)")
@@ -226,13 +228,17 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     ddp, rank, local_rank, world, device = compute_init(args.seed)
     lock_stage("pretrain", args.resume)  # one live run per stage; an earlier run is kept
     master = rank == 0
-    tokenizer = load_tokenizer()
+    tokenizer = Tokenizer.load(base_dir() / "tokenizer")
     n_embd, n_head = depth_dial(args.depth)
+    if args.experts_per_token > args.num_experts:
+        raise UserError(f"--experts-per-token {args.experts_per_token} is more than --num-experts "
+                        f"{args.num_experts}: lower it")
     config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=args.depth,
-                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd, num_experts=args.num_experts,
+                       experts_per_token=args.experts_per_token)
     with torch.device("meta"):  # the model without memory: its shape now, its weights on the device below
         model = GPT(config)
-    num_params = model.num_params()
+    num_params = model.active_params()  # what a token meets: the batch and the horizon follow it (MoE: less)
     matrix_params = num_params - 2 * model.padded_vocab * n_embd
     T, total_batch = args.max_seq_len, args.total_batch_size
     if total_batch == -1:  # bigger models like bigger batches: ~5e-3 tokens a matrix parameter, a power of 2,
@@ -268,7 +274,7 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
 
     # -------------------------------------------------------------------------
     # Model + optimizer (fresh, or from the latest checkpoint with --resume), compiled where a compiler works
-    use_compile = args.compile == 1 and device.type in ("cpu", "cuda")
+    use_compile = args.compile == 1 and device.type in ("cpu", "cuda") and args.num_experts == 1  # MoE: eager
     if use_compile and device.type == "cpu":  # inductor builds CPU kernels with a C++ compiler: is there one?
         try:
             import torch._inductor.cpp_builder as cpp
@@ -286,7 +292,7 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     if args.resume:
         model_state, optim_state, resume_meta, rng = load_checkpoint("pretrain", device=device,
                                                                       load_optim=True)
-        if resume_meta["model_config"] != vars(config):
+        if GPTConfig(**resume_meta["model_config"]) != config:
             raise UserError(f"--resume needs the model shape of the checkpoint ({resume_meta['args']}): "
                             "pass its flags")
         model.load_state_dict(model_state)
@@ -300,8 +306,10 @@ if __name__ == "__main__":  # tests and benchmarks import the data code above
     if use_compile:
         model = torch.compile(model, dynamic=False)
     flops_per_token = orig_model.estimate_flops()
-    print0(f"model: depth {args.depth}, width {n_embd}, {n_head} heads, {num_params:,} parameters, "
-           f"{flops_per_token / 1e6:.1f} MFLOP/token{', compiled' if use_compile else ''}")
+    experts = f" ({num_params:,} active a token: {args.experts_per_token} of {args.num_experts} experts)"
+    print0(f"model: depth {args.depth}, width {n_embd}, {n_head} heads, {orig_model.num_params():,} "
+           f"parameters{experts if args.num_experts > 1 else ''}, {flops_per_token / 1e6:.1f} MFLOP/token"
+           f"{', compiled' if use_compile else ''}")
     print0(f"batch: {total_batch:,} tokens/step = {B} rows x {T} tokens x {world} processes x {grad_accum} "
            "accumulation")
     print0(f"horizon: {num_steps:,} steps = {num_steps * total_batch:,} tokens "

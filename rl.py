@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from model import (JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup, compute_init,
                    exit_stopped, fit_threads, generate_batch, gsm8k_reward, load_model, lock_stage, not_finite,
-                   print0, save_checkpoint, stop_requested, sum_gradients)
+                   print0, save_checkpoint, stop_requested)
 from tokenizer import Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
@@ -92,6 +92,17 @@ def pg_loss(model, x, y, adv):
     with amp_ctx(x.device):
         logp = -model(x, y, loss_reduction="none")  # (n, L), 0 where y == -1
     return -(adv.to(logp.device)[:, None] * logp).sum() / (y >= 0).sum().clamp(min=1)
+
+def sum_gradients(model):
+    """Sum every gradient over the processes in one flat buffer: a process may have had no backward pass
+    (nothing to learn from its questions), where DistributedDataParallel would wait for it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # a rank with nothing to learn this step joins with zeros
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    sums = flat.split([p.numel() for p in params])
+    torch._foreach_copy_([p.grad for p in params], [s.view_as(p) for s, p in zip(sums, params)])
 
 # -----------------------------------------------------------------------------
 # DPO: a chosen and a rejected answer to one prompt, against the frozen starting model

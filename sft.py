@@ -53,6 +53,9 @@ add("--lora-alpha", type=ranged(float, 0), default=16.0, help="the adapters' upd
 add("--lora-targets", default="q,k,v,o", help="comma list of q, k, v, o (attention) and mlp")
 add("--lora-lr", type=ranged(float, 0), default=1e-3, help="AdamW learning rate of the adapters")
 # data
+add("--chat-file", action="append", default=[], metavar="PATH[:WEIGHT]",
+    help="your own conversations beside the mixture (JSONL of {messages} or {prompt, response}), each row "
+    "WEIGHT times a pass; every 50th is val; repeatable")
 add("--skip-bad", action="store_true", help="skip bad conversation lines (counted), not stop")
 add("--dump-batches", default="", help="append each micro-batch (x, y) to this JSONL file")
 add("--seed", type=ranged(int, 0), default=42, help="random seed: data order")
@@ -107,8 +110,8 @@ grad_accum = args.examples_per_step // (B * world)  # micro-batches per optimize
 MIXTURE = {"smoltalk": 1, "identity": 4, "arc_easy_train": 1, "arc_challenge_train": 1, "mmlu_dev": 1,
            "gsm8k_train": 1, "spelling": 1, "dolly": 1}
 print0("mixture (sources not listed are absent: online-only, or not fetched yet):")
-train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0)
-val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, lambda _: None)
+train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0, args.chat_file)
+val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, lambda _: None, args.chat_file)
 train_rows, val_rows = tokenizer.render_all(train_convs, T + 1), tokenizer.render_all(val_convs, T + 1)
 
 class Lane:

@@ -316,7 +316,8 @@ def check_conversation(conversation):
     first user turn. Raises ValueError saying what is wrong."""
     msgs = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
+        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message, '
+                         'or {"prompt" or "instruction", "response" or "output"}')
     system = msgs[0].get("content") if msgs[0].get("role") == "system" else None
     first, turns = int(system is not None), []
     for i, m in enumerate(msgs[first:], first):
@@ -522,15 +523,30 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # chat data: JSONL files of conversations, mixtures of them, multiple-choice prompts
 
+def as_conversation(row):
+    """A JSONL row as {"messages": [...]}: the standard shape as it is, or the common single turn
+    {"prompt" | "instruction" [, "input"], "response" | "output"} (Alpaca's, Dolly's) as a user and an
+    assistant message."""
+    if not isinstance(row, dict) or "messages" in row:
+        return row
+    ask = next((row[k] for k in ("prompt", "instruction") if k in row), None)
+    answer = next((row[k] for k in ("response", "output") if k in row), None)
+    if not (isinstance(ask, str) and isinstance(answer, str)):
+        return row  # check_conversation says what is wrong
+    if isinstance(row.get("input"), str) and row["input"].strip():
+        ask = f"{ask}\n\n{row['input']}"
+    return {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]}
+
 def read_conversations(path, skip_bad=False):
-    """(conversations, n_bad) of a JSONL file of {"messages": [...]}: a bad line is a UserError, or counted."""
+    """(conversations, n_bad) of a JSONL file of conversations (as_conversation's shapes): a bad line is a
+    UserError, or counted."""
     convs, bad = [], 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                conv = json.loads(line)
+                conv = as_conversation(json.loads(line))
                 check_conversation(conv)
                 convs.append(conv)
             except ValueError as e:
@@ -540,20 +556,30 @@ def read_conversations(path, skip_bad=False):
                 bad += 1
     return convs, bad
 
-def read_mixture(mixture, folder, skip_bad=False, say=print):
+def read_mixture(mixture, folder, skip_bad=False, say=print, files=()):
     """The conversations of a mixture {name: weight} from data/chat/<folder>/<name>.jsonl, each file's rows
-    repeated weight times (a missing file is skipped, and said): (conversations, bad lines skipped)."""
+    repeated weight times (a missing file is skipped, and said), and of your own files, "PATH[:WEIGHT]"
+    (--chat-file: every 50th conversation is val, the rest train): (conversations, bad lines skipped)."""
+    chat = base_dir() / "data" / "chat" / folder
+    sources = [(name, chat / f"{name}.jsonl", weight, False) for name, weight in mixture.items()]
+    for spec in files:
+        path, weight = spec.rsplit(":", 1) if re.fullmatch(r".+:\d+", spec) else (spec, "1")
+        if not Path(path).is_file():
+            raise UserError(f"--chat-file {spec}: no such file (PATH or PATH:WEIGHT, e.g. mine.jsonl:2)")
+        sources.append((Path(path).name, Path(path), int(weight), True))
     rows, n_bad = [], 0
-    for name, weight in mixture.items():
-        path = base_dir() / "data" / "chat" / folder / f"{name}.jsonl"
+    for name, path, weight, own in sources:
         if not path.exists():
             say(f"  {name:<20} skipped: {path} not found (online-only source, or run `python data/chat_data.py`)")
             continue
         convs, bad = read_conversations(path, skip_bad=skip_bad)
+        if own:  # every 50th conversation of your own file is its val split
+            convs = convs[::50] if folder == "val" else [c for i, c in enumerate(convs) if i % 50]
         rows, n_bad = rows + convs * weight, n_bad + bad
         say(f"  {name:<20} x{weight}  {len(convs):>7,} conversations" + (f" ({bad} bad lines skipped)" if bad else ""))
     if not rows:
-        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`")
+        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`"
+                        " (or give --chat-file)")
     return rows, n_bad
 
 def render_mc(question, choices):

@@ -458,3 +458,54 @@ def test_thread_fitting_waits_out_a_passing_load_before_a_recompile(monkeypatch)
     threads[0] = 2
     M.fit_threads(cpu)  # eager: no compile to pay for
     assert threads[0] == 1
+
+
+def test_a_mixture_of_one_expert_is_the_dense_mlp_and_routing_is_deterministic():
+    torch.manual_seed(0)
+    config = M.GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
+                         num_experts=1, experts_per_token=1)
+    dense, moe = M.MLP(config), M.MoE(config)
+    with torch.no_grad():
+        moe.router.weight.normal_()
+        moe.c_fc[0] = dense.c_fc.weight
+        moe.c_proj[0] = dense.c_proj.weight
+    x = torch.randn(2, 8, 32)
+    assert torch.equal(moe(x), dense(x)) and moe.aux.item() == 1.0  # one expert: the MLP, evenly loaded
+    config.num_experts, config.experts_per_token = 4, 2
+    moe = M.MoE(config)
+    for p in (moe.router.weight, moe.c_fc, moe.c_proj):
+        torch.nn.init.normal_(p, std=0.3)
+    out, aux = moe(x), moe.aux
+    assert torch.equal(moe(x), out) and moe.aux == aux  # the same tokens go the same way
+    probs = moe.router(x).softmax(-1)  # by hand: each token's 2 best experts, mixed by their renormed scores
+    w, e = probs.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    ref = torch.zeros_like(x)
+    for b in range(2):
+        for t in range(8):
+            for j in range(2):
+                i = e[b, t, j]
+                ref[b, t] += w[b, t, j] * (F.relu(moe.c_fc[i] @ x[b, t]).square() @ moe.c_proj[i].t())
+    assert torch.allclose(out, ref, atol=1e-5) and aux > 0
+
+
+def test_moe_counts_active_parameters_and_generates_with_the_cache_as_without():
+    torch.manual_seed(0)
+    config = M.GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=1, n_kv_head=1, n_embd=32,
+                         num_experts=4, experts_per_token=1)
+    model = M.GPT(config)
+    model.init_weights()
+    torch.nn.init.normal_(next(p for n, p in model.named_parameters() if n.endswith("mlp.c_proj")), std=0.1)
+    dense = M.GPT(M.GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=1, n_kv_head=1, n_embd=32))
+    routers = 2 * 4 * 32
+    assert model.num_params() == dense.num_params() + 2 * 3 * 8 * 32**2 + routers
+    assert model.active_params() == dense.num_params() + routers  # one expert a token: dense + the routers
+    assert model.estimate_flops() == dense.estimate_flops() + 6 * routers
+    model.eval()
+    ids = [1, 5, 9, 2]
+    cached, _ = M.generate_batch(model, ids, max_tokens=12, temperature=0)
+    seq = list(ids)
+    for _ in range(12):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert cached[0] == seq[len(ids):]

@@ -194,3 +194,25 @@ def test_lora_resume_after_sigkill_equals_a_straight_run(post_home, tmp_path):
     for f in ("model.pt", "adapters.pt"):
         x, y = (torch.load(h / f"checkpoints/midtrain/step_000006/{f}", weights_only=True) for h in (straight, killed))
         assert all(torch.equal(x[k], y[k]) for k in x), f
+
+
+def test_your_own_conversations_join_the_mixture_with_a_weight(post_home, tmp_path):
+    """--chat-file PATH:WEIGHT in both shapes ({messages} and {instruction, input, output}): in the printed
+    mixture with its weight, every 50th held out for val; a bad line is named by file:line."""
+    home = stage_home(post_home, tmp_path / "home")
+    mine = tmp_path / "mine.jsonl"
+    rows = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(100)]
+    rows.append({"messages": [{"role": "user", "content": "Who made you?"},
+                              {"role": "assistant", "content": "The flatchat repository."}]})
+    mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for script in ("sft.py", "midtrain.py"):
+        args = [*SFT, "--source", "pretrain"] if script == "sft.py" else MID
+        out = run_script(script, *args, "--num-steps", 1, "--chat-file", f"{mine}:2", home=home).stdout
+        assert re.search(r"mine\.jsonl +x2 +98 conversations", out), out  # 101 rows, 3 of them val
+    mine.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "answer": "a"}) + "\n")
+    proc = run_script("sft.py", *SFT, "--source", "pretrain", "--num-steps", 1, "--chat-file", mine, home=home,
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f'error: {mine}:2: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} with at least one '
+        'message, or {"prompt" or "instruction", "response" or "output"} (fix the line or pass --skip-bad)'
+    ), proc.stderr

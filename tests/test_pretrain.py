@@ -77,14 +77,15 @@ def test_a_busy_core_moves_an_eager_run_at_once_and_costs_a_compiled_run_no_reco
     assert "GLOBAL_STATE changed: num_threads" not in runs[1] and "threads:" not in runs[1]
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tiny_home, tmp_path):
+@pytest.mark.parametrize("experts", [[], ["--num-experts", 4, "--experts-per-token", 2]], ids=["dense", "moe"])
+def test_resume_after_sigkill_is_bitwise_identical(tiny_home, tmp_path, experts):
     straight = fresh_home(tiny_home, tmp_path / "a")
-    run_script("pretrain.py", *TINY, "--num-steps", 12, "--save-every", 6, home=straight)
+    run_script("pretrain.py", *TINY, *experts, "--num-steps", 12, "--save-every", 6, home=straight)
     killed = fresh_home(tiny_home, tmp_path / "b")
-    run_killed("pretrain.py", *TINY, "--num-steps", 12, "--save-every", 6, home=killed,
-                      checkpoint=killed / "checkpoints/pretrain/step_000006")
+    run_killed("pretrain.py", *TINY, *experts, "--num-steps", 12, "--save-every", 6, home=killed,
+               checkpoint=killed / "checkpoints/pretrain/step_000006")
     assert not (killed / "checkpoints/pretrain/step_000012").exists()
-    run_script("pretrain.py", *TINY, "--num-steps", 12, "--save-every", 6, "--resume", home=killed)
+    run_script("pretrain.py", *TINY, *experts, "--num-steps", 12, "--save-every", 6, "--resume", home=killed)
     assert train_losses(killed) == train_losses(straight) and len(train_losses(straight)) == 12
     a = torch.load(straight / "checkpoints/pretrain/step_000012/model.pt", weights_only=True)
     b = torch.load(killed / "checkpoints/pretrain/step_000012/model.pt", weights_only=True)
