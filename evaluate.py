@@ -5,12 +5,15 @@ evaluate.py: what a checkpoint has learned, measured, and the report card that g
 - CORE: DCLM's 22 in-context tasks (multiple choice, schema, language modeling), centered on chance;
 - chat tasks: ARC-Easy, ARC-Challenge and MMLU (the answer's letter), GSM8K (the number after '####',
   calculator on), HumanEval (the generated code run against the tests, in a sandbox); ChatCORE: their mean,
-  centered on chance.
+  centered on chance;
+- tinychat: what a small chat model should do (who it is, one-step arithmetic with the calculator, a short
+  story on a topic, spelling with a tool call, ending its turn), one plain rule per category.
 
     python evaluate.py --stage pretrain                                  # bpb + CORE of the base model
     python evaluate.py --stage pretrain --max-per-task 30                # quick (the cpu preset)
     python evaluate.py --stage sft --tasks arc,mmlu,gsm8k,humaneval      # chat metrics
     python evaluate.py --stage sft --tasks humaneval --samples 10        # pass@1 and pass@10
+    python evaluate.py --stage sft --tasks tinychat --max-new-tokens 224 # the cpu preset's skills
     torchrun --standalone --nproc_per_node=8 evaluate.py --stage pretrain   # examples split over ranks
     python evaluate.py --report                                          # only rebuild report.md
 
@@ -20,6 +23,7 @@ report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxe
 
 import csv
 import functools
+import itertools
 import json
 import math
 import os
@@ -192,13 +196,18 @@ def run_letters(model, tokenizer, items, batch_size, rank=0, world=1):
             correct += int(logits[j, len(r) - 1, letters[:len(it["choices"])]].argmax().item() == it["gold"])
     return all_mean(correct, len(items))
 
-def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
-    """The assistant's replies (calculator on), decoded without the special tokens."""
+def generate_replies(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
+    """The assistant's replies (calculator on) as token ids, the stop token included."""
     fit_threads(model.get_device())  # on a CPU: one thread per core that other processes leave free
     T = model.config.sequence_len
     ids = tokenizer.render_for_completion(conv)[-max(T - max_tokens, T // 2):]  # room for the reply
     seqs, _ = generate_batch(model, ids, num_samples=num_samples, max_tokens=max_tokens,
                              temperature=temperature, tokenizer=tokenizer)
+    return seqs
+
+def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
+    """The assistant's replies, decoded without the special tokens."""
+    seqs = generate_replies(model, tokenizer, conv, max_tokens, num_samples, temperature)
     return [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]
 
 def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
@@ -348,11 +357,65 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
     return rc == 0 and not problem, text
 
 # -----------------------------------------------------------------------------
+# tinychat: what the cpu preset's small model should do. data/chat_data.py writes eval/tinychat.jsonl from
+# templates, topics and words that no training set uses; each reply is scored by its category's plain rule
+
+def score_identity(reply, answer, words):
+    """A greeting or who-are-you: the reply names the assistant (answer: "flatchat")."""
+    return int(answer in reply.lower())
+
+def score_arithmetic(reply, answer, words):
+    """The reply's last number is the result ("1,234" counts as 1234)."""
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", reply)
+    return int(bool(numbers) and float(numbers[-1].replace(",", "")) == float(answer))
+
+def score_story(reply, answer, words, min_words=20):
+    """A story about the topic: at least min_words words, among them the topic (answer) or its plural, and at
+    least 90% of them in the English word list `words`."""
+    tokens = re.findall(r"[a-z]+", reply.lower())
+    on_topic = bool({answer, answer + "s", answer + "es"} & set(tokens))
+    english = sum(t in words for t in tokens) >= 0.9 * len(tokens)
+    return int(len(tokens) >= min_words and on_topic and english)
+
+def score_spelling(reply, answer, words):
+    """The reply's last run of letters (with dashes between them) is the answer: c-a-t, or tac backwards."""
+    runs = re.findall(r"[a-z]+(?:-[a-z]+)*", reply.lower())
+    return int(bool(runs) and runs[-1] == answer)
+
+SCORERS = {"identity": score_identity, "arithmetic": score_arithmetic, "story": score_story,
+           "spelling": score_spelling}
+
+def reply_text(tokenizer, seq):
+    """A reply's text, its pieces between special tokens on lines of their own (a tool call, its output):
+    'Let me calculate.\\n7*8\\n56\\nThe answer is 56.'"""
+    runs = itertools.groupby(seq, key=lambda t: tokenizer.token_bytes[t] > 0)
+    return "\n".join(tokenizer.decode(list(ids)) for is_text, ids in runs if is_text)
+
+def run_tinychat(model, tokenizer, items, words, max_tokens, rank=0, world=1):
+    """{tinychat_<category>: the fraction of its items passed (greedy, each category split over the ranks),
+    tinychat_ended: the fraction of all replies that emitted <|assistant_end|> within max_tokens, tinychat:
+    the mean of those}."""
+    end, out, ended = tokenizer.encode_special("<|assistant_end|>"), {}, 0
+    for category, score in SCORERS.items():
+        mine = [it for it in items if it["category"] == category]
+        if not mine:
+            continue
+        passed = 0
+        for item in mine[rank::world]:
+            seq = generate_replies(model, tokenizer, item, max_tokens)[0]
+            passed += score(reply_text(tokenizer, seq), item["answer"], words)
+            ended += int(seq[-1:] == [end])
+        out[f"tinychat_{category}"] = all_mean(passed, len(mine))
+    out["tinychat_ended"] = all_mean(ended, len(items))
+    out["tinychat"] = sum(out.values()) / len(out)
+    return out
+
+# -----------------------------------------------------------------------------
 # The report card: report/metrics_<stage>.json (one per stage), report/system.md and logs/ join into report.md
 
 STAGES = {"pretrain": "BASE", "midtrain": "MID", "sft": "SFT", "rl": "RL"}
 ROWS = {"bpb": "bpb", "core": "CORE", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "mmlu": "MMLU",
-        "gsm8k": "GSM8K", "humaneval": "HumanEval", "chatcore": "ChatCORE"}
+        "gsm8k": "GSM8K", "humaneval": "HumanEval", "chatcore": "ChatCORE", "tinychat": "tinychat"}
 CHAT_BASELINES = {"arc_easy": 0.25, "arc_challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0}
 ROOT = Path(__file__).resolve().parent
 
@@ -452,6 +515,8 @@ def metrics_section(ms):
         lines += [f"- CORE over {m['core_k']} of {m['core_total']} tasks"] if "core_k" in m else []
         lines += [f"- ChatCORE over {m['chatcore_k']} of 5 tasks"] if m.get("chatcore_k") else []
         lines += [f"- {k}: {v:.4f}" for k, v in m.items() if k.startswith("humaneval_pass@")]
+        tiny = [f"{k[9:]} {v:.4f}" for k, v in m.items() if k.startswith("tinychat_") and k[9:] != "items"]
+        lines += [f"- tinychat over {m['tinychat_items']} prompts: {', '.join(tiny)}"] if tiny else []
         if m.get("core_tasks"):
             lines += ["", "| CORE task | accuracy | centered | items |", "|---|---|---|---|"]
             lines += [f"| {t} | {r['acc']:.4f} | {r['centered']:+.4f} | {r['n']} |" for t, r in m["core_tasks"].items()]
@@ -477,16 +542,16 @@ if __name__ == "__main__":
     parser = Parser(description="Evaluate a checkpoint and update the report card.")
     parser.add_argument("--stage", choices=list(STAGES), help="the checkpoint to evaluate")
     parser.add_argument("--step", type=ranged(int, 0), default=None, help="its step (default: the latest)")
-    parser.add_argument("--tasks", default="", help="comma list of bpb,core,arc,mmlu,gsm8k,humaneval "
-                        "(default: bpb,core for pretrain, the chat tasks for the later stages)")
+    parser.add_argument("--tasks", default="", help="comma list of bpb,core,arc,mmlu,gsm8k,humaneval,"
+                        "tinychat (default: bpb,core for pretrain, the chat tasks for the later stages)")
     parser.add_argument("--max-per-task", type=ranged(int, 1, sentinel=-1), default=-1,
-                        help="items per task (-1 = all)")
+                        help="items per task, per category for tinychat (-1 = all)")
     parser.add_argument("--samples", type=ranged(int, 1), default=1,
                         help="HumanEval samples per problem for pass@1 and pass@K (1 = greedy, more = temperature 0.8)")
     parser.add_argument("--bpb-tokens", type=ranged(int, 1), default=2**20, help="validation tokens for bits per byte")
     parser.add_argument("--batch-size", type=ranged(int, 1), default=8, help="rows per forward pass (bpb, letters)")
     parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256,
-                        help="tokens generated per GSM8K/HumanEval reply")
+                        help="tokens generated per GSM8K/HumanEval/tinychat reply")
     parser.add_argument("--report", action="store_true", help="only rebuild report.md from report/ and logs/")
     args = parser.parse_args()
     exit_on_user_error()  # a UserError: one line, exit 2
@@ -497,10 +562,10 @@ if __name__ == "__main__":
         sys.exit(0)
     if not args.stage:
         parser.error("--stage is required (or --report to only rebuild the card)")
-    default = "bpb,core" if args.stage == "pretrain" else "arc,mmlu,gsm8k,humaneval"
+    default = "bpb,core" if args.stage == "pretrain" else "arc,mmlu,gsm8k,humaneval,tinychat"
     tasks = [t.strip() for t in (args.tasks or default).split(",")]
-    if set(tasks) - {"bpb", "core", "arc", "mmlu", "gsm8k", "humaneval"}:
-        parser.error(f"--tasks {args.tasks}: choose from bpb,core,arc,mmlu,gsm8k,humaneval")
+    if set(tasks) - {"bpb", "core", "arc", "mmlu", "gsm8k", "humaneval", "tinychat"}:
+        parser.error(f"--tasks {args.tasks}: choose from bpb,core,arc,mmlu,gsm8k,humaneval,tinychat")
     max_items = args.max_per_task if args.max_per_task > 0 else sys.maxsize
 
     # -------------------------------------------------------------------------
@@ -542,6 +607,21 @@ if __name__ == "__main__":
             m[f"{key}_chance"] = sum(1 / len(it["choices"]) for it in items) / max(len(items), 1)
         m[f"{key}_items"] = len(items)
         print0(f"{key} | {'pass@1' if key == 'humaneval' else 'acc'} {m[key]:.4f} over {len(items)} items")
+
+    # tinychat: --max-per-task prompts per category; the story rule reads the word list chat_data.py copied
+    words_file = home / "data" / "raw" / "words" / "words_alpha.txt"
+    if "tinychat" in tasks and not ((ev / "tinychat.jsonl").exists() and words_file.exists()):
+        print0(f"tinychat | skipped: {ev / 'tinychat.jsonl'} or {words_file} is missing "
+               "(`python data/chat_data.py --only tinychat`)")
+    elif "tinychat" in tasks:
+        rows, items = load_jsonl(ev / "tinychat.jsonl"), []
+        for category in SCORERS:
+            items += [r for r in rows if r["category"] == category][:max_items]
+        words = set(words_file.read_text(encoding="utf-8").split())
+        scores = run_tinychat(model, tokenizer, items, words, args.max_new_tokens, rank, world)
+        m.update(scores, tinychat_items=len(items))
+        shown = " | ".join(f"{k.removeprefix('tinychat_')} {v:.4f}" for k, v in scores.items())
+        print0(f"tinychat | {shown} | {len(items)} items")
 
     # -------------------------------------------------------------------------
     # This stage's metrics (merged with earlier evaluations of the same checkpoint) and the report card; the

@@ -444,11 +444,16 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
 
 def use_calculator(expr):
-    """The calculator tool: arithmetic (+ - * / // % and parentheses, no powers: 2**10**9 would never end)
-    and 'strawberry'.count('r'); the result as text, or None when the expression is not one of those."""
+    """The calculator tool: arithmetic (+ - * / // % and parentheses, no powers: 2**10**9 would never end),
+    'strawberry'.count('r'), and a quoted word of letters spelled backwards ('apple'[::-1]) or with dashes
+    ('-'.join('apple')); the result as text, or None when the expression is not one of those."""
     expr = expr.replace(",", "").strip()
     if m := re.fullmatch(r"""(['"])(.{0,999}?)\1\.count\((['"])(.*?)\3\)""", expr):
         return str(m[2].count(m[4]))
+    if m := re.fullmatch(r"""(['"])([A-Za-z]{1,99})\1\[::-1\]""", expr):
+        return m[2][::-1]
+    if m := re.fullmatch(r"""(['"])-\1\.join\((['"])([A-Za-z]{1,99})\2\)""", expr):
+        return "-".join(m[3])
     if not re.fullmatch(r"[\d.+\-*/%() ]{1,200}", expr) or "**" in expr:
         return None
     try:  # only digits and operators: eval can reach nothing but arithmetic

@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from conftest import MIRROR, ROOT, needs_full_mirror  # $FLATCHAT_DATA_MIRROR, else tests/fixtures/mirror
+from model import use_calculator
 from tokenizer import UserError
 
 sys.path.insert(0, str(ROOT / "data"))
@@ -170,6 +171,11 @@ def test_check_rejects_malformed_conversations():
     assert all(chat_data.check(c) for c in bad)
 
 
+def tool_call(reply):
+    """(the python call, its output) of an assistant reply with one tool call."""
+    return tuple(next(p["text"] for p in reply if p["type"] == t) for t in ("python", "python_output"))
+
+
 def test_spelling_tasks_are_correct_and_deterministic():
     words = ["strawberry", "apple", "banana", "rhythm", "mississippi"]
     convs = chat_data.spelling_tasks(words, 300, seed=0)
@@ -178,19 +184,151 @@ def test_spelling_tasks_are_correct_and_deterministic():
     for conv in convs:
         assert chat_data.check(conv) is None
         user, reply = conv["messages"][0]["content"], conv["messages"][1]["content"]
-        if isinstance(reply, str):  # spell it: a-p-p-l-e
-            word = reply.replace("-", "")
-            assert word in words and word in user and reply == "-".join(word)
-            kinds.add("spell")
+        call, out = tool_call(reply)
+        assert use_calculator(call) == out  # the tool, as generation runs it, gives what the reply shows
+        if m := re.fullmatch(r"'(\w+)'\[::-1\]|'-'\.join\('(\w+)'\)", call):  # spell it: a-p-p-l-e, or elppa
+            word = m[1] or m[2]
+            assert word in words and word in user and ("backward" in user or "Reverse" in user) == bool(m[1])
+            assert out == (word[::-1] if m[1] else "-".join(word)) and reply[-1]["text"].endswith(f" {out}.")
+            kinds.add("backward" if m[1] else "spell")
             continue
-        call = next(p["text"] for p in reply if p["type"] == "python")
         word, c = re.fullmatch(r"'(\w+)'\.count\('(\w)'\)", call).groups()
-        n = int(next(p["text"] for p in reply if p["type"] == "python_output"))
+        n = int(out)
         assert n == word.count(c) and word in user and c in user
         assert f"appears {n} time" in reply[-1]["text"]
         assert n == 0 or f"({n})" in reply[0]["text"]
         kinds.add("count0" if n == 0 else "count")
-    assert kinds == {"spell", "count", "count0"}
+    assert kinds == {"spell", "backward", "count", "count0"}
+
+
+def test_arithmetic_tasks_call_the_calculator_and_state_its_result():
+    convs = chat_data.arithmetic_tasks(2000, seed=0)
+    assert convs == chat_data.arithmetic_tasks(2000, seed=0)
+    assert convs != chat_data.arithmetic_tasks(2000, seed=1)
+    ops, problems = set(), 0
+    for conv in convs:
+        assert chat_data.check(conv) is None
+        user, reply = conv["messages"][0]["content"], conv["messages"][1]["content"]
+        assert [p["type"] for p in reply] == ["text", "python", "python_output", "text"]
+        call, out = tool_call(reply)
+        a, op, b = re.fullmatch(r"(\d+)([-+*/])(\d+)", call).groups()
+        assert use_calculator(call) == out and reply[-1]["text"] == f"The answer is {out}."
+        assert int(out) >= 0 and len(a) <= 3 and len(b) <= 3  # never negative, exact, operands of 1-3 digits
+        assert a in user and b in user
+        ops.add(op)
+        problems += any(name in user for name, _ in chat_data.NAMES)
+    assert ops == set("+-*/") and 0.2 < problems / len(convs) < 0.4  # a word problem 30% of the time
+    users = [c["messages"][0]["content"] for c in convs]
+    for phrase in ("What is 1", " times ", " divided by ", "*", "Lily had "):  # words and symbols
+        assert any(phrase in u for u in users), phrase
+
+
+def test_identity_tasks_name_flatchat_in_many_phrasings():
+    convs = chat_data.identity_tasks(1000, seed=0)
+    assert convs == chat_data.identity_tasks(1000, seed=0)
+    assert all(chat_data.check(c) is None and "flatchat" in c["messages"][1]["content"] for c in convs)
+    assert all(len(c["messages"][1]["content"]) < 150 for c in convs)  # short answers
+    assert len({c["messages"][0]["content"] for c in convs}) > 200
+
+
+def story_topic(user):
+    """The training topic a story request asks for."""
+    return next(t for t in chat_data.STORY_TOPICS for ask in chat_data.STORY_ASKS if ask.format(t=t) == user)
+
+
+def test_story_tasks_pair_topics_with_real_stories_about_them():
+    texts = (MIRROR / "pretrain/tinystories/TinyStories-valid.head.txt").read_text().split("\n\n")
+    stories = [t for t in texts if len(t) <= 700]
+    convs = chat_data.story_tasks(stories, chat_data.STORY_TOPICS, 3, seed=0)
+    assert convs and convs == chat_data.story_tasks(stories, chat_data.STORY_TOPICS, 3, seed=0)
+    for conv in convs:
+        user, story = conv["messages"][0]["content"], conv["messages"][1]["content"]
+        word = story_topic(user).split()[-1]
+        mentions = [m.start() for m in re.finditer(rf"\b{word}(?:s|es)?\b", story, re.I)]
+        assert story in stories and (len(mentions) >= 2 or mentions and mentions[0] < 250)
+
+
+# -----------------------------------------------------------------------------
+# The tinychat benchmark (scored by evaluate.py): deterministic, and nothing of it in any training set
+
+
+def test_tinychat_benchmark_is_deterministic_and_answers_its_prompts():
+    rows = chat_data.tinychat_items()
+    assert rows == chat_data.tinychat_items() and rows != chat_data.tinychat_items(seed=1)
+    counts = {c: sum(r["category"] == c for r in rows) for c in chat_data.TINYCHAT}
+    assert counts == chat_data.TINYCHAT and sum(counts.values()) == 200
+    assert len({chat_data.first_user(r) for r in rows}) == 200  # distinct prompts
+    spelled = []
+    for r in rows:
+        prompt, answer = chat_data.first_user(r), r["answer"]
+        if r["category"] == "story":
+            assert re.search(rf"\b{answer}\b", prompt)
+            assert answer in {t.split()[-1] for t in chat_data.EVAL_STORY_TOPICS}
+        elif r["category"] == "spelling":
+            word = next(w for w in chat_data.EVAL_SPELL_WORDS if re.search(rf"\b{w}\b", prompt))
+            assert answer in (word[::-1], "-".join(word))
+            spelled.append(word)
+        elif r["category"] == "identity":
+            assert answer == "flatchat"
+        else:
+            assert answer.isdigit()
+    assert sorted(spelled) == sorted(chat_data.EVAL_SPELL_WORDS)  # each word once, forwards or backwards
+    assert any("Zoe" in chat_data.first_user(r) for r in rows)  # word problems among the arithmetic
+
+
+def test_tinychat_benchmark_is_disjoint_from_every_training_generator():
+    C = chat_data
+    keys = lambda topics: {t.split()[-1] for t in topics}
+    flat = lambda templates: [t for ts in templates.values() for t in ts]
+    pairs = [(C.HELLOS, C.EVAL_HELLOS), (C.WHO_ASKS + C.CAN_ASKS, C.EVAL_WHO_ASKS),
+             (C.SPELL_ASKS + C.BACKWARD_ASKS + C.COUNT_ASKS, C.EVAL_SPELL_ASKS + C.EVAL_BACKWARD_ASKS),
+             (C.STORY_ASKS, C.EVAL_STORY_ASKS), (C.NAMES, C.EVAL_NAMES), (C.THINGS, C.EVAL_THINGS),
+             (keys(C.STORY_TOPICS), keys(C.EVAL_STORY_TOPICS)),
+             (flat(C.ARITH_ASKS), flat(C.EVAL_ARITH_ASKS)),
+             (flat(C.WORD_PROBLEMS), flat(C.EVAL_WORD_PROBLEMS))]
+    for train, held in pairs:
+        assert not set(train) & set(held), set(train) & set(held)
+    benchmark = {chat_data.first_user(r) for r in chat_data.tinychat_items()}
+    words = (MIRROR / "words_alpha.txt").read_text().split()
+    train = chat_data.identity_tasks(5000, 0) + chat_data.arithmetic_tasks(20000, 0)
+    train += chat_data.read_jsonl(ROOT / "data" / "identity.jsonl")
+    train += chat_data.spelling_tasks(words + chat_data.EVAL_SPELL_WORDS, 20000, 0)
+    texts = (MIRROR / "pretrain/tinystories/TinyStories-valid.head.txt").read_text().split("\n\n")
+    train += chat_data.story_tasks(texts, chat_data.STORY_TOPICS, 50, 0)
+    assert not benchmark & {chat_data.first_user(c) for c in train}  # even with the benchmark's words spelled
+
+
+def test_spelling_never_trains_the_benchmark_words(offline, monkeypatch):
+    others = ["ocean", "pillow", "meadow"]
+    monkeypatch.setattr(chat_data, "word_list", lambda: chat_data.EVAL_SPELL_WORDS + others)
+    chat_data.run_spelling(argparse.Namespace(num_spelling=200, seed=0))
+    convs = read_jsonl(offline / "chat" / "spelling.jsonl") + read_jsonl(offline / "chat/val/spelling.jsonl")
+    calls = [tool_call(c["messages"][1]["content"])[0] for c in convs]
+    assert {re.findall(r"'([a-z]+)'", call)[0] for call in calls} == set(others)
+
+
+@needs_mirror
+def test_tinychat_sets_offline(offline, monkeypatch, capsys):
+    run_script(monkeypatch, "chat_data.py", "--only", "tinychat,identity,spelling,arithmetic,stories",
+               "--num-spelling", "300", "--num-arithmetic", "300", "--num-identity", "300")
+    out = capsys.readouterr().out
+    for name in ("identity", "spelling", "arithmetic", "stories"):
+        assert re.search(rf"chat/{name}: [\d,]+ train, \d+ val", out), name
+    rows = read_jsonl(offline / "eval" / "tinychat.jsonl")
+    assert {r["category"] for r in rows} == set(chat_data.TINYCHAT) and "eval/tinychat: " in out
+    assert (offline / "raw" / "words" / "words_alpha.txt").exists()  # where evaluate.py reads the word list
+    benchmark = {chat_data.first_user(r) for r in rows}
+    for path in list((offline / "chat").glob("*.jsonl")) + list((offline / "chat" / "val").glob("*.jsonl")):
+        convs = read_jsonl(path)
+        assert convs and all(chat_data.check(c) is None for c in convs), path
+        assert not benchmark & {chat_data.first_user(c) for c in convs}, path
+    identity = read_jsonl(offline / "chat/identity.jsonl") + read_jsonl(offline / "chat/val/identity.jsonl")
+    handwritten = read_jsonl(ROOT / "data" / "identity.jsonl")
+    assert len(identity) > len(handwritten) and all(c in identity for c in handwritten)
+    for conv in read_jsonl(offline / "chat" / "stories.jsonl"):
+        story = conv["messages"][1]["content"]
+        assert re.search(rf"\b{story_topic(chat_data.first_user(conv)).split()[-1]}", story, re.I)
+        assert len(story) <= chat_data.STORY_CHARS
 
 
 # -----------------------------------------------------------------------------
@@ -219,8 +357,12 @@ def test_chat_data_offline_run_writes_everything_without_leaks(offline, monkeypa
     for subset in ("easy", "challenge"):
         for r in read_jsonl(MIRROR / f"eval_bundle/eval_data/world_knowledge/arc_{subset}.jsonl"):
             held.add(chat_data.render_mc(r["query"].removeprefix("Question: "), r["choices"]))
+    tinychat = {chat_data.first_user(r) for r in read_jsonl(ev / "tinychat.jsonl")}
+    assert len(tinychat) == 200
+    held |= tinychat
     names = {p.stem for p in (offline / "chat").glob("*.jsonl")}
-    assert names == {"gsm8k_train", "mmlu_dev", "dolly", "identity", "spelling"}
+    assert names == {"gsm8k_train", "mmlu_dev", "dolly", "dolly_short", "identity", "spelling", "arithmetic",
+                     "stories"}
     for path in list((offline / "chat").glob("*.jsonl")) + list((offline / "chat" / "val").glob("*.jsonl")):
         convs = read_jsonl(path)
         assert convs and all(chat_data.check(c) is None for c in convs), path
@@ -230,6 +372,12 @@ def test_chat_data_offline_run_writes_everything_without_leaks(offline, monkeypa
         assert val and not {json.dumps(c) for c in train} & {json.dumps(c) for c in val}
     dolly = read_jsonl(offline / "chat" / "dolly.jsonl")
     assert not any("### Instruction" in c["messages"][0]["content"] for c in dolly)
+    for split in (".", "val"):  # dolly_short: dolly's pairs that fit the cpu preset's context, split as dolly
+        short = read_jsonl(offline / "chat" / split / "dolly_short.jsonl")
+        assert short and all(c in read_jsonl(offline / "chat" / split / "dolly.jsonl") for c in short)
+        limit = chat_data.DOLLY_SHORT_CHARS
+        assert all(len(c["messages"][0]["content"] + c["messages"][1]["content"]) <= limit for c in short)
+    assert len(read_jsonl(offline / "chat" / "stories.jsonl")) > 400
     assert "\r" not in (offline / "chat" / "spelling.jsonl").read_text()
 
 
@@ -372,6 +520,7 @@ def test_online_paths_against_a_local_server(server, tmp_path, monkeypatch):
     F["/he.jsonl.gz"] = gzip.compress(jsonl_bytes([{"task_id": "t/0", "prompt": "p", "canonical_solution": "s",
                                                     "test": "t", "entry_point": "f", "extra": 1}]))
     F["/words.txt"] = b"apple\r\nbanana\r\ncherry\r\n"
+    F["/ts/valid.txt"] = b"Once upon a time, a toy bear sat on a bed.\n<|endoftext|>\nThe king had a hat.\n"
     smol = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": f"hi {i}"},
                           {"role": "assistant", "content": "hello"}]} for i in range(23)]
     smol.append({"messages": [{"role": "assistant", "content": "out of order"}]})
@@ -382,16 +531,21 @@ def test_online_paths_against_a_local_server(server, tmp_path, monkeypatch):
     F["/api/HuggingFaceTB/smol-smoltalk/test"] = json.dumps([base + "/smol/test.parquet"]).encode()
     F["/api/mosaicml/dolly_hhrlhf/train"] = json.dumps([{"url": base + "/dolly.parquet"}]).encode()
     for name, path in dict(GSM8K="/gsm/{}.jsonl", MMLU="/mmlu.tar", CORE="/bundle.zip", ARC="/arc.zip",
-                           HUMANEVAL="/he.jsonl.gz", WORDS="/words.txt", HF_API="/api/{}/{}").items():
+                           HUMANEVAL="/he.jsonl.gz", WORDS="/words.txt", HF_API="/api/{}/{}",
+                           TINYSTORIES="/ts/{}.txt").items():
         monkeypatch.setattr(chat_data, name, base + path)
 
-    args = argparse.Namespace(num_spelling=40, seed=0)
+    args = argparse.Namespace(num_spelling=40, num_arithmetic=40, num_identity=40, seed=0)
     for step in chat_data.STEPS.values():
         step(args)
     data = tmp_path / "data"
     chat = {p.stem: read_jsonl(p) for p in (data / "chat").glob("*.jsonl")}
     assert set(chat) == {"gsm8k_train", "mmlu_dev", "mmlu_aux_train", "arc_easy_train", "arc_challenge_train",
-                         "dolly", "identity", "spelling", "smoltalk"}
+                         "dolly", "dolly_short", "identity", "spelling", "arithmetic", "stories", "smoltalk"}
+    stories = chat["stories"] + read_jsonl(data / "chat" / "val" / "stories.jsonl")
+    stories = {c["messages"][1]["content"] for c in stories}
+    assert stories == {"Once upon a time, a toy bear sat on a bed.", "The king had a hat."}  # the valid file
+    assert len(read_jsonl(data / "eval" / "tinychat.jsonl")) > 100
     assert read_jsonl(data / "eval" / "mmlu_test.jsonl") == [{"question": "Question 3, with a comma?",
                                                               "choices": list("abcd"), "gold": 3, "subject": "x"}]
     assert read_jsonl(data / "eval" / "humaneval.jsonl")[0] == {

@@ -10,14 +10,16 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import evaluate as E
-from conftest import MIRROR, run_script
+from conftest import MIRROR, ROOT, run_script
 from model import GPT, GPTConfig, gsm8k_reward, save_checkpoint
 from tokenizer import Tokenizer
 
@@ -290,6 +292,109 @@ def test_chatcore():
 
 
 # -----------------------------------------------------------------------------
+# tinychat: one rule per category, checked on hand-written replies (as reply_text writes them: a newline for
+# each special token); the prompts themselves are tested with their generator in tests/test_data.py
+
+
+def test_tinychat_identity_rule():
+    assert E.score_identity("Hello! I'm flatchat, a small language model.", "flatchat", set()) == 1
+    assert E.score_identity("My name is FlatChat.", "flatchat", set()) == 1
+    assert E.score_identity("Hello! I am a small language model.", "flatchat", set()) == 0
+    assert E.score_identity("", "flatchat", set()) == 0
+
+
+def test_tinychat_arithmetic_rule_reads_the_last_number():
+    tool = "Let me calculate.\n7*8\n56\nThe answer is 56.\n"
+    assert E.score_arithmetic(tool, "56", set()) == 1
+    assert E.score_arithmetic("Ivy has 31 feathers now.", "31", set()) == 1
+    assert E.score_arithmetic("The answer is 1,054.", "1054", set()) == 1
+    assert E.score_arithmetic("60 - 62 is -2", "-2", set()) == 1
+    assert E.score_arithmetic(tool.replace("is 56", "is 54"), "56", set()) == 0  # the tool right, it not
+    assert E.score_arithmetic("The answer is 56, or maybe 57.", "56", set()) == 0
+    assert E.score_arithmetic("I don't know.", "56", set()) == 0
+
+
+STORY = ("Once upon a time, there was a little cat named Tom. Tom liked to play in the sun. One day, Tom saw "
+         "a big dog and they became friends. They played all day.")
+STORY_WORDS = set("once upon a time there was little cat cats named tom liked to play in the sun one day saw "
+                  "big dog and they became friends played all catch".split())
+
+
+def test_tinychat_story_rule():
+    assert E.score_story(STORY, "cat", STORY_WORDS) == 1 and E.score_story(STORY, "dog", STORY_WORDS) == 1
+    assert E.score_story(STORY.replace("cat", "cats"), "cat", STORY_WORDS) == 1  # the plural counts
+    assert E.score_story(STORY, "rain", STORY_WORDS) == 0  # not about the topic
+    assert E.score_story(STORY.replace("a little cat", "one to catch"), "cat", STORY_WORDS) == 0  # whole word
+    assert E.score_story("A cat. The cat sat in the sun.", "cat", STORY_WORDS) == 0  # too short for a story
+    two_odd = STORY.replace("little", "lyttle").replace("big", "bigg")  # 2 of 29 words unknown: still English
+    assert E.score_story(two_odd, "cat", STORY_WORDS) == 1
+    assert E.score_story(STORY + " Zorp vlim kex qua.", "cat", STORY_WORDS) == 0  # 4 of 33 unknown: not
+
+
+def test_tinychat_spelling_rule_reads_the_last_letters():
+    forward = "Let me use Python.\n'-'.join('race')\nr-a-c-e\nThe word race is spelled r-a-c-e.\n"
+    assert E.score_spelling(forward, "r-a-c-e", set()) == 1
+    assert E.score_spelling("The word race backwards is ecar.", "ecar", set()) == 1
+    assert E.score_spelling(forward.replace("spelled r-a-c-e", "spelled r-a-s-e"), "r-a-c-e", set()) == 0
+    assert E.score_spelling("The word race is spelled r-a-c-e.", "ecar", set()) == 0  # not backwards
+    assert E.score_spelling("It is race.", "r-a-c-e", set()) == 0
+    assert E.score_spelling("e-c-a-r", "ecar", set()) == 0
+    assert E.score_spelling("", "ecar", set()) == 0
+
+
+def test_run_tinychat_scores_each_category_and_the_end_of_turn(tiny_home, monkeypatch):
+    tok = Tokenizer.load(tiny_home / "tokenizer")
+    sp = {n: tok.encode_special(f"<|{n}|>") for n in ("assistant_end", "python_start", "python_end",
+                                                       "output_start", "output_end")}
+    calc = (tok.encode("Let me calculate.") + [sp["python_start"]] + tok.encode("7*8") + [sp["python_end"],
+            sp["output_start"]] + tok.encode("56") + [sp["output_end"]] + tok.encode("The answer is 56."))
+    end = [sp["assistant_end"]]
+    replies = {"Who is this?": tok.encode("I'm flatchat.") + end,
+               "Calculate 7 * 8.": calc + end,
+               "Solve 7*8": calc[:-6],  # cut at the cap in "The answer is": 56 was the tool's; not ended
+               "Tell a tale about a cat.": tok.encode(STORY) + end,
+               "Write race in reverse.": tok.encode("The word race backwards is ecra.") + end}  # misspelled
+    answers = {"Who is this?": ("identity", "flatchat"), "Calculate 7 * 8.": ("arithmetic", "56"),
+               "Solve 7*8": ("arithmetic", "56"), "Tell a tale about a cat.": ("story", "cat"),
+               "Write race in reverse.": ("spelling", "ecar")}
+    items = [{"messages": [{"role": "user", "content": p}], "category": c, "answer": a}
+             for p, (c, a) in answers.items()]
+
+    def generate_batch(model, ids, num_samples=1, **kw):
+        return [replies[tok.decode([t for t in ids if tok.token_bytes[t] > 0])]], None
+    monkeypatch.setattr(E, "generate_batch", generate_batch)
+    assert E.reply_text(tok, calc + end) == "Let me calculate.\n7*8\n56\nThe answer is 56."
+    words = STORY_WORDS | {"the", "word", "race", "backwards", "is"}
+    out = E.run_tinychat(PreferModel("x"), tok, items, words, max_tokens=64)
+    assert out == {"tinychat_identity": 1.0, "tinychat_arithmetic": 1.0, "tinychat_story": 1.0,
+                   "tinychat_spelling": 0.0, "tinychat_ended": 0.8, "tinychat": pytest.approx(3.8 / 5)}
+    without_words = E.run_tinychat(PreferModel("x"), tok, items, set(), max_tokens=64)
+    assert without_words["tinychat_story"] == 0.0 and "tinychat_spelling" in without_words
+
+
+def test_replies_like_the_training_sets_pass_the_tinychat_benchmark():
+    """The benchmark asks for what the generated training sets teach: their replies to its prompts pass."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import chat_data
+    for row in chat_data.tinychat_items():
+        category, answer = row["category"], row["answer"]
+        if category == "identity":
+            replies = chat_data.HELLO_REPLIES + chat_data.WHO_REPLIES + chat_data.CAN_REPLIES
+        elif category == "arithmetic":
+            replies = [chat_data.arithmetic_reply("1+2", answer)]
+        elif category == "spelling":
+            word = answer.replace("-", "") if "-" in answer else answer[::-1]
+            replies = [chat_data.spell_reply(word, backwards=answer == word[::-1])]
+        else:
+            replies = [f"Once upon a time, there was a little {answer}. Everyone loved the {answer}. One "
+                       "day, it went to play in the park with a friend. They had fun all day."]
+        for reply in replies:  # as evaluate.reply_text shows a reply: a newline for each special token
+            text = reply if isinstance(reply, str) else "\n".join(p["text"] for p in reply)
+            english = set(re.findall(r"[a-z]+", text.lower()))
+            assert E.SCORERS[category](text, answer, english) == 1, (row, text)
+
+
+# -----------------------------------------------------------------------------
 # The script end to end: a random tiny model as BASE and SFT, a few items per task, the report card
 
 
@@ -332,9 +437,13 @@ def test_evaluate_script_and_report_card(tiny_home, tmp_path, monkeypatch):
         '{"step": 0, "loss": 6.0, "time": 1000.0}\n{"step": 3, "val_bpb": 2.5, "time": 1100.0}\n'
         '{"step": 3, "loss": 5.25, "time": 1120.0}\n')
     write_eval_data(home)
+    run_script("data/chat_data.py", "--only", "tinychat", home=home)  # eval/tinychat.jsonl and the word list
     run_script("evaluate.py", "--stage", "pretrain", "--max-per-task", "2", "--bpb-tokens", "2000", home=home)
     out = run_script("evaluate.py", "--stage", "sft", "--max-per-task", "2", "--max-new-tokens", "8", home=home).stdout
     assert "humaneval | pass@1 0.0000" in out  # a random model writes no working code
+    sft = json.loads((home / "report" / "metrics_sft.json").read_text())
+    assert sft["tinychat_items"] == 8 and 0 <= sft["tinychat"] <= 1  # run by default, 2 per category
+    assert {f"tinychat_{c}" for c in E.SCORERS} | {"tinychat_ended"} <= set(sft)
     base = json.loads((home / "report" / "metrics_pretrain.json").read_text())
     assert base["core_k"] == 18 and base["step"] == 3 and 0 < base["bpb"] < 20
     report = (home / "report.md").read_text()
@@ -342,6 +451,8 @@ def test_evaluate_script_and_report_card(tiny_home, tmp_path, monkeypatch):
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
     assert set(E.ROWS.values()) <= set(rows) and rows["ARC-E"].split("|")[3].strip() == "-"  # not run on BASE
     assert rows["MMLU"].split("|")[5].strip() != "-"  # measured on SFT
+    assert rows["tinychat"].split("|")[3].strip() == "-" and rows["tinychat"].split("|")[5].strip() != "-"
+    assert "- tinychat over 8 prompts: identity " in report
     (home / "report.md").unlink()
     run_script("evaluate.py", "--report", home=home)
     same = lambda text: [l for l in text.splitlines() if not l.startswith(("generated", "- repo size"))]

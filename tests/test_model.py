@@ -118,6 +118,21 @@ def test_calculator_is_safe_and_bounded():
         assert time.time() - t0 < 0.5
 
 
+def test_calculator_spells_a_quoted_word_backwards_or_with_dashes():
+    assert use_calculator("'apple'[::-1]") == "elppa" and use_calculator('"Cat"[::-1]') == "taC"
+    assert use_calculator("'-'.join('apple')") == "a-p-p-l-e" and use_calculator('"-".join("ox")') == "o-x"
+    assert use_calculator(" '-'.join('a') ") == "a"
+    # letters only, one quote style per string, exactly these two forms: everything else is refused
+    for bad in ("'ap ple'[::-1]", "'apple'[::-2]", "'apple'[1:]", "'apple'[::-1]+'x'", "'apple\"[::-1]",
+                "'-'.join('apple', 'x')", "'x'.join('apple')", "'--'.join('apple')", "'-'.join(open('x'))",
+                "'-'.join('ap1e')", "'-\".join('apple')", "'-'.join(\"apple')", "'a'*10**9", "'x' * 99999999",
+                "'é'[::-1]", "'" + "a" * 100 + "'[::-1]", "'-'.join('" + "a" * 100 + "')",
+                "'apple'[::-1]()"):
+        t0 = time.time()
+        assert use_calculator(bad) is None, bad
+        assert time.time() - t0 < 0.5
+
+
 class ScriptedModel(torch.nn.Module):
     """Emits a fixed script of tokens regardless of input (to drive the tool logic of generate)."""
 

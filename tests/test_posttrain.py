@@ -23,7 +23,8 @@ def post_home(tiny_home, tmp_path_factory):
     (home / "data").mkdir()
     (home / "data" / "pretrain").symlink_to(tiny_home / "data" / "pretrain")
     (home / "tokenizer").symlink_to(tiny_home / "tokenizer")
-    run_script("data/chat_data.py", "--only", "gsm8k,identity,spelling,mmlu,dolly", "--num-spelling", 300, home=home)
+    run_script("data/chat_data.py", "--only", "gsm8k,identity,spelling,mmlu,dolly", "--num-spelling", 300,
+               "--num-identity", 0, home=home)  # identity: data/identity.jsonl only, so that GSM8K rows are drawn
     run_script("pretrain.py", *BASE, "--num-steps", 8, home=home)
     return home
 
