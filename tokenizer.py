@@ -139,7 +139,7 @@ def split(text, pattern=SPLIT_PATTERN):
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
 
-def _count(texts, pattern, counts):  # add the chunks of texts to the Counter counts
+def _count(texts, pattern, counts):
     for text in texts:
         counts.update(split(text, pattern))
 
