@@ -43,7 +43,7 @@ VERSION = 1
 
 class UserError(Exception):
     """A mistake the user can fix (a bad input line, a missing file or checkpoint, a wrong tokenizer): every
-    script reports it as one line, `error: ...`, and exits with code 2 (see exit_on_user_error)."""
+    script reports it as one line, `error: ...`, and exits with code 2."""
 
 def _report_user_error(kind, value, tb, _default=sys.excepthook):
     if not issubclass(kind, UserError):
@@ -85,8 +85,8 @@ def check_home(write=True):
 class Parser(argparse.ArgumentParser):
     """Every script's argparse: the defaults in --help, and a bad flag is one line (what is wrong), exit 2."""
 
-    def __init__(self, description=None, **kw):
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -139,7 +139,7 @@ def split(text, pattern=SPLIT_PATTERN):
 # -----------------------------------------------------------------------------
 # training: count the unique chunks once (on both cores), then merge pairs over the unique chunks
 
-def _count(texts, pattern, counts):  # add the chunks of texts to the Counter counts
+def _count(texts, pattern, counts):
     for text in texts:
         counts.update(split(text, pattern))
 
@@ -578,8 +578,7 @@ def read_mixture(mixture, folder, skip_bad=False, say=print, files=()):
         rows, n_bad = rows + convs * weight, n_bad + bad
         say(f"  {name:<20} x{weight}  {len(convs):>7,} conversations" + (f" ({bad} bad lines skipped)" if bad else ""))
     if not rows:
-        raise UserError(f"no conversations in {base_dir() / 'data' / 'chat' / folder}: run `python data/chat_data.py`"
-                        " (or give --chat-file)")
+        raise UserError(f"no conversations in {chat}: run `python data/chat_data.py` (or give --chat-file)")
     return rows, n_bad
 
 def render_mc(question, choices):

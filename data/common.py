@@ -25,7 +25,7 @@ def mirror():
     path = os.environ.get("FLATCHAT_DATA_MIRROR")
     if path and not Path(path).is_dir():
         raise UserError(f"mirror folder {path} does not exist: fix --mirror / FLATCHAT_DATA_MIRROR "
-                 "(a folder laid out like ../shared/data)")
+                        "(a folder laid out like ../shared/data)")
     return Path(path) if path else None
 
 def parse_args(parser):
@@ -60,7 +60,6 @@ def write_jsonl(path, rows):
 
 def _download_once(url, part):
     import requests  # here, so that offline runs and tests never need the network stack
-
     have = part.stat().st_size if part.exists() else 0
     with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=60) as r:
         if r.status_code == 416:  # nothing left to fetch: the partial file is already whole

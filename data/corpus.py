@@ -81,22 +81,16 @@ def _docs_from_paragraphs(path):
             story.append(p)
     yield "\n\n".join(story)
 
-def _doc_end(text, size):
-    """Where the first document of text ends: after its last blank line within size characters, else after its
-    last line end there, else at size (within one long line: no spaces needed, Chinese has none)."""
-    head = text[:size]
-    blanks = [m.end() for m in re.finditer(r"\n\s*\n", head)]
-    if blanks:
-        return blanks[-1]
-    return head.rfind("\n") + 1 or size
-
 def _docs_of_paragraphs(lines, doc_chars):
-    """Whole paragraphs joined while they fit in doc_chars characters (see _doc_end for longer ones)."""
+    """Whole paragraphs joined while they fit in doc_chars characters: a document ends after its last blank
+    line within doc_chars, else after its last line end there, else at doc_chars (Chinese has no spaces)."""
     buf = ""
     for line in lines:
         buf += line
         while len(buf) > doc_chars:
-            end = _doc_end(buf, doc_chars)
+            head = buf[:doc_chars]
+            blanks = [m.end() for m in re.finditer(r"\n\s*\n", head)]
+            end = blanks[-1] if blanks else (head.rfind("\n") + 1 or doc_chars)
             yield buf[:end]
             buf = buf[end:]
     yield buf
@@ -150,7 +144,7 @@ def build_jsonl(sources, out, val_frac, shard_mb, config):
             per_source[name] += 1
     if not split["train"] or not split["val"]:
         raise UserError(f"the split left train={len(split['train'])} val={len(split['val'])} documents: "
-                 "raise --val-frac or --max-chars (with --from: give more text or lower --doc-chars)")
+                        "raise --val-frac or --max-chars (with --from: give more text or lower --doc-chars)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     meta = dict(config=config, sources=per_source, duplicates_dropped=dupes)
@@ -188,8 +182,7 @@ def fetch_climbmix(out, num_shards):
     for f in (out / "train").glob("shard_*.parquet"):  # shards of an earlier, larger --num-shards
         if int(f.stem[6:]) >= num_shards:
             f.unlink()
-    import pyarrow.parquet as pq  # only here and in own_docs, where parquet is read
-
+    import pyarrow.parquet as pq  # only where parquet is read
     meta = dict(config=dict(preset="gpu", num_shards=num_shards))
     for split in ("train", "val"):
         files = sorted((out / split).glob("*.parquet"))
@@ -231,8 +224,7 @@ def own_docs(files, doc_chars, max_chars):
     """--from: the documents of files, --max-chars of each; .jsonl / .parquet as pretrain.py reads them."""
     for f in files:
         if f.suffix == ".parquet":
-            import pyarrow.parquet as pq  # only here and for ClimbMix (fetch_climbmix)
-
+            import pyarrow.parquet as pq  # only where parquet is read
             try:
                 names = pq.read_schema(f).names
             except Exception:  # pyarrow.ArrowInvalid: not a parquet file
@@ -265,15 +257,14 @@ if __name__ == "__main__":
                              "0.05 for --from)")
     parser.add_argument("--shard-mb", type=ranged(float, 0.01), default=50, help="size of one jsonl shard in MB")
     args = parse_args(parser)
-    offline, smoke, preset = mirror() is not None, args.preset == "smoke", args.preset
-    if args.paths:
-        preset = "own"
-    elif preset == "gpu" and offline:
+    offline = mirror() is not None
+    preset = "own" if args.paths else args.preset
+    if preset == "gpu" and offline:
         say("note: the mirror has no ClimbMix shards (online only): the gpu preset uses the cpu corpus instead")
         preset = "cpu"
-    max_chars = args.max_chars if args.max_chars is not None else (50_000 if smoke else -1)
+    max_chars = args.max_chars if args.max_chars is not None else (50_000 if args.preset == "smoke" else -1)
     val_frac = args.val_frac if args.val_frac is not None else {"smoke": 0.1, "own": 0.05}.get(preset, 0.01)
-    out, raw = data_dir() / "pretrain", data_dir() / "raw" / "pretrain"
+    out = data_dir() / "pretrain"
     old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
     config = dict(preset=preset, max_chars=max_chars, val_frac=val_frac, shard_mb=args.shard_mb, offline=offline)
     if args.paths:  # a rerun compares the inputs too; every path is checked here, before any file is read
@@ -295,7 +286,8 @@ if __name__ == "__main__":
         sources = [(path, own_docs(fs, args.doc_chars, max_chars)) for path, fs in inputs]
         meta = build_jsonl(sources, out, val_frac, args.shard_mb, config)
     else:
-        meta = build_jsonl(cpu_sources(raw, max_chars), out, val_frac, args.shard_mb, config)
+        sources = cpu_sources(data_dir() / "raw" / "pretrain", max_chars)
+        meta = build_jsonl(sources, out, val_frac, args.shard_mb, config)
 
     for split in ("train", "val"):
         m = meta[split]
