@@ -343,12 +343,12 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
             cmd = _ns_prefix(work, file_mb) + cmd
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         with subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:  # leaving it waits
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:  # leaving: reaped
             try:
                 out, problem = _read_capped(proc, timeout, max_output)
             finally:
-                with contextlib.suppress(ProcessLookupError):  # the whole group (its leader is not reaped yet)
-                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group (its leader is not reaped yet)
     text = out.decode(errors="replace") + (f"\n[sandbox: {problem}]" if problem else "")
     return proc.returncode == 0 and not problem, text
 
