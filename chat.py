@@ -39,7 +39,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Sparkline, Static, TabbedContent, TabPane
 
 from model import STAGE_COMMANDS, UserError, autodetect_device, generate, latest_step, load_model
-from tokenizer import SPECIAL_TOKENS, Parser, base_dir, check_home, exit_on_user_error, ranged
+from tokenizer import Parser, base_dir, check_home, exit_on_user_error, ranged
 
 # -----------------------------------------------------------------------------
 # Backend: pick and load a checkpoint, build the prompt, stream a reply, tail a log
@@ -80,7 +80,6 @@ class Reply:
         self.prompt_len, self.dropped, self.t0, self.t_first = prompt_len, dropped, time.time(), None
         self.marks = {tok.encode_special(name): v for name, v in self.MARKS.items()}
         self.stops = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
-        self.specials = {tok.encode_special(name) for name in SPECIAL_TOKENS}
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, t):
@@ -94,7 +93,7 @@ class Reply:
         elif t in self.marks:
             out += self.flush() + self.marks[t][1]
             self.kind = self.marks[t][0]
-        elif t not in self.specials:  # other special tokens do not belong in a reply: not shown
+        elif self.tok.token_bytes[t]:  # other special tokens (0 bytes) do not belong in a reply: not shown
             out += self._part(self.utf8.decode(self.tok.decode_bytes([t])))
         self.text += out
         return out
@@ -513,8 +512,7 @@ class Step(torch.nn.Module):
 
 def export(model, tok, meta, folder):
     """folder/model.onnx: Step, with dynamic batch, T and T_past axes; tokenizer.tiktoken: each token's bytes
-    in base64 and its id, as tiktoken.load.load_tiktoken_bpe reads them; config.json: the split pattern, the
-    special tokens' ids and the model's config."""
+    in base64 and its id (tiktoken's load_tiktoken_bpe format); config.json: pattern, special ids, config."""
     try:  # torch.onnx's exporter (torch.export underneath) writes the graph with onnxscript and onnx
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -575,7 +573,7 @@ if __name__ == "__main__":
     parser.add_argument("--export", metavar="DIR", type=Path,
                         help="write the model (ONNX) and the tokenizer (tiktoken) to DIR, then exit (README)")
     args = parser.parse_args()
-    exit_on_user_error()  # a UserError (no checkpoint, another tokenizer): one line, exit 2, before any TUI starts
+    exit_on_user_error()  # a UserError (no checkpoint, another tokenizer): one line, exit 2
     check_home(write=False)
     stage, model, tok, meta = load(args.stage, args.step, args.device or autodetect_device())
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,

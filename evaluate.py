@@ -21,6 +21,7 @@ Reads checkpoints/<stage>/ and data/eval/ under $FLATCHAT_HOME; writes report/me
 report/system.md and report.md. Generated code (HumanEval) runs in `run_sandboxed`, below its caller.
 """
 
+import contextlib
 import csv
 import functools
 import itertools
@@ -201,9 +202,8 @@ def generate_replies(model, tokenizer, conv, max_tokens, num_samples=1, temperat
     fit_threads(model.get_device())  # on a CPU: one thread per core that other processes leave free
     T = model.config.sequence_len
     ids = tokenizer.render_for_completion(conv)[-max(T - max_tokens, T // 2):]  # room for the reply
-    seqs, _ = generate_batch(model, ids, num_samples=num_samples, max_tokens=max_tokens,
-                             temperature=temperature, tokenizer=tokenizer)
-    return seqs
+    return generate_batch(model, ids, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature,
+                          tokenizer=tokenizer)[0]  # the ids, not their masks
 
 def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0):
     """The assistant's replies, decoded without the special tokens."""
@@ -212,9 +212,8 @@ def complete(model, tokenizer, conv, max_tokens, num_samples=1, temperature=0.0)
 
 def run_gsm8k(model, tokenizer, items, max_tokens, rank=0, world=1):
     """Accuracy of the number after '####' in the greedy reply, against the item's "answer" ("72")."""
-    correct = 0
-    for conv in items[rank::world]:  # the user's question; the reference solution (last message) is dropped
-        correct += gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], conv["answer"])
+    correct = sum(gsm8k_reward(complete(model, tokenizer, conv, max_tokens)[0], conv["answer"])
+                  for conv in items[rank::world])  # the user's question; its reference solution is dropped
     return all_mean(correct, len(items))
 
 def humaneval_program(task, completion):
@@ -342,19 +341,16 @@ def run_sandboxed(code, timeout=5.0, memory_mb=512, file_mb=16, max_output=1 << 
         cmd = [sys.executable, "-I", "-c", _BOOT, str(prog), str(work), *map(str, limits)]
         if namespaces_available():
             cmd = _ns_prefix(work, file_mb) + cmd
-        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            out, problem = _read_capped(proc, timeout, max_output)
-        finally:
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        with subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:  # leaving: reaped
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group (its leader is not reaped yet)
-            except ProcessLookupError:
-                pass
-            rc = proc.wait()
-            proc.stdout.close()
+                out, problem = _read_capped(proc, timeout, max_output)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group (its leader is not reaped yet)
     text = out.decode(errors="replace") + (f"\n[sandbox: {problem}]" if problem else "")
-    return rc == 0 and not problem, text
+    return proc.returncode == 0 and not problem, text
 
 # -----------------------------------------------------------------------------
 # tinychat: what the cpu preset's small model should do. data/chat_data.py writes eval/tinychat.jsonl from
@@ -393,8 +389,7 @@ def reply_text(tokenizer, seq):
 
 def run_tinychat(model, tokenizer, items, words, max_tokens, rank=0, world=1):
     """{tinychat_<category>: the fraction of its items passed (greedy, each category split over the ranks),
-    tinychat_ended: the fraction of all replies that emitted <|assistant_end|> within max_tokens, tinychat:
-    the mean of those}."""
+    tinychat_ended: the share of replies that emit <|assistant_end|> in max_tokens, tinychat: their mean}."""
     end, out, ended = tokenizer.encode_special("<|assistant_end|>"), {}, 0
     for category, score in SCORERS.items():
         mine = [it for it in items if it["category"] == category]
@@ -541,7 +536,7 @@ def write_report(home):
 if __name__ == "__main__":
     parser = Parser(description="Evaluate a checkpoint and update the report card.")
     parser.add_argument("--stage", choices=list(STAGES), help="the checkpoint to evaluate")
-    parser.add_argument("--step", type=ranged(int, 0), default=None, help="its step (default: the latest)")
+    parser.add_argument("--step", type=ranged(int, 0), help="its step (default: the latest)")
     parser.add_argument("--tasks", default="", help="comma list of bpb,core,arc,mmlu,gsm8k,humaneval,"
                         "tinychat (default: bpb,core for pretrain, the chat tasks for the later stages)")
     parser.add_argument("--max-per-task", type=ranged(int, 1, sentinel=-1), default=-1,
