@@ -399,8 +399,8 @@ class API(BaseHTTPRequestHandler):
         body = {k: v for k, v in body.items() if v is not None}  # null: the default, as in OpenAI's API
         if chat:
             messages = body.get("messages")
-            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-                    and messages[-1].get("role") == "user"):
+            if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
+                    and messages[-1].get("role") == "user" and isinstance(messages[-1].get("content"), str)):
                 raise ValueError("'messages' must be a list of {role, content} ending with a user message")
             ids, _ = build_prompt(tok, messages, 10**9, 0, self.server.stage != "pretrain")  # bad roles: 400
         elif isinstance(body.get("prompt"), str):

@@ -378,7 +378,9 @@ def test_bad_requests_get_a_400_in_openais_error_format_and_the_server_goes_on(a
            "max_tokens 0": {"messages": QUESTION, "max_tokens": 0}, "max_tokens past the context": {"messages": QUESTION, "max_tokens": 10**6},
            "temperature 5": {"messages": QUESTION, "temperature": 5}, "no messages": {"messages": []},
            "seed not a number": {"messages": QUESTION, "seed": "abc"},
-           "a role that does not exist": {"messages": [{"role": "robot", "content": "hi"}]}}
+           "a role that does not exist": {"messages": [{"role": "robot", "content": "hi"}]},
+           "a message that is not an object": {"messages": ["x", {"role": "user", "content": "hi"}]},
+           "content that is not a string": {"messages": [{"role": "user", "content": 5}]}}
     for name, body in bad.items():
         r = requests.post(f"{url}/chat/completions", data=body if isinstance(body, str) else json.dumps(body), timeout=30)
         assert r.status_code == 400, (name, r.status_code, r.text)
