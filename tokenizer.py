@@ -175,17 +175,22 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_proc=2, verbose=False, batch_
         procs = [mp.Process(target=_count_worker, args=(pattern, todo, done), daemon=True) for _ in range(num_proc)]
         for p in procs:
             p.start()
-        for i, batch in enumerate(itertools.chain(head, stream, [None] * num_proc)):
-            todo.put(batch)
-            if verbose and batch and i % 16 == 0:
-                print(f"split + count: {i * batch_chars / 1e6:,.0f}M chars read, {time.time() - t0:.1f} s", flush=True)
-        for _ in procs:  # results first, then join: a process exits only once its result is taken
-            part = done.get()
-            if isinstance(part, BaseException):
-                raise part
-            counts.update(part)
-        for p in procs:
-            p.join()
+        try:
+            for i, batch in enumerate(itertools.chain(head, stream, [None] * num_proc)):
+                todo.put(batch)
+                if verbose and batch and i % 16 == 0:
+                    print(f"split + count: {i * batch_chars / 1e6:,.0f}M chars read, {time.time() - t0:.1f} s",
+                          flush=True)
+            for _ in procs:  # results first, then join: a process exits only once its result is taken
+                part = done.get()
+                if isinstance(part, BaseException):
+                    raise part
+                counts.update(part)
+        finally:  # also after Ctrl-C: no process left, and no queue for the interpreter to wait on at exit
+            todo.cancel_join_thread()
+            for p in procs:
+                p.terminate()
+                p.join()
     if verbose:
         print(f"split + count: {len(counts):,} unique chunks, {time.time() - t0:.1f} s")
     return counts
@@ -684,11 +689,15 @@ if __name__ == "__main__":
     args = parser.parse_args()
     exit_on_user_error()
     check_home()
-    if args.cmd == "train":
-        t0 = time.time()
-        texts = corpus_texts(corpus_files("train"), args.max_chars, args.doc_cap)
-        tok = Tokenizer.train(texts, args.vocab_size, num_proc=args.num_proc, verbose=True)
-        path = tok.save(base_dir() / "tokenizer")
-        print(f"saved {path} (vocab {tok.vocab_size:,}, hash {tok.hash[:12]}) in {time.time() - t0:.1f} s")
-    else:
-        evaluate(args.max_chars)
+    try:
+        if args.cmd == "train":
+            t0 = time.time()
+            texts = corpus_texts(corpus_files("train"), args.max_chars, args.doc_cap)
+            tok = Tokenizer.train(texts, args.vocab_size, num_proc=args.num_proc, verbose=True)
+            path = tok.save(base_dir() / "tokenizer")
+            print(f"saved {path} (vocab {tok.vocab_size:,}, hash {tok.hash[:12]}) in {time.time() - t0:.1f} s")
+        else:
+            evaluate(args.max_chars)
+    except KeyboardInterrupt:  # the saved tokenizer (written atomically, at the end) is as it was
+        print(f"\nstopped by Ctrl-C: {base_dir() / 'tokenizer'} is unchanged", file=sys.stderr)
+        sys.exit(130)

@@ -345,3 +345,32 @@ def test_cli_train_and_missing_corpus(tmp_path, monkeypatch):
     assert Tokenizer.load(tmp_path / "tokenizer").vocab_size == 300
     monkeypatch.delenv("FLATCHAT_HOME")
     assert T.base_dir() == Path.home() / ".cache" / "flatchat"
+
+
+def test_ctrl_c_during_training_stops_in_one_line_and_keeps_the_saved_tokenizer(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the counting processes run:
+    one line, exit 130, no process left behind, the tokenizer saved before untouched."""
+    import signal
+    import time
+    home = tmp_path / "home"
+    train = home / "data" / "pretrain" / "train"
+    train.mkdir(parents=True)
+    rng = random.Random(0)
+    words = [f"w{i}{chr(97 + i % 26) * (i % 7)}" for i in range(5000)]
+    with open(train / "shard_00000.jsonl", "w") as f:
+        for _ in range(4000):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(400))}) + "\n")
+    saved = T.Tokenizer.train(["a small tokenizer from before"], 300).save(home / "tokenizer")
+    before = saved.read_bytes()
+    env = {**os.environ, "FLATCHAT_HOME": str(home)}
+    p = subprocess.Popen([sys.executable, str(ROOT / "tokenizer.py"), "train", "--vocab-size",
+                          "2000", "--doc-cap", "-1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    assert p.stdout.readline().startswith("split + count")  # the counting processes are at work
+    time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().splitlines() == [f"stopped by Ctrl-C: {home / 'tokenizer'} is unchanged"]
+    assert saved.read_bytes() == before
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True).stdout == b""  # nothing left
