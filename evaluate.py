@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, fit_threads,
-                   generate_batch, gsm8k_reward, load_model, print0)
+from model import (UserError, amp_ctx, compute_cleanup, compute_init, evaluate_loss, final_number_reward,
+                   fit_threads, generate_batch, gsm8k_reward, load_model, print0)
 from tokenizer import (Parser, base_dir, check_home, corpus_files, corpus_texts, exit_on_user_error, ranged,
                        render_mc)
 
@@ -362,8 +362,7 @@ def score_identity(reply, answer, words):
 
 def score_arithmetic(reply, answer, words):
     """The reply's last number is the result ("1,234" counts as 1234)."""
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", reply)
-    return int(bool(numbers) and float(numbers[-1].replace(",", "")) == float(answer))
+    return int(final_number_reward(reply, answer))
 
 def score_story(reply, answer, words, min_words=20):
     """A story about the topic: at least min_words words, among them the topic (answer) or its plural, and at

@@ -54,6 +54,8 @@ add("--lora-lr", type=ranged(float, 0), default=1e-3, help="AdamW learning rate 
 add("--chat-file", action="append", default=[], metavar="PATH[:WEIGHT]",
     help="your own conversations beside the mixture (JSONL of {messages} or {prompt, response}), each row "
     "WEIGHT times a pass; every 50th is val; repeatable")
+add("--mixture", default="auto", choices=["auto", "gpu", "cpu"],
+    help="the built-in conversation mixture: gpu (nanochat's) or cpu (for a tiny model); auto: by device")
 add("--skip-bad", action="store_true", help="skip bad conversation lines (counted), not stop")
 add("--dump-batches", default="", help="append each micro-batch (x, y) to this JSONL file")
 add("--seed", type=ranged(int, 0), default=42, help="random seed: data order")
@@ -105,16 +107,30 @@ if args.total_batch_size % (B * T * world):
 grad_accum = args.total_batch_size // (B * T * world)  # micro-batches per optimizer step
 
 # -----------------------------------------------------------------------------
-# Data: the mixture, rendered once on every core. A source's weight: how many times its rows appear a pass.
-MIXTURE = {
-    "smoltalk": 1,  # general chat (online only)
-    "identity": 8,  # who the assistant is: small set, seen often
-    "mmlu_dev": 2, "mmlu_aux_train": 1, "arc_easy_train": 1, "arc_challenge_train": 1,  # multiple choice
-    "gsm8k_train": 1,  # math with calculator tool calls
-    "spelling": 1,  # letters and counting, with str.count tool calls
-    "dolly": 1,  # short instructions
+# Data: the preset's mixture, rendered once on every core. A source's weight: how many times its rows appear
+# a pass. gpu: nanochat's. cpu: what a 7M-parameter model learns in minutes, conversations <= 256 tokens.
+MIXTURES = {
+    "gpu": {
+        "smoltalk": 1,  # general chat (online only)
+        "identity": 8,  # who the assistant is: small set, seen often
+        "mmlu_dev": 2, "mmlu_aux_train": 1, "arc_easy_train": 1, "arc_challenge_train": 1,  # multiple choice
+        "gsm8k_train": 1,  # math with calculator tool calls
+        "spelling": 1,  # letters and counting, with str.count tool calls
+        "dolly": 1,  # short instructions
+    },
+    "cpu": {
+        "identity": 2,  # who it is, greetings
+        "arithmetic": 1,  # one step, with the calculator
+        "spelling": 2,  # forwards and backwards with a tool call, letter counting
+        "stories": 3,  # real TinyStories about a requested topic
+        "dolly_short": 1,  # short instructions
+    },
 }
-print0("mixture:")
+mixture = args.mixture
+if mixture == "auto":  # the gpu mixture where a GPU trains, the cpu one on a CPU
+    mixture = "gpu" if device.type == "cuda" else "cpu"
+MIXTURE = MIXTURES[mixture]
+print0(f"mixture ({mixture}):")
 train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0, args.chat_file)
 print0("validation:")
 val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, print0, args.chat_file)

@@ -380,6 +380,17 @@ def evaluate_loss(model, batches, token_bytes=None):
     nats, n, byte_nats, nbytes = sums.tolist()
     return dict(loss=nats / max(n, 1), bpb=byte_nats / max(nbytes, 1) / math.log(2))
 
+def final_number_reward(reply, ref):
+    """1.0 if the reply's last number equals ref as numbers ("1,234.0" == "1234"), else 0.0: tinychat's
+    arithmetic score (evaluate.py) and rl.py's reward on --task arithmetic."""
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", reply)
+    if not numbers:
+        return 0.0
+    try:
+        return float(float(numbers[-1].replace(",", "")) == float(str(ref).replace(",", "")))
+    except ValueError:
+        return 0.0
+
 def gsm8k_reward(reply, ref):
     """1.0 if the number after the reply's '#### ' marker (GSM8K solutions end with it) equals ref as numbers
     ("1,234.0" == "1234"), else 0.0, also without a marker. evaluate.py's GSM8K score and rl.py's reward."""
@@ -450,9 +461,9 @@ def use_calculator(expr):
     expr = expr.replace(",", "").strip()
     if m := re.fullmatch(r"""(['"])(.{0,999}?)\1\.count\((['"])(.*?)\3\)""", expr):
         return str(m[2].count(m[4]))
-    if m := re.fullmatch(r"""(['"])([A-Za-z]{1,99})\1\[::-1\]""", expr):
+    if m := re.fullmatch(r"""(['"]) ?([A-Za-z]{1,99})\1\[::-1\]""", expr):  # (a space before the word: ok)
         return m[2][::-1]
-    if m := re.fullmatch(r"""(['"])-\1\.join\((['"])([A-Za-z]{1,99})\2\)""", expr):
+    if m := re.fullmatch(r"""(['"])-\1\.join\((['"]) ?([A-Za-z]{1,99})\2\)""", expr):
         return "-".join(m[3])
     if not re.fullmatch(r"[\d.+\-*/%() ]{1,200}", expr) or "**" in expr:
         return None

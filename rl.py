@@ -2,13 +2,15 @@
 rl.py: reinforcement learning on GSM8K, nanochat's simplified GRPO. The SFT model samples a group of
 answers to each question (calculator on); a right '#### N' earns reward 1, else 0, and the loss raises the
 log-probability of each sampled token by its answer's reward minus the group's mean (on-policy, no KL, no
-clipping; the prompt and the tool's output carry no loss). --method dpo: preference optimisation instead,
-the first right answer chosen and the first wrong one rejected (or pairs from --pairs), against the frozen
-starting model.
+clipping; the prompt and the tool's output carry no loss). --task arithmetic: the one-step arithmetic of the
+cpu preset's small model instead (the reply's last number must be the result), evaluated on tinychat's.
+--method dpo: preference optimisation instead, the first right answer chosen and the first wrong one
+rejected (or pairs from --pairs), against the frozen starting model.
 
     python rl.py                                              # from the latest sft checkpoint
     python rl.py --num-steps 20 --examples-per-step 4 --num-samples 4 --max-new-tokens 128 \\
         --eval-every 10 --eval-examples 20                    # a few minutes on a CPU
+    python rl.py --task arithmetic --num-steps 20             # the cpu preset: one-step arithmetic
     python rl.py --method dpo --beta 0.1                      # DPO on pairs sampled from GSM8K
     python rl.py --method dpo --pairs prefs.jsonl             # DPO on your own preference pairs
     torchrun --standalone --nproc_per_node=8 rl.py            # 8 GPUs, each samples its own questions
@@ -21,6 +23,7 @@ Reads checkpoints/sft (`python sft.py`), data/chat/gsm8k_train.jsonl and data/ev
 import json
 import math
 import random
+import re
 import time
 
 import torch
@@ -28,39 +31,52 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import (JsonlLogger, UserError, amp_ctx, catch_stop_signals, compute_cleanup, compute_init,
-                   exit_stopped, fit_threads, generate_batch, gsm8k_reward, load_model, lock_stage, not_finite,
-                   print0, save_checkpoint, stop_requested)
+                   exit_stopped, final_number_reward, fit_threads, generate_batch, gsm8k_reward, load_model,
+                   lock_stage, not_finite, print0, save_checkpoint, stop_requested)
 from tokenizer import Parser, base_dir, ranged, read_conversations
 
 # -----------------------------------------------------------------------------
-# Reward: model.gsm8k_reward (the number after the reply's '####' against the reference, as evaluate.py
-# scores it)
+# Tasks and rewards (model.py's, as evaluate.py scores them): GSM8K's number after '####', or the last number
+# of a one-step arithmetic reply (the cpu preset's). Train conversations from data/chat, eval rows data/eval.
 
-def reference(conv):
-    """The number a GSM8K answer must end with: the eval file's "answer", else what follows '####' in the
-    reference solution of a train conversation (None when there is no '####')."""
+TASKS = {"gsm8k": ("gsm8k_train.jsonl", "gsm8k_test.jsonl", gsm8k_reward),
+         "arithmetic": ("arithmetic.jsonl", "tinychat.jsonl", final_number_reward)}
+
+def reference(conv, task="gsm8k"):
+    """The number an answer must end with: the eval file's "answer", else in the reference reply of a train
+    conversation what follows '####' (GSM8K's solutions end with it) or the last number (arithmetic's
+    result); None when there is none."""
     if "answer" in conv:
         return str(conv["answer"]).replace(",", "").strip()
     content = conv["messages"][-1]["content"]
-    text = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
-    return text.split("####")[-1].strip().replace(",", "") if "####" in text else None
+    if not isinstance(content, str):  # the reply's parts but the tool call (its output counts)
+        content = "".join(p["text"] for p in content if p["type"] != "python")
+    if task == "gsm8k":
+        return content.split("####")[-1].strip().replace(",", "") if "####" in content else None
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", content)
+    return numbers[-1].replace(",", "") if numbers else None
 
-def load_gsm8k(path):
-    """The conversations of a GSM8K file, each with a reference number (one clear error otherwise)."""
+def load_task(path, task):
+    """The conversations of a task's file, each with a reference number (one clear error otherwise); the
+    tinychat file's arithmetic rows only."""
     if not path.exists():
-        raise UserError(f"no {path}: create it with `python data/chat_data.py --only gsm8k`")
+        step = path.stem.split("_")[0]
+        raise UserError(f"no {path}: create it with `python data/chat_data.py --only {step}`")
     convs, _ = read_conversations(path)
+    if path.name == "tinychat.jsonl":
+        convs = [c for c in convs if c.get("category") == task]
     for n, conv in enumerate(convs, 1):
-        if reference(conv) is None:
-            raise UserError(f"{path}: conversation {n} has no reference answer ('#### N' in the assistant's "
-                            "last text part, or an \"answer\" field): fix the line or rerun "
+        if reference(conv, task) is None:
+            raise UserError(f"{path}: conversation {n} has no reference answer ('#### N' or a number in the "
+                            "assistant's last message, or an \"answer\" field): fix the line or rerun "
                             "data/chat_data.py")
     return convs
 
 # -----------------------------------------------------------------------------
 # Rollouts and the policy-gradient loss
 
-def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1.0, top_k=None):
+def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1.0, top_k=None,
+            task="gsm8k"):
     """num_samples answers to the user question of conv from one prefill (KV cache shared, calculator on):
     (prompt ids, completions, masks (1 = sampled, 0 = forced by the tool), rewards, decoded replies)."""
     prompt = tokenizer.render_for_completion(conv)  # the reference solution, if any, is dropped
@@ -68,8 +84,8 @@ def rollout(model, tokenizer, conv, num_samples, seed, max_tokens, temperature=1
     seqs, masks = generate_batch(model, prompt, num_samples=num_samples, max_tokens=max_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed, tokenizer=tokenizer)
     replies = [tokenizer.decode([t for t in s if tokenizer.token_bytes[t] > 0]) for s in seqs]  # no specials
-    ref = reference(conv)
-    return prompt, seqs, masks, [gsm8k_reward(r, ref) for r in replies], replies
+    ref, reward = reference(conv, task), TASKS[task][2]
+    return prompt, seqs, masks, [reward(r, ref) for r in replies], replies
 
 def advantages(rewards, std_norm=False):
     """Reward minus the group mean (the baseline), optionally divided by the group's std."""
@@ -155,6 +171,8 @@ if __name__ == "__main__":  # tests import the functions above
         help="sft checkpoint step (-1 = latest)")
     add("--method", default="grpo", choices=["grpo", "dpo"],
         help="group policy gradient, or DPO on preference pairs")
+    add("--task", default="gsm8k", choices=list(TASKS),
+        help="gsm8k (nanochat's), or arithmetic (one step: the cpu preset's small model)")
     # rollouts
     add("--num-steps", type=ranged(int, 1, sentinel=-1), default=-1, help="optimizer steps (-1 = one pass)")
     add("--examples-per-step", type=ranged(int, 1), default=16,
@@ -208,7 +226,9 @@ if __name__ == "__main__":  # tests import the functions above
         raise UserError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world} "
                         "processes: change one of them")
     Q = args.examples_per_step // world  # questions per process per step
-    sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
+    train_file, eval_file, _ = TASKS[args.task]
+    sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    task=args.task)
     dpo = args.method == "dpo"
     if dpo:  # DPO's reference: the frozen model this run started from
         reference_model = load_model(source["stage"], device, source["step"], tokenizer)[0]
@@ -217,12 +237,14 @@ if __name__ == "__main__":  # tests import the functions above
     # -------------------------------------------------------------------------
     # Data: the train questions as one stream in a seeded order (reshuffled each epoch); at each step the
     # processes take the next examples_per_step of it, each its own slice. The eval slice is fixed.
-    test_file = base_dir() / "data" / "eval" / "gsm8k_test.jsonl"
-    if args.pairs:  # DPO on the file's pairs; GSM8K test is evaluated if it is there
+    test_file = base_dir() / "data" / "eval" / eval_file
+    if args.pairs:  # DPO on the file's pairs; the task's eval set is evaluated if it is there
         train, test_file = read_pairs(args.pairs, tokenizer), test_file if test_file.exists() else None
     else:
-        train = load_gsm8k(base_dir() / "data" / "chat" / "gsm8k_train.jsonl")
-    evals = load_gsm8k(test_file)[:args.eval_examples] if args.eval_examples > 0 and test_file else []
+        train = load_task(base_dir() / "data" / "chat" / train_file, args.task)
+    evals = []
+    if args.eval_examples > 0 and test_file:
+        evals = load_task(test_file, args.task)[:args.eval_examples]
     num_steps = args.num_steps if args.num_steps > 0 else max(1, len(train) // args.examples_per_step)
     print0(f"{args.method}: {len(train):,} train {'pairs' if args.pairs else 'questions'}, {len(evals)} eval "
            f"questions; {num_steps} steps of {args.examples_per_step} ({Q} per process x {world})")
@@ -237,7 +259,7 @@ if __name__ == "__main__":  # tests import the functions above
             order[epoch] = random.Random(args.seed + epoch).sample(range(len(train)), len(train))
         return train[order[epoch][i]], args.seed + pos
 
-    def evaluate_gsm8k():
+    def evaluate_task():
         """pass@1 (mean correctness of the k samples) and pass@k (any of the k right) over the eval slice,
         split over the processes; each question has a fixed seed, so evals differ only by the model."""
         sums, first = torch.zeros(3, dtype=torch.float64, device=device), None  # pass@1, pass@k, questions
@@ -276,9 +298,9 @@ if __name__ == "__main__":  # tests import the functions above
         evaluated = args.resume and step == start_step  # (the resumed checkpoint's step was evaluated before)
         due = last or args.eval_every > 0 and step % args.eval_every == 0
         if evals and due and not stop and not evaluated:
-            pass1, passk, first = evaluate_gsm8k()
-            metrics = dict(gsm8k_pass1=pass1, gsm8k_passk=passk)
-            print0(f"step {step}/{num_steps} | gsm8k pass@1 {pass1:.4f} | pass@{args.eval_samples} "
+            pass1, passk, first = evaluate_task()
+            metrics = {f"{args.task}_pass1": pass1, f"{args.task}_passk": passk}
+            print0(f"step {step}/{num_steps} | {args.task} pass@1 {pass1:.4f} | pass@{args.eval_samples} "
                    f"{passk:.4f}")
             if first:
                 conv, reply, reward = first

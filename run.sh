@@ -45,7 +45,7 @@ else
 fi
 
 # --- presets: the flags of every stage (a flag left out takes the script's default)
-DATA="--preset $PRESET" CHAT="" MID="" SFT="" RL=""
+DATA="--preset $PRESET" CHAT="" MID="" SFT="" RL="" CHAT_EVAL=""
 case "$PRESET" in
   smoke)
     CHAT="--num-spelling 200" TOK="--vocab-size 1024"
@@ -73,10 +73,13 @@ case "$PRESET" in
     TOK="--vocab-size 8192"
     PRE="--depth 4 --max-seq-len 256 --device-batch-size 32 --total-batch-size 8192 --num-steps $STEPS
          --eval-every $((STEPS / 2)) --eval-tokens 32768 --sample-every $((STEPS / 2)) --compile $HAVE_CXX"
-    MID="--num-steps 60 --eval-every 30 --eval-rows 64"
-    SFT="--num-steps 80 --eval-every 40 --eval-rows 64"
-    RL="--num-steps 20 --eval-every 10 --examples-per-step 4 --num-samples 4 --max-new-tokens 96 --eval-examples 40"
-    EVAL="--max-per-task 30 --bpb-tokens 32768 --max-new-tokens 80" ;;
+    # the chat stages: what a 7M-parameter model can learn (tinychat), tuned by tests/bench_tinychat.sh's runs
+    MID="--mixture cpu --num-steps 350 --eval-every 175 --eval-rows 64"
+    SFT="--mixture cpu --num-steps 120 --eval-every 60 --eval-rows 64 --init-lr-frac 0.1"
+    RL="--task arithmetic --num-steps 20 --eval-every 10 --examples-per-step 4 --num-samples 4 --max-new-tokens 48
+        --eval-examples 60"
+    EVAL="--max-per-task 30 --bpb-tokens 32768 --max-new-tokens 224"
+    CHAT_EVAL="--tasks arc,mmlu,tinychat" ;;  # GSM8K and HumanEval: far beyond this size, and slow
   gpu)
     DATA="--preset gpu --num-shards 240" TOK="--vocab-size 65536 --max-chars 2000000000"
     PRE="--depth 20" EVAL="--max-per-task 500" ;;
@@ -107,7 +110,8 @@ run() {  # run STAGE CMD...: to the terminal and to logs/run_STAGE.txt; stop eve
 
 train() {  # train STAGE FLAGS...: a training stage, then the evaluation of its checkpoint
   local stage="$1"; shift
-  run $stage $LAUNCH $stage.py "$@" && run eval_$stage $LAUNCH evaluate.py --stage $stage $EVAL
+  local tasks=$([ "$stage" = pretrain ] || echo "$CHAT_EVAL")
+  run $stage $LAUNCH $stage.py "$@" && run eval_$stage $LAUNCH evaluate.py --stage $stage $EVAL $tasks
 }
 
 if ! mkdir -p "$FLATCHAT_HOME/logs" 2>/dev/null || [ ! -w "$FLATCHAT_HOME/logs" ]; then

@@ -56,6 +56,8 @@ add("--lora-lr", type=ranged(float, 0), default=1e-3, help="AdamW learning rate 
 add("--chat-file", action="append", default=[], metavar="PATH[:WEIGHT]",
     help="your own conversations beside the mixture (JSONL of {messages} or {prompt, response}), each row "
     "WEIGHT times a pass; every 50th is val; repeatable")
+add("--mixture", default="auto", choices=["auto", "gpu", "cpu"],
+    help="the built-in conversation mixture: gpu (nanochat's) or cpu (for a tiny model); auto: by device")
 add("--skip-bad", action="store_true", help="skip bad conversation lines (counted), not stop")
 add("--dump-batches", default="", help="append each micro-batch (x, y) to this JSONL file")
 add("--seed", type=ranged(int, 0), default=42, help="random seed: data order")
@@ -106,10 +108,17 @@ if args.examples_per_step % (B * world):
 grad_accum = args.examples_per_step // (B * world)  # micro-batches per optimizer step
 
 # -----------------------------------------------------------------------------
-# Data: the SFT mixture (a source's weight is how many times its rows appear per epoch), rendered once
-MIXTURE = {"smoltalk": 1, "identity": 4, "arc_easy_train": 1, "arc_challenge_train": 1, "mmlu_dev": 1,
-           "gsm8k_train": 1, "spelling": 1, "dolly": 1}
-print0("mixture (sources not listed are absent: online-only, or not fetched yet):")
+# Data: the preset's SFT mixture (a source's weight: how many times its rows appear an epoch), rendered once
+MIXTURES = {
+    "gpu": {"smoltalk": 1, "identity": 4, "arc_easy_train": 1, "arc_challenge_train": 1, "mmlu_dev": 1,
+            "gsm8k_train": 1, "spelling": 1, "dolly": 1},  # nanochat's
+    "cpu": {"identity": 1, "arithmetic": 1, "spelling": 2, "stories": 4, "dolly_short": 1},  # a tiny model's
+}
+mixture = args.mixture
+if mixture == "auto":  # the gpu mixture where a GPU trains, the cpu one on a CPU
+    mixture = "gpu" if device.type == "cuda" else "cpu"
+MIXTURE = MIXTURES[mixture]
+print0(f"mixture ({mixture}; sources not listed are absent: online-only, or not fetched yet):")
 train_convs, n_bad = read_mixture(MIXTURE, "", args.skip_bad, print0, args.chat_file)
 val_convs, _ = read_mixture(MIXTURE, "val", args.skip_bad, lambda _: None, args.chat_file)
 train_rows, val_rows = tokenizer.render_all(train_convs, T + 1), tokenizer.render_all(val_convs, T + 1)

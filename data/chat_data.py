@@ -18,6 +18,7 @@ Writes into <base>/data/ (* = online only; offline these are skipped with a note
 Raw downloads stay in <base>/data/raw/ (a rerun skips them). Test splits only go to eval/, and a training
 conversation whose user prompt is an eval prompt is dropped and counted.
 """
+import collections
 import csv
 import gzip
 import hashlib
@@ -334,15 +335,14 @@ def count_reply(word, c):
             {"type": "python_output", "text": str(n)},
             {"type": "text", "text": f"\n\nThe letter '{c}' appears {n} time{'' if n == 1 else 's'} in '{word}'."}]
 
-def spell_reply(word, backwards):
-    """The tool spells the word with dashes ('-'.join('cat') -> c-a-t) or reverses it, then the answer."""
-    if backwards:
-        call, answer, said = f"'{word}'[::-1]", word[::-1], "backwards is"
-    else:
-        call, answer, said = f"'-'.join('{word}')", "-".join(word), "is spelled"
+def spell_reply(word, backwards, quoted):
+    """The tool spells the word with dashes ('-'.join('cat') -> c-a-t) or reverses it; its output is the
+    answer. Asked without quotes (spell cat), the call quotes the word with the space before it (' cat'), so
+    that it is the very token of the question (a small model copies tokens, not letters)."""
+    quote = f"'{word}'" if quoted else f"' {word}'"
+    call, answer = (f"{quote}[::-1]", word[::-1]) if backwards else (f"'-'.join({quote})", "-".join(word))
     return [{"type": "text", "text": "Let me use Python."}, {"type": "python", "text": call},
-            {"type": "python_output", "text": answer},
-            {"type": "text", "text": f"The word {word} {said} {answer}."}]
+            {"type": "python_output", "text": answer}]
 
 def spelling_tasks(words, n, seed):
     """A third each: spell forwards, spell backwards, count a letter."""
@@ -351,14 +351,23 @@ def spelling_tasks(words, n, seed):
         word, kind = rng.choice(words), rng.randrange(3)
         if kind < 2:
             asks = BACKWARD_ASKS if kind else SPELL_ASKS
-            convs.append(chat(rng.choice(asks).format(w=word), spell_reply(word, backwards=kind == 1)))
+            ask = rng.choice(asks)
+            quoted = "'{w}'" in ask or '"{w}"' in ask
+            convs.append(chat(ask.format(w=word), spell_reply(word, backwards=kind == 1, quoted=quoted)))
         else:  # mostly letters of the word, sometimes one that is absent (answer 0)
             c = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
             convs.append(chat(rng.choice(COUNT_ASKS).format(c=c, w=word), count_reply(word, c)))
     return convs
 
+def story_words():
+    """The words of 3-8 letters that TinyStories uses at least 3 times: everyday words, like the benchmark's
+    (words_alpha.txt is mostly rare words, split into several tokens each)."""
+    counts = collections.Counter(w for s in tinystories(10**9) for w in re.findall(r"[a-z]+", s.lower()))
+    return [w for w, n in counts.items() if n >= 3 and 3 <= len(w) <= 8]
+
 def run_spelling(args):
-    words = sorted(set(word_list()) - set(EVAL_SPELL_WORDS))
+    word_list()  # (copies words_alpha.txt to raw/words/, where evaluate.py's story rule reads it)
+    words = sorted(set(story_words() or word_list()) - set(EVAL_SPELL_WORDS))  # (no stories: the word list)
     train = spelling_tasks(words, args.num_spelling, args.seed)
     val = spelling_tasks(words, max(20, args.num_spelling // 50), args.seed + 1)  # save_chat drops those in train
     save_chat("spelling", train, val=val)
@@ -508,7 +517,7 @@ STORY_TOPICS = ["a friend", "mom", "dad", "grandma", "a sister", "a brother", "a
                 "a big bear", "a butterfly", "a bug", "a bee", "an ant", "a spider", "a squirrel", "a puppy",
                 "a monkey", "a lion", "a tiger", "an elephant", "a horse", "a cow", "a pig", "a rabbit",
                 "a mouse", "a little mouse", "an owl", "a fox", "a snake", "a dragon"]
-STORY_CHARS = 700  # with the prompt, ~200 tokens at vocab 8192: fits the cpu preset's 256-token context
+STORY_CHARS = 850  # with the prompt, at most ~245 tokens at vocab 8192: fits the cpu preset's 256 tokens
 STORIES_PER_TOPIC = 50
 EVAL_STORY_ASKS = ["Could you write a story about {t} for me?", "I'd like a short story about {t}, please.",
                    "Tell a tale about {t}.", "Write me a kids' story about {t}."]
@@ -538,7 +547,9 @@ def story_tasks(stories, topics, per_topic, seed):
             if len(hits) >= 2 or hits and hits[0] < 250:
                 about.append((-len(hits), hits[0], s))
         about.sort()  # most mentions, then the earliest (then the text: deterministic)
-        convs += [chat(rng.choice(STORY_ASKS).format(t=topic), s) for _, _, s in about[:per_topic]]
+        for _, _, story in about[:per_topic]:  # the reply names its topic first, as the request does
+            reply = f"Here is a story about {topic}.\n\n{story}"
+            convs.append(chat(rng.choice(STORY_ASKS).format(t=topic), reply))
     return convs
 
 def run_stories(args):

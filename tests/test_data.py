@@ -186,11 +186,13 @@ def test_spelling_tasks_are_correct_and_deterministic():
         user, reply = conv["messages"][0]["content"], conv["messages"][1]["content"]
         call, out = tool_call(reply)
         assert use_calculator(call) == out  # the tool, as generation runs it, gives what the reply shows
-        if m := re.fullmatch(r"'(\w+)'\[::-1\]|'-'\.join\('(\w+)'\)", call):  # spell it: a-p-p-l-e, or elppa
-            word = m[1] or m[2]
-            assert word in words and word in user and ("backward" in user or "Reverse" in user) == bool(m[1])
-            assert out == (word[::-1] if m[1] else "-".join(word)) and reply[-1]["text"].endswith(f" {out}.")
-            kinds.add("backward" if m[1] else "spell")
+        if m := re.fullmatch(r"'( ?)(\w+)'\[::-1\]|'-'\.join\('( ?)(\w+)'\)", call):  # a-p-p-l-e, or elppa
+            word, space = m[2] or m[4], m[1] if m[2] else m[3]
+            assert word in words and word in user and ("backward" in user or "Reverse" in user) == bool(m[2])
+            assert out == (word[::-1] if m[2] else "-".join(word)) and reply[-1] == {"type": "python_output",
+                                                                                     "text": out}
+            assert (f"'{word}'" in user or f'"{word}"' in user) == (space == "")  # the question's token, quoted or not
+            kinds.add("backward" if m[2] else "spell")
             continue
         word, c = re.fullmatch(r"'(\w+)'\.count\('(\w)'\)", call).groups()
         n = int(out)
@@ -242,9 +244,11 @@ def test_story_tasks_pair_topics_with_real_stories_about_them():
     convs = chat_data.story_tasks(stories, chat_data.STORY_TOPICS, 3, seed=0)
     assert convs and convs == chat_data.story_tasks(stories, chat_data.STORY_TOPICS, 3, seed=0)
     for conv in convs:
-        user, story = conv["messages"][0]["content"], conv["messages"][1]["content"]
-        word = story_topic(user).split()[-1]
-        mentions = [m.start() for m in re.finditer(rf"\b{word}(?:s|es)?\b", story, re.I)]
+        user, reply = conv["messages"][0]["content"], conv["messages"][1]["content"]
+        topic = story_topic(user)
+        intro, story = reply.split("\n\n", 1)  # the reply names the topic, then tells a real story about it
+        mentions = [m.start() for m in re.finditer(rf"\b{topic.split()[-1]}(?:s|es)?\b", story, re.I)]
+        assert intro == f"Here is a story about {topic}."
         assert story in stories and (len(mentions) >= 2 or mentions and mentions[0] < 250)
 
 
@@ -300,11 +304,11 @@ def test_tinychat_benchmark_is_disjoint_from_every_training_generator():
 
 def test_spelling_never_trains_the_benchmark_words(offline, monkeypatch):
     others = ["ocean", "pillow", "meadow"]
-    monkeypatch.setattr(chat_data, "word_list", lambda: chat_data.EVAL_SPELL_WORDS + others)
+    monkeypatch.setattr(chat_data, "story_words", lambda: chat_data.EVAL_SPELL_WORDS + others)
     chat_data.run_spelling(argparse.Namespace(num_spelling=200, seed=0))
     convs = read_jsonl(offline / "chat" / "spelling.jsonl") + read_jsonl(offline / "chat/val/spelling.jsonl")
     calls = [tool_call(c["messages"][1]["content"])[0] for c in convs]
-    assert {re.findall(r"'([a-z]+)'", call)[0] for call in calls} == set(others)
+    assert {re.findall(r"' ?([a-z]+)'", call)[0] for call in calls} == set(others)
 
 
 @needs_mirror
@@ -326,7 +330,7 @@ def test_tinychat_sets_offline(offline, monkeypatch, capsys):
     handwritten = read_jsonl(ROOT / "data" / "identity.jsonl")
     assert len(identity) > len(handwritten) and all(c in identity for c in handwritten)
     for conv in read_jsonl(offline / "chat" / "stories.jsonl"):
-        story = conv["messages"][1]["content"]
+        story = conv["messages"][1]["content"].split("\n\n", 1)[1]  # (after "Here is a story about ...")
         assert re.search(rf"\b{story_topic(chat_data.first_user(conv)).split()[-1]}", story, re.I)
         assert len(story) <= chat_data.STORY_CHARS
 
@@ -543,7 +547,7 @@ def test_online_paths_against_a_local_server(server, tmp_path, monkeypatch):
     assert set(chat) == {"gsm8k_train", "mmlu_dev", "mmlu_aux_train", "arc_easy_train", "arc_challenge_train",
                          "dolly", "dolly_short", "identity", "spelling", "arithmetic", "stories", "smoltalk"}
     stories = chat["stories"] + read_jsonl(data / "chat" / "val" / "stories.jsonl")
-    stories = {c["messages"][1]["content"] for c in stories}
+    stories = {c["messages"][1]["content"].split("\n\n", 1)[1] for c in stories}
     assert stories == {"Once upon a time, a toy bear sat on a bed.", "The king had a hat."}  # the valid file
     assert len(read_jsonl(data / "eval" / "tinychat.jsonl")) > 100
     assert read_jsonl(data / "eval" / "mmlu_test.jsonl") == [{"question": "Question 3, with a comma?",

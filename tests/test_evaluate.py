@@ -384,7 +384,7 @@ def test_replies_like_the_training_sets_pass_the_tinychat_benchmark():
             replies = [chat_data.arithmetic_reply("1+2", answer)]
         elif category == "spelling":
             word = answer.replace("-", "") if "-" in answer else answer[::-1]
-            replies = [chat_data.spell_reply(word, backwards=answer == word[::-1])]
+            replies = [chat_data.spell_reply(word, backwards=answer == word[::-1], quoted=q) for q in (0, 1)]
         else:
             replies = [f"Once upon a time, there was a little {answer}. Everyone loved the {answer}. One "
                        "day, it went to play in the park with a friend. They had fun all day."]

@@ -131,11 +131,11 @@ def test_reference_solutions_of_real_gsm8k_earn_reward_1(rl_home):
 
 def test_missing_gsm8k_is_one_clear_error(tmp_path):
     with pytest.raises(rl.UserError, match="python data/chat_data.py --only gsm8k"):
-        rl.load_gsm8k(tmp_path / "gsm8k_train.jsonl")
+        rl.load_task(tmp_path / "gsm8k_train.jsonl", "gsm8k")
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7"}]}) + "\n")
     with pytest.raises(rl.UserError, match="bad.jsonl: conversation 1 has no reference answer"):
-        rl.load_gsm8k(path)
+        rl.load_task(path, "gsm8k")
 
 
 # -----------------------------------------------------------------------------
@@ -340,3 +340,22 @@ def test_dpo_on_gsm8k_samples_logs_its_numbers_and_resumes_exactly(rl_home, tmp_
     assert drop(read_log(killed, "rl")) == drop(read_log(straight, "rl"))
     a, b = (torch.load(h / "checkpoints/rl/step_000006/model.pt", weights_only=True) for h in (straight, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_arithmetic_task_rewards_the_result_as_the_last_number(tmp_path):
+    """--task arithmetic (the cpu preset's): the reference is a train reply's last number (the tool's output
+    counts, its expression does not), or the tinychat row's answer; the reward is the reply's last number."""
+    parts = [{"type": "text", "text": "Let me calculate."}, {"type": "python", "text": "7*8"},
+             {"type": "python_output", "text": "56"}, {"type": "text", "text": "The answer is 56."}]
+    conv = {"messages": [{"role": "user", "content": "What is 7 times 8?"}, {"role": "assistant", "content": parts}]}
+    assert rl.reference(conv, "arithmetic") == "56" and rl.reference(conv, "gsm8k") is None
+    conv["messages"][1]["content"] = parts[:2]  # the expression alone is not an answer
+    assert rl.reference(conv, "arithmetic") is None
+    reward = rl.TASKS["arithmetic"][2]
+    assert reward("Let me calculate.\n7*8\n56\nThe answer is 56.", "56") == 1.0
+    assert reward("The answer is 56, or 57.", "56") == 0.0 and reward("no number", "56") == 0.0
+    rows = [{"messages": [{"role": "user", "content": q}], "category": c, "answer": a}
+            for q, c, a in (("Who are you?", "identity", "flatchat"), ("2 + 3?", "arithmetic", "5"))]
+    path = tmp_path / "tinychat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [rl.reference(c, "arithmetic") for c in rl.load_task(path, "arithmetic")] == ["5"]
