@@ -73,7 +73,7 @@ case "$PRESET" in
     TOK="--vocab-size 8192"
     PRE="--depth 4 --max-seq-len 256 --device-batch-size 32 --total-batch-size 8192 --num-steps $STEPS
          --eval-every $((STEPS / 2)) --eval-tokens 32768 --sample-every $((STEPS / 2)) --compile $HAVE_CXX"
-    # the chat stages: what a 7M-parameter model can learn (tinychat), tuned by tests/bench_tinychat.sh's runs
+    # the chat stages: what a 7M-parameter model can learn (tinychat), tuned by tests/bench_tinychat.py
     MID="--mixture cpu --num-steps 350 --eval-every 175 --eval-rows 64"
     SFT="--mixture cpu --num-steps 120 --eval-every 60 --eval-rows 64 --init-lr-frac 0.1"
     RL="--task arithmetic --num-steps 20 --eval-every 10 --examples-per-step 4 --num-samples 4 --max-new-tokens 48
